@@ -1,0 +1,136 @@
+//! The one typed configuration: defaults in code, overridden by `TASKER_*` environment
+//! variables.
+
+use std::time::Duration;
+
+/// How hard SQLite syncs commits to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqliteSync {
+    /// WAL + `synchronous=NORMAL`: survives a process crash, may lose the last commits on a
+    /// power cut.
+    Normal,
+    /// `synchronous=FULL`: survives a power cut, slower commits.
+    Full,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Environment whose `environments.<env>` template blocks apply (`TASKER_ENV`).
+    pub environment: String,
+    /// Lease length of a claimed attempt (`TASKER_LEASE_MS`).
+    pub lease: Duration,
+    /// How often held leases are renewed (`TASKER_LEASE_RENEW_MS`).
+    pub lease_renew_every: Duration,
+    /// Attempt timeout when a step sets none (`TASKER_DEFAULT_TIMEOUT_SECONDS`).
+    pub default_step_timeout: Duration,
+    /// Fallback poll interval when no wake-up arrives (`TASKER_POLL_INTERVAL_MS`).
+    pub poll_interval: Duration,
+    /// In-process handler concurrency (`TASKER_CONCURRENCY`).
+    pub concurrency: usize,
+    /// Steps claimed per claim statement at most (`TASKER_CLAIM_BATCH`).
+    pub claim_batch: usize,
+    /// Largest accepted context or result, in bytes of JSON (`TASKER_MAX_PAYLOAD_BYTES`).
+    pub max_payload_bytes: usize,
+    /// SQLite durability (`TASKER_SQLITE_SYNC=normal|full`).
+    pub sqlite_sync: SqliteSync,
+    /// Fail steps whose callable no handler in this process knows (`handler_not_found`) instead
+    /// of leaving them for another worker. True for the embedded one-process engine.
+    pub fail_unknown_callables: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            environment: "development".into(),
+            lease: Duration::from_secs(30),
+            lease_renew_every: Duration::from_secs(10),
+            default_step_timeout: Duration::from_secs(300),
+            poll_interval: Duration::from_secs(1),
+            concurrency: 32,
+            claim_batch: 64,
+            max_payload_bytes: 1 << 20,
+            sqlite_sync: SqliteSync::Normal,
+            fail_unknown_callables: true,
+        }
+    }
+}
+
+impl Config {
+    /// Defaults with `TASKER_*` overrides from the environment. Unparseable values are
+    /// reported, not ignored.
+    pub fn from_env() -> crate::Result<Self> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Like [`Config::from_env`] but reading variables through `get` (testable).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> crate::Result<Self> {
+        let mut c = Config::default();
+        let num = |key: &str| -> crate::Result<Option<u64>> {
+            match get(key) {
+                None => Ok(None),
+                Some(v) => v.trim().parse::<u64>().map(Some).map_err(|_| {
+                    crate::Error::validation(format!("{key}={v:?} is not a whole number"))
+                }),
+            }
+        };
+        if let Some(env) = get("TASKER_ENV") {
+            c.environment = env;
+        }
+        if let Some(v) = num("TASKER_LEASE_MS")? {
+            c.lease = Duration::from_millis(v.max(100));
+            c.lease_renew_every = c.lease / 3;
+        }
+        if let Some(v) = num("TASKER_LEASE_RENEW_MS")? {
+            c.lease_renew_every = Duration::from_millis(v.max(10));
+        }
+        if let Some(v) = num("TASKER_DEFAULT_TIMEOUT_SECONDS")? {
+            c.default_step_timeout = Duration::from_secs(v.max(1));
+        }
+        if let Some(v) = num("TASKER_POLL_INTERVAL_MS")? {
+            c.poll_interval = Duration::from_millis(v.max(10));
+        }
+        if let Some(v) = num("TASKER_CONCURRENCY")? {
+            c.concurrency = (v as usize).max(1);
+        }
+        if let Some(v) = num("TASKER_CLAIM_BATCH")? {
+            c.claim_batch = (v as usize).max(1);
+        }
+        if let Some(v) = num("TASKER_MAX_PAYLOAD_BYTES")? {
+            c.max_payload_bytes = v as usize;
+        }
+        if let Some(v) = get("TASKER_SQLITE_SYNC") {
+            c.sqlite_sync = match v.to_ascii_lowercase().as_str() {
+                "normal" => SqliteSync::Normal,
+                "full" => SqliteSync::Full,
+                _ => {
+                    return Err(crate::Error::validation(format!(
+                        "TASKER_SQLITE_SYNC={v:?}: expected `normal` or `full`"
+                    )));
+                }
+            };
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_overrides_apply_and_bad_values_are_reported() {
+        let c = Config::from_lookup(|k| match k {
+            "TASKER_LEASE_MS" => Some("3000".into()),
+            "TASKER_SQLITE_SYNC" => Some("FULL".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.lease, Duration::from_secs(3));
+        assert_eq!(c.lease_renew_every, Duration::from_secs(1));
+        assert_eq!(c.sqlite_sync, SqliteSync::Full);
+        let e = Config::from_lookup(|k| (k == "TASKER_CONCURRENCY").then(|| "many".into()))
+            .unwrap_err();
+        assert!(e.message.contains("TASKER_CONCURRENCY"), "{e}");
+    }
+}

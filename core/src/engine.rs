@@ -1,0 +1,443 @@
+//! The engine handle (SPEC §12a): open a store, register templates and handlers, create, run
+//! and wait for tasks, act as an operator. Handlers run in-process while the handle is open.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::clock::{Clock, Millis, SystemClock};
+use crate::config::Config;
+use crate::job::StepJob;
+use crate::orchestrator::plan_task;
+use crate::state::TaskState;
+use crate::store::{Created, OperatorAction, Store, TemplatePut};
+use crate::task::{Task, TaskFilter, TaskRequest, TaskSummary, Transition};
+use crate::template::{CompiledSchema, TaskTemplate};
+use crate::worker::{Finished, StepHandler};
+use crate::{Error, ErrorKind, Result};
+
+/// The engine handle. Cheap to clone; background work stops when [`Tasker::close`] is called
+/// or the last clone is dropped.
+#[derive(Clone)]
+pub struct Tasker {
+    pub(crate) inner: Arc<Inner>,
+    _guard: Arc<ShutdownGuard>,
+}
+
+/// Background tasks hold the engine's `Inner`; this guard, held only by handles, stops them
+/// when the last handle goes away.
+struct ShutdownGuard(watch::Sender<bool>);
+
+impl Drop for ShutdownGuard {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl std::fmt::Debug for Tasker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tasker").field("worker_id", &self.inner.worker_id).finish()
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) config: Config,
+    pub(crate) worker_id: String,
+    pub(crate) handlers: RwLock<HashMap<String, Arc<dyn StepHandler>>>,
+    /// Callables served by dispatch-port workers of this process.
+    pub(crate) port_callables: RwLock<HashSet<String>>,
+    pub(crate) schemas: Mutex<HashMap<String, Arc<CompiledSchema>>>,
+    /// Bumped whenever steps may have become claimable.
+    pub(crate) work: watch::Sender<u64>,
+    pub(crate) sweep: Notify,
+    pub(crate) watchers: Mutex<HashMap<String, watch::Sender<TaskState>>>,
+    pub(crate) shutdown: watch::Sender<bool>,
+    /// Attempts handed out by this process: step uuid -> (worker id, attempt).
+    pub(crate) held: Mutex<HashMap<String, (String, u32)>>,
+    pub(crate) results: mpsc::UnboundedSender<Finished>,
+    pub(crate) runtime: tokio::runtime::Handle,
+    pub(crate) port_seq: std::sync::atomic::AtomicU64,
+}
+
+/// Options for [`Tasker::open_with`].
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Engine settings.
+    pub config: Config,
+    /// The clock (tests pass a `TestClock`).
+    pub clock: Arc<dyn Clock>,
+    /// Run the in-process worker, sweeper and lease renewal (false for a handle that only
+    /// reads and acts as an operator).
+    pub background: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions { config: Config::default(), clock: Arc::new(SystemClock), background: true }
+    }
+}
+
+/// A created (or re-attached) task.
+#[derive(Debug, Clone)]
+pub struct TaskHandle {
+    /// The task's id.
+    pub uuid: String,
+    /// True when an existing task was returned instead of a new one.
+    pub replayed: bool,
+    tasker: Tasker,
+}
+
+impl TaskHandle {
+    /// Waits until the task is terminal or `blocked_by_failures`; `None` waits without limit.
+    pub async fn wait(&self, timeout: Option<Duration>) -> Result<Task> {
+        let mut t = self.tasker.wait(&self.uuid, timeout).await?;
+        t.replayed = self.replayed;
+        Ok(t)
+    }
+
+    /// The task as it is now.
+    pub async fn get(&self) -> Result<Task> {
+        self.tasker.get_task(&self.uuid).await
+    }
+}
+
+impl Tasker {
+    /// Opens the engine on `url` (`sqlite::memory:`, `sqlite:PATH`) with configuration from
+    /// the environment. Must be called inside a tokio runtime.
+    pub async fn open(url: &str) -> Result<Tasker> {
+        Self::open_with(url, OpenOptions { config: Config::from_env()?, ..OpenOptions::default() })
+            .await
+    }
+
+    /// Opens the engine with explicit options.
+    pub async fn open_with(url: &str, options: OpenOptions) -> Result<Tasker> {
+        let store = crate::store::open(url, &options.config).await?;
+        let (results_tx, results_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            store,
+            clock: options.clock,
+            config: options.config,
+            worker_id: format!("worker-{}", &crate::orchestrator::new_uuid()[24..]),
+            handlers: RwLock::new(HashMap::new()),
+            port_callables: RwLock::new(HashSet::new()),
+            schemas: Mutex::new(HashMap::new()),
+            work: watch::Sender::new(0),
+            sweep: Notify::new(),
+            watchers: Mutex::new(HashMap::new()),
+            shutdown: watch::Sender::new(false),
+            held: Mutex::new(HashMap::new()),
+            results: results_tx,
+            runtime: tokio::runtime::Handle::current(),
+            port_seq: std::sync::atomic::AtomicU64::new(0),
+        });
+        crate::worker::spawn_completer(inner.clone(), results_rx);
+        if options.background {
+            crate::worker::spawn_background(&inner);
+        }
+        let guard = Arc::new(ShutdownGuard(inner.shutdown.clone()));
+        Ok(Tasker { inner, _guard: guard })
+    }
+
+    /// Stops background work. In-flight Rust handlers are abandoned; their leases expire.
+    pub fn close(&self) {
+        self.inner.shutdown.send_replace(true);
+    }
+
+    /// This process's worker id (the actor recorded on transitions).
+    pub fn worker_id(&self) -> &str {
+        &self.inner.worker_id
+    }
+
+    /// The engine's configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The store (for tools and tests).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// Now, by the engine's clock.
+    pub fn now(&self) -> Millis {
+        self.inner.clock.now()
+    }
+
+    /// Registers a Rust handler for `callable`.
+    pub fn register_handler(&self, callable: impl Into<String>, handler: Arc<dyn StepHandler>) {
+        self.inner.handlers.write().unwrap_or_else(|e| e.into_inner()).insert(callable.into(), handler);
+        self.inner.work.send_modify(|g| *g += 1);
+    }
+
+    /// Callables with a Rust handler in this process.
+    pub fn handler_names(&self) -> Vec<String> {
+        let mut v: Vec<String> =
+            self.inner.handlers.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Validates and registers a template built in code.
+    pub async fn register_template(&self, t: &TaskTemplate) -> Result<TemplatePut> {
+        crate::template::validate(t, None)?;
+        self.inner.store.put_template(t, false, self.now()).await
+    }
+
+    /// Loads and registers every template in a file or directory (YAML, recursively). Every
+    /// file is tried; all errors are reported together.
+    pub async fn register_templates(&self, path: impl AsRef<Path>) -> Result<Vec<TaskTemplate>> {
+        let path = path.as_ref();
+        let files = crate::template::collect_yaml_files(path).map_err(|e| {
+            Error::new(ErrorKind::Template, format!("cannot read templates at {}: {e}", path.display()))
+        })?;
+        if files.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Template,
+                format!("no task template (*.yaml, *.yml) found at {}", path.display()),
+            ));
+        }
+        let mut loaded = Vec::new();
+        let mut errors = Vec::new();
+        for f in files {
+            match crate::template::load_file(&f, &self.inner.config.environment) {
+                Ok(l) => {
+                    for w in &l.warnings {
+                        tracing::warn!("{}: {w}", f.display());
+                    }
+                    loaded.push(l.template)
+                }
+                Err(e) => errors.extend(e.0),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(crate::template::TemplateErrors(errors).into());
+        }
+        for t in &loaded {
+            self.inner.store.put_template(t, false, self.now()).await?;
+        }
+        Ok(loaded)
+    }
+
+    /// Creates a task, or returns the existing one with the same identity (`replayed`).
+    pub async fn create_task(&self, request: TaskRequest) -> Result<TaskHandle> {
+        let template = self
+            .inner
+            .store
+            .get_template(&request.namespace, &request.name, request.version.as_deref())
+            .await?;
+        let schema = match &template.input_schema {
+            Some(s) => Some(self.inner.schema(s)?),
+            None => None,
+        };
+        let plan = plan_task(
+            Arc::new(template),
+            schema.as_deref(),
+            request,
+            self.inner.config.max_payload_bytes,
+        )?;
+        let created = self.inner.store.create_task(&plan, &self.inner.worker_id, self.now()).await?;
+        self.inner.work.send_modify(|g| *g += 1);
+        Ok(match created {
+            Created::New(uuid) => TaskHandle { uuid, replayed: false, tasker: self.clone() },
+            Created::Existing { uuid, .. } => TaskHandle { uuid, replayed: true, tasker: self.clone() },
+        })
+    }
+
+    /// Creates a task and waits for it (terminal or blocked).
+    pub async fn run_task(&self, request: TaskRequest, timeout: Option<Duration>) -> Result<Task> {
+        self.create_task(request).await?.wait(timeout).await
+    }
+
+    /// A handle for an existing task.
+    pub fn task(&self, uuid: impl Into<String>) -> TaskHandle {
+        TaskHandle { uuid: uuid.into(), replayed: false, tasker: self.clone() }
+    }
+
+    /// A task with its steps.
+    pub async fn get_task(&self, uuid: &str) -> Result<Task> {
+        self.inner.store.get_task(uuid).await
+    }
+
+    /// Tasks matching `filter`, newest first.
+    pub async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskSummary>> {
+        self.inner.store.list_tasks(filter).await
+    }
+
+    /// A task's transitions.
+    pub async fn task_transitions(&self, uuid: &str) -> Result<Vec<Transition>> {
+        self.inner.store.task_transitions(uuid).await
+    }
+
+    /// Step transitions of a task, optionally of one step (name or uuid).
+    pub async fn step_transitions(&self, uuid: &str, step: Option<&str>) -> Result<Vec<Transition>> {
+        self.inner.store.step_transitions(uuid, step).await
+    }
+
+    /// Waits until the task is terminal or `blocked_by_failures`.
+    pub async fn wait(&self, uuid: &str, timeout: Option<Duration>) -> Result<Task> {
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let mut rx = self.inner.watch(uuid);
+        let result = loop {
+            let state = match self.inner.store.task_state(uuid).await {
+                Ok(s) => s,
+                Err(e) => break Err(e),
+            };
+            if state.is_terminal() || state == TaskState::BlockedByFailures {
+                break self.inner.store.get_task(uuid).await;
+            }
+            let poll = tokio::time::sleep(self.inner.config.poll_interval);
+            let until = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = poll => {}
+                _ = until => {
+                    break Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!("task {uuid} is still {state} after {:?}", timeout.unwrap_or_default()),
+                    ).with_details(serde_json::json!({"task_uuid": uuid, "status": state.as_str()})));
+                }
+            }
+        };
+        drop(rx);
+        self.inner.unwatch(uuid);
+        result
+    }
+
+    /// Applies an operator action, recording `actor` and `reason`; the task is re-evaluated
+    /// at once. Returns the task's new state.
+    pub async fn operator(
+        &self,
+        uuid: &str,
+        action: OperatorAction,
+        actor: &str,
+        reason: &str,
+    ) -> Result<TaskState> {
+        let state = self.inner.store.operator_action(uuid, &action, actor, reason, self.now()).await?;
+        self.inner.after_change(&[(uuid.to_string(), state)]);
+        Ok(state)
+    }
+
+    /// Cancels a task and its unfinished steps.
+    pub async fn cancel(&self, uuid: &str, reason: &str) -> Result<TaskState> {
+        self.operator(uuid, OperatorAction::Cancel, "operator", reason).await
+    }
+
+    /// Gives up on a blocked task (⇒ `error`).
+    pub async fn give_up(&self, uuid: &str, reason: &str) -> Result<TaskState> {
+        self.operator(uuid, OperatorAction::GiveUp, "operator", reason).await
+    }
+
+    /// Resolves a blocked task manually.
+    pub async fn resolve(&self, uuid: &str, reason: &str) -> Result<TaskState> {
+        self.operator(uuid, OperatorAction::ResolveManually, "operator", reason).await
+    }
+
+    /// Puts a failed step back to `pending` with its attempts reset.
+    pub async fn reset_step(&self, uuid: &str, step: &str, reason: &str) -> Result<TaskState> {
+        self.operator(uuid, OperatorAction::ResetStep { step: step.into() }, "operator", reason).await
+    }
+
+    /// Marks a step resolved manually (dependents may run).
+    pub async fn resolve_step(&self, uuid: &str, step: &str, reason: &str) -> Result<TaskState> {
+        self.operator(uuid, OperatorAction::ResolveStep { step: step.into() }, "operator", reason)
+            .await
+    }
+
+    /// Completes a step with an operator-given result.
+    pub async fn complete_step(
+        &self,
+        uuid: &str,
+        step: &str,
+        result: serde_json::Value,
+        reason: &str,
+    ) -> Result<TaskState> {
+        let action = OperatorAction::CompleteStep { step: step.into(), result };
+        self.operator(uuid, action, "operator", reason).await
+    }
+
+    /// Runs the maintenance pass now: enqueue due retries, end timed-out and lease-expired
+    /// attempts. The background sweeper does this on its own; tests with a test clock call it
+    /// after moving time.
+    pub async fn sweep(&self) -> Result<()> {
+        crate::worker::sweep_once(&self.inner).await
+    }
+
+    /// A dispatch-port worker for foreign handlers (see [`crate::worker::Worker`]).
+    pub fn worker(&self, namespaces: Vec<String>, callables: Vec<String>) -> crate::worker::Worker {
+        crate::worker::Worker::new(self.clone(), namespaces, callables)
+    }
+}
+
+impl Inner {
+    pub(crate) fn schema(&self, schema: &serde_json::Value) -> Result<Arc<CompiledSchema>> {
+        let key = schema.to_string();
+        let mut cache = self.schemas.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = cache.get(&key) {
+            return Ok(s.clone());
+        }
+        let compiled = Arc::new(CompiledSchema::compile(schema).map_err(|e| {
+            Error::new(ErrorKind::Template, format!("invalid JSON Schema: {e}"))
+        })?);
+        cache.insert(key, compiled.clone());
+        Ok(compiled)
+    }
+
+    fn watch(&self, uuid: &str) -> watch::Receiver<TaskState> {
+        let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        w.entry(uuid.to_string()).or_insert_with(|| watch::Sender::new(TaskState::Pending)).subscribe()
+    }
+
+    fn unwatch(&self, uuid: &str) {
+        let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        if w.get(uuid).is_some_and(|s| s.receiver_count() == 0) {
+            w.remove(uuid);
+        }
+    }
+
+    /// Wakes whoever may care about changed tasks: workers (new steps), the sweeper (new
+    /// retry times) and waiters.
+    pub(crate) fn after_change(&self, tasks: &[(String, TaskState)]) {
+        self.work.send_modify(|g| *g += 1);
+        self.sweep.notify_one();
+        let w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        for (uuid, state) in tasks {
+            if let Some(tx) = w.get(uuid) {
+                tx.send_replace(*state);
+            }
+        }
+    }
+
+    pub(crate) fn known_callables(&self) -> Vec<String> {
+        let mut v: Vec<String> =
+            self.handlers.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        v.extend(self.port_callables.read().unwrap_or_else(|e| e.into_inner()).iter().cloned());
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    pub(crate) fn hold(&self, job: &StepJob) {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(job.step_uuid.clone(), (job.worker_id.clone(), job.attempt));
+    }
+
+    pub(crate) fn release(&self, step_uuid: &str, attempt: u32) {
+        let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if h.get(step_uuid).is_some_and(|(_, a)| *a == attempt) {
+            h.remove(step_uuid);
+        }
+    }
+}
+

@@ -1,0 +1,311 @@
+//! Persistence: one object-safe [`Store`] trait of coarse operations, each one transaction, so
+//! every atomicity promise of the SPEC is a single method. The backend is picked at run time
+//! from the database URL.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::Result;
+use crate::clock::Millis;
+use crate::job::{Checkpoint, StepFailure, StepJob};
+use crate::state::TaskState;
+use crate::task::{Task, TaskFilter, TaskSummary, Transition};
+use crate::template::{StepDefinition, TaskTemplate};
+
+/// Opens the store named by `url`: `sqlite::memory:`, `sqlite:PATH` (or a bare path).
+pub async fn open(url: &str, config: &crate::Config) -> Result<std::sync::Arc<dyn Store>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err(crate::Error::validation(
+            "PostgreSQL is not supported by this build yet; use an sqlite: URL",
+        ));
+    }
+    Ok(std::sync::Arc::new(sqlite::SqliteStore::open(url, config.sqlite_sync).await?))
+}
+
+/// A task ready to be inserted: the row, its initial steps and edges.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    /// The new task's id.
+    pub uuid: String,
+    /// The template it runs (its snapshot is stored with the task).
+    pub template: std::sync::Arc<TaskTemplate>,
+    /// The creation request (context already validated).
+    pub request: crate::task::TaskRequest,
+    /// Correlation id (generated when the request had none).
+    pub correlation_id: String,
+    /// Identity hash for de-duplication; `None` for always-unique tasks.
+    pub identity_hash: Option<String>,
+    /// Whether the identity came from an idempotency key (vs the strict context hash).
+    pub identity_from_key: bool,
+    /// Steps to create now.
+    pub steps: Vec<NewStep>,
+    /// `(parent name, child name)` edges among `steps`.
+    pub edges: Vec<(String, String)>,
+}
+
+/// A step to create.
+#[derive(Debug, Clone)]
+pub struct NewStep {
+    /// The step's id.
+    pub uuid: String,
+    /// Its definition (after environment overrides).
+    pub definition: StepDefinition,
+    /// Step inputs (batch cursors etc.).
+    pub inputs: Map<String, Value>,
+}
+
+/// What `create_task` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    /// A new task was inserted.
+    New(String),
+    /// A task with the same identity exists.
+    Existing {
+        /// Its id.
+        uuid: String,
+        /// True when the identity came from an idempotency key.
+        by_key: bool,
+    },
+}
+
+/// Which callables a claim may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallableFilter {
+    /// Only these callables.
+    Only(Vec<String>),
+    /// Every callable except these (used to fail steps nobody can run).
+    AnyExcept(Vec<String>),
+}
+
+/// A claim for ready steps.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    /// The claiming worker.
+    pub worker_id: String,
+    /// Namespaces served; empty means all.
+    pub namespaces: Vec<String>,
+    /// Callables handled.
+    pub callables: CallableFilter,
+    /// Claim at most this many.
+    pub limit: usize,
+    /// Lease length in ms.
+    pub lease_ms: i64,
+    /// Timeout for steps that set none, in ms.
+    pub default_timeout_ms: i64,
+}
+
+/// How the orchestrator resolved a finished attempt (the retry decision is already made).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolution {
+    /// Success with a result.
+    Succeeded {
+        /// The result.
+        result: Value,
+        /// Metadata.
+        metadata: Value,
+    },
+    /// Failure; retry at `next_attempt_at`.
+    Retry {
+        /// The failure.
+        failure: StepFailure,
+        /// When the retry is due.
+        next_attempt_at: Millis,
+    },
+    /// Failure for good.
+    Failed {
+        /// The failure.
+        failure: StepFailure,
+    },
+}
+
+/// Why the engine itself ends an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Expiry {
+    /// The attempt ran past `timeout_at`.
+    Timeout,
+    /// Its lease ran out: the worker died or lost the database.
+    LeaseExpired,
+}
+
+/// One finished attempt to apply.
+#[derive(Debug, Clone)]
+pub struct AttemptResult {
+    /// The step.
+    pub step_uuid: String,
+    /// The attempt the result belongs to.
+    pub attempt: u32,
+    /// The worker reporting it, or `None` when the engine expired the attempt.
+    pub worker_id: Option<String>,
+    /// For engine-made results: the condition that must still hold.
+    pub expiry: Option<Expiry>,
+    /// What to do.
+    pub resolution: Resolution,
+    /// Start of the attempt's handler run, as measured by the worker.
+    pub started_at: Option<Millis>,
+}
+
+/// Whether a completion was applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", content = "reason", rename_all = "snake_case")]
+pub enum Completion {
+    /// Applied.
+    Accepted,
+    /// Not applied, with the reason (the attempt is no longer current).
+    Rejected(String),
+}
+
+/// The effect of one applied result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishReport {
+    /// The step.
+    pub step_uuid: String,
+    /// Its task, when the step exists.
+    pub task_uuid: Option<String>,
+    /// Accepted or rejected.
+    pub completion: Completion,
+    /// The task's state after the transaction.
+    pub task_state: Option<TaskState>,
+}
+
+/// An attempt the engine must end.
+#[derive(Debug, Clone)]
+pub struct ExpiredAttempt {
+    /// The step.
+    pub step_uuid: String,
+    /// The attempt.
+    pub attempt: u32,
+    /// Why.
+    pub expiry: Expiry,
+    /// The step's definition (for the retry decision).
+    pub definition: StepDefinition,
+}
+
+/// An operator action (SPEC §5.9).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action_type", rename_all = "snake_case")]
+pub enum OperatorAction {
+    /// Cancel the task and every non-terminal step.
+    Cancel,
+    /// Move a blocked task to `error`.
+    GiveUp,
+    /// Move a blocked task to `resolved_manually`.
+    ResolveManually,
+    /// Put a failed step back to `pending` with attempts reset.
+    ResetStep {
+        /// Step name or uuid.
+        step: String,
+    },
+    /// Mark a step `resolved_manually`.
+    ResolveStep {
+        /// Step name or uuid.
+        step: String,
+    },
+    /// Mark a step `complete` with an operator-given result.
+    CompleteStep {
+        /// Step name or uuid.
+        step: String,
+        /// The result dependents see.
+        result: Value,
+    },
+}
+
+/// A completion that arrived for an attempt that was no longer current.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RejectedCompletion {
+    /// The step.
+    pub step_uuid: String,
+    /// The attempt the late result was for.
+    pub attempt: u32,
+    /// Who sent it.
+    pub worker_id: Option<String>,
+    /// Why it was rejected.
+    pub reason: String,
+    /// When.
+    pub created_at: Millis,
+}
+
+/// What a template registration did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplatePut {
+    /// First registration.
+    Inserted,
+    /// Same content was already registered.
+    Unchanged,
+    /// Different content replaced the old one (forced).
+    Replaced,
+}
+
+/// The persistence port. Every method is one transaction.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Registers a template; different content under an existing key needs `force`.
+    async fn put_template(&self, t: &TaskTemplate, force: bool, now: Millis)
+    -> Result<TemplatePut>;
+    /// A registered template; `version: None` means the newest.
+    async fn get_template(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<TaskTemplate>;
+    /// Every registered template.
+    async fn list_templates(&self) -> Result<Vec<TaskTemplate>>;
+    /// Inserts a task with its steps, starts it and enqueues its first steps — or returns the
+    /// existing task with the same identity.
+    async fn create_task(&self, task: &NewTask, actor: &str, now: Millis) -> Result<Created>;
+    /// Claims ready steps in one statement and builds their jobs.
+    async fn claim(&self, req: &ClaimRequest, now: Millis) -> Result<Vec<StepJob>>;
+    /// Applies finished attempts, enqueues what became ready and re-evaluates their tasks.
+    async fn finish(&self, results: &[AttemptResult], actor: &str, now: Millis)
+    -> Result<Vec<FinishReport>>;
+    /// Stores a checkpoint for the current attempt and renews its lease.
+    async fn checkpoint(
+        &self,
+        step_uuid: &str,
+        attempt: u32,
+        worker_id: &str,
+        checkpoint: &Checkpoint,
+        lease_until: Millis,
+        now: Millis,
+    ) -> Result<Completion>;
+    /// Extends the leases of the listed attempts held by `worker_id`.
+    async fn renew_leases(
+        &self,
+        worker_id: &str,
+        step_uuids: &[String],
+        lease_until: Millis,
+        now: Millis,
+    ) -> Result<u64>;
+    /// Enqueues retries whose time has come; returns how many.
+    async fn promote_due_retries(&self, actor: &str, now: Millis) -> Result<u64>;
+    /// Attempts past their timeout or lease.
+    async fn expired_attempts(&self, now: Millis, limit: usize) -> Result<Vec<ExpiredAttempt>>;
+    /// The earliest future moment at which a retry, timeout or lease falls due.
+    async fn next_due(&self) -> Result<Option<Millis>>;
+    /// Applies an operator action and re-evaluates the task.
+    async fn operator_action(
+        &self,
+        task_uuid: &str,
+        action: &OperatorAction,
+        actor: &str,
+        reason: &str,
+        now: Millis,
+    ) -> Result<TaskState>;
+    /// A task with its steps.
+    async fn get_task(&self, task_uuid: &str) -> Result<Task>;
+    /// A task's current state.
+    async fn task_state(&self, task_uuid: &str) -> Result<TaskState>;
+    /// Tasks matching a filter, newest first.
+    async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskSummary>>;
+    /// A task's transitions, oldest first.
+    async fn task_transitions(&self, task_uuid: &str) -> Result<Vec<Transition>>;
+    /// Step transitions of a task (one step when `step` names it), oldest first.
+    async fn step_transitions(&self, task_uuid: &str, step: Option<&str>)
+    -> Result<Vec<Transition>>;
+    /// Late completions that were rejected for a task.
+    async fn rejected_completions(&self, task_uuid: &str) -> Result<Vec<RejectedCompletion>>;
+}

@@ -1,0 +1,272 @@
+//! The embedded SQLite backend: one file (or memory), WAL, migrations run on open.
+//!
+//! All writes go through one connection and open with `BEGIN IMMEDIATE`, so writers inside
+//! this process never contend and writers in other processes (an operator's `tasker-ctl task
+//! cancel` while `tasker-ctl run` works) wait on the busy timeout instead of failing on a lock
+//! upgrade.
+
+mod read;
+mod write;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Sqlite, Transaction};
+
+use super::{
+    AttemptResult, ClaimRequest, Completion, Created, ExpiredAttempt, FinishReport, NewTask,
+    OperatorAction, RejectedCompletion, Store, TemplatePut,
+};
+use crate::clock::Millis;
+use crate::config::SqliteSync;
+use crate::job::{Checkpoint, StepJob};
+use crate::state::TaskState;
+use crate::task::{Task, TaskFilter, TaskSummary, Transition};
+use crate::template::TaskTemplate;
+use crate::{Error, ErrorKind, Result};
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("sqlite/0001_init.sql"))];
+
+/// The SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database named by `url` and migrates it.
+    pub async fn open(url: &str, sync: SqliteSync) -> Result<Self> {
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        let base = if url.starts_with("sqlite:") {
+            SqliteConnectOptions::from_str(url)
+                .map_err(|e| Error::validation(format!("bad database URL {url:?}: {e}")))?
+        } else {
+            SqliteConnectOptions::new().filename(url)
+        };
+        let options = base
+            .create_if_missing(true)
+            .journal_mode(if in_memory { SqliteJournalMode::Memory } else { SqliteJournalMode::Wal })
+            .synchronous(match sync {
+                SqliteSync::Normal => SqliteSynchronous::Normal,
+                SqliteSync::Full => SqliteSynchronous::Full,
+            })
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true)
+            .pragma("temp_store", "memory")
+            .pragma("cache_size", "-16000");
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect_with(options.clone())
+            .await
+            .map_err(|e| open_error(url, e))?;
+        // An in-memory database exists once per connection: reads must share the writer's.
+        let reader = if in_memory {
+            writer.clone()
+        } else {
+            SqlitePoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(60))
+                .connect_with(options.read_only(true))
+                .await
+                .map_err(|e| open_error(url, e))?
+        };
+        let store = SqliteStore { writer, reader };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS tasker_migrations \
+             (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM tasker_migrations")
+            .fetch_all(&mut *tx)
+            .await?;
+        for (version, sql) in MIGRATIONS {
+            if applied.contains(version) {
+                continue;
+            }
+            sqlx::raw_sql(*sql).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO tasker_migrations (version, applied_at) VALUES ($1, $2)")
+                .bind(version)
+                .bind(crate::clock::Clock::now(&crate::clock::SystemClock))
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(max) = applied.iter().max()
+            && *max > MIGRATIONS.len() as i64
+        {
+            return Err(Error::new(
+                ErrorKind::Store,
+                format!("the database was migrated by a newer Tasker (schema version {max})"),
+            ));
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+fn open_error(url: &str, e: sqlx::Error) -> Error {
+    Error::new(ErrorKind::Store, format!("cannot open database {url:?}: {e}"))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn put_template(
+        &self,
+        t: &TaskTemplate,
+        force: bool,
+        now: Millis,
+    ) -> Result<TemplatePut> {
+        let mut tx = self.begin().await?;
+        let r = write::put_template(&mut tx, t, force, now).await?;
+        tx.commit().await?;
+        Ok(r)
+    }
+
+    async fn get_template(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<TaskTemplate> {
+        read::get_template(&self.reader, namespace, name, version).await
+    }
+
+    async fn list_templates(&self) -> Result<Vec<TaskTemplate>> {
+        read::list_templates(&self.reader).await
+    }
+
+    async fn create_task(&self, task: &NewTask, actor: &str, now: Millis) -> Result<Created> {
+        let mut tx = self.begin().await?;
+        let r = write::create_task(&mut tx, task, actor, now).await?;
+        tx.commit().await?;
+        Ok(r)
+    }
+
+    async fn claim(&self, req: &ClaimRequest, now: Millis) -> Result<Vec<StepJob>> {
+        let mut tx = self.begin().await?;
+        let jobs = write::claim(&mut tx, req, now).await?;
+        tx.commit().await?;
+        Ok(jobs)
+    }
+
+    async fn finish(
+        &self,
+        results: &[AttemptResult],
+        actor: &str,
+        now: Millis,
+    ) -> Result<Vec<FinishReport>> {
+        let mut tx = self.begin().await?;
+        let r = write::finish(&mut tx, results, actor, now).await?;
+        tx.commit().await?;
+        Ok(r)
+    }
+
+    async fn checkpoint(
+        &self,
+        step_uuid: &str,
+        attempt: u32,
+        worker_id: &str,
+        checkpoint: &Checkpoint,
+        lease_until: Millis,
+        now: Millis,
+    ) -> Result<Completion> {
+        let mut tx = self.begin().await?;
+        let r =
+            write::checkpoint(&mut tx, step_uuid, attempt, worker_id, checkpoint, lease_until, now)
+                .await?;
+        tx.commit().await?;
+        Ok(r)
+    }
+
+    async fn renew_leases(
+        &self,
+        worker_id: &str,
+        step_uuids: &[String],
+        lease_until: Millis,
+        now: Millis,
+    ) -> Result<u64> {
+        if step_uuids.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.begin().await?;
+        let n = write::renew_leases(&mut tx, worker_id, step_uuids, lease_until, now).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn promote_due_retries(&self, actor: &str, now: Millis) -> Result<u64> {
+        let mut tx = self.begin().await?;
+        let n = write::promote_due_retries(&mut tx, actor, now).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn expired_attempts(&self, now: Millis, limit: usize) -> Result<Vec<ExpiredAttempt>> {
+        read::expired_attempts(&self.writer, now, limit).await
+    }
+
+    async fn next_due(&self) -> Result<Option<Millis>> {
+        read::next_due(&self.writer).await
+    }
+
+    async fn operator_action(
+        &self,
+        task_uuid: &str,
+        action: &OperatorAction,
+        actor: &str,
+        reason: &str,
+        now: Millis,
+    ) -> Result<TaskState> {
+        let mut tx = self.begin().await?;
+        let r = write::operator_action(&mut tx, task_uuid, action, actor, reason, now).await?;
+        tx.commit().await?;
+        Ok(r)
+    }
+
+    async fn get_task(&self, task_uuid: &str) -> Result<Task> {
+        read::get_task(&self.reader, task_uuid).await
+    }
+
+    async fn task_state(&self, task_uuid: &str) -> Result<TaskState> {
+        read::task_state(&self.reader, task_uuid).await
+    }
+
+    async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<TaskSummary>> {
+        read::list_tasks(&self.reader, filter).await
+    }
+
+    async fn task_transitions(&self, task_uuid: &str) -> Result<Vec<Transition>> {
+        read::task_transitions(&self.reader, task_uuid).await
+    }
+
+    async fn step_transitions(
+        &self,
+        task_uuid: &str,
+        step: Option<&str>,
+    ) -> Result<Vec<Transition>> {
+        read::step_transitions(&self.reader, task_uuid, step).await
+    }
+
+    async fn rejected_completions(&self, task_uuid: &str) -> Result<Vec<RejectedCompletion>> {
+        read::rejected_completions(&self.reader, task_uuid).await
+    }
+}

@@ -1,0 +1,326 @@
+//! Workers: the handler registry's run loop for Rust handlers, the completer that applies
+//! results in batches, the sweeper (due retries, timeouts, expired leases), lease renewal, and
+//! the dispatch port for foreign handlers.
+
+mod handler;
+mod port;
+
+pub use handler::{FnHandler, StepContext, StepHandler, handler_fn};
+pub use port::Worker;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::clock::Millis;
+use crate::engine::Inner;
+use crate::job::{ErrorType, StepFailure, StepJob, StepOutcome};
+use crate::orchestrator::{decide_failure, resolve_outcome};
+use crate::store::{AttemptResult, CallableFilter, ClaimRequest, Completion, Expiry, Resolution};
+use crate::Result;
+
+/// A finished attempt on its way to the completer.
+pub(crate) struct Finished {
+    pub(crate) job: StepJob,
+    pub(crate) outcome: StepOutcome,
+    pub(crate) reply: Option<oneshot::Sender<Result<Completion>>>,
+}
+
+/// Most results applied in one transaction.
+const FINISH_BATCH: usize = 256;
+
+/// Applies finished attempts in batches: one transaction for everything that arrived while the
+/// previous batch was being written.
+pub(crate) fn spawn_completer(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Finished>) {
+    tokio::spawn(async move {
+        let mut shutdown = inner.shutdown.subscribe();
+        let mut batch: Vec<Finished> = Vec::with_capacity(FINISH_BATCH);
+        loop {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, FINISH_BATCH) => if n == 0 { break },
+                _ = shutdown.wait_for(|s| *s) => break,
+            }
+            apply_batch(&inner, std::mem::take(&mut batch)).await;
+        }
+    });
+}
+
+async fn apply_batch(inner: &Inner, batch: Vec<Finished>) {
+    let now = inner.clock.now();
+    let results: Vec<AttemptResult> = batch
+        .iter()
+        .map(|f| {
+            let schema = f
+                .job
+                .definition
+                .result_schema
+                .as_ref()
+                .and_then(|s| inner.schema(s).ok());
+            AttemptResult {
+                step_uuid: f.job.step_uuid.clone(),
+                attempt: f.job.attempt,
+                worker_id: Some(f.job.worker_id.clone()),
+                expiry: None,
+                resolution: resolve_outcome(
+                    &f.job,
+                    f.outcome.clone(),
+                    schema.as_deref(),
+                    inner.config.max_payload_bytes,
+                    now,
+                ),
+                started_at: Some(f.job.started_at),
+            }
+        })
+        .collect();
+    let reports = inner.store.finish(&results, &inner.worker_id, now).await;
+    for f in &batch {
+        inner.release(&f.job.step_uuid, f.job.attempt);
+    }
+    match reports {
+        Ok(reports) => {
+            let changed: Vec<_> = reports
+                .iter()
+                .filter_map(|r| Some((r.task_uuid.clone()?, r.task_state?)))
+                .collect();
+            inner.after_change(&changed);
+            for (f, r) in batch.into_iter().zip(reports) {
+                if let Completion::Rejected(reason) = &r.completion {
+                    tracing::warn!(step = %f.job.step_uuid, attempt = f.job.attempt, "completion rejected: {reason}");
+                }
+                if let Some(reply) = f.reply {
+                    let _ = reply.send(Ok(r.completion));
+                }
+            }
+        }
+        Err(e) => {
+            // The attempts stay in progress; their leases expire and they are retried.
+            tracing::error!("cannot record {} step results: {e}", batch.len());
+            for f in batch {
+                if let Some(reply) = f.reply {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Starts the in-process worker loop, the sweeper and lease renewal.
+pub(crate) fn spawn_background(inner: &Arc<Inner>) {
+    tokio::spawn(run_loop(inner.clone()));
+    tokio::spawn(sweeper(inner.clone()));
+    tokio::spawn(lease_renewal(inner.clone()));
+}
+
+fn claim_request(inner: &Inner, worker_id: &str, namespaces: Vec<String>, callables: CallableFilter, limit: usize) -> ClaimRequest {
+    ClaimRequest {
+        worker_id: worker_id.to_string(),
+        namespaces,
+        callables,
+        limit,
+        lease_ms: inner.config.lease.as_millis() as i64,
+        default_timeout_ms: inner.config.default_step_timeout.as_millis() as i64,
+    }
+}
+
+/// The worker loop for Rust handlers: claim as many steps as there are free permits, run each
+/// on its own task, sleep until new work, a free permit, or the polling fallback.
+async fn run_loop(inner: Arc<Inner>) {
+    let permits = Arc::new(Semaphore::new(inner.config.concurrency));
+    let mut work = inner.work.subscribe();
+    let mut shutdown = inner.shutdown.subscribe();
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        work.mark_unchanged();
+        let mut more = false;
+        match claim_and_spawn(&inner, &permits).await {
+            Ok(filled) => more = filled,
+            Err(e) => tracing::error!("claiming steps failed: {e}"),
+        }
+        if more {
+            continue;
+        }
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            _ = work.changed() => {}
+            _ = tokio::time::sleep(inner.config.poll_interval) => {}
+        }
+    }
+}
+
+/// Returns true when the claim was limited by the batch size (more may be waiting).
+async fn claim_and_spawn(inner: &Arc<Inner>, permits: &Arc<Semaphore>) -> Result<bool> {
+    let now = inner.clock.now();
+    if inner.config.fail_unknown_callables {
+        let known = inner.known_callables();
+        let req = claim_request(inner, &inner.worker_id, Vec::new(), CallableFilter::AnyExcept(known.clone()), inner.config.claim_batch);
+        for job in inner.store.claim(&req, now).await? {
+            let mut f = StepFailure::new(
+                ErrorType::HandlerNotFound,
+                format!(
+                    "no handler for callable `{}`: searched the Rust handlers registered in this process{} ({})",
+                    job.callable(),
+                    if known.is_empty() { "" } else { " and its dispatch-port workers" },
+                    if known.is_empty() { "none registered".to_string() } else { known.join(", ") },
+                ),
+            );
+            f.retryable = false;
+            let _ = inner.results.send(Finished { job, outcome: StepOutcome::Failure(f), reply: None });
+        }
+    }
+    let callables: Vec<String> =
+        inner.handlers.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+    let free = permits.available_permits().min(inner.config.claim_batch);
+    if free == 0 || callables.is_empty() {
+        return Ok(false);
+    }
+    let req = claim_request(inner, &inner.worker_id, Vec::new(), CallableFilter::Only(callables), free);
+    let jobs = inner.store.claim(&req, now).await?;
+    let filled = jobs.len() == free && free == inner.config.claim_batch;
+    for job in jobs {
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // Cannot happen (we claimed at most the free permits); hand the job back via lease expiry.
+            break;
+        };
+        inner.hold(&job);
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let outcome = run_rust_handler(&inner, &job).await;
+            drop(permit);
+            let _ = inner.results.send(Finished { job, outcome, reply: None });
+        });
+    }
+    Ok(filled)
+}
+
+/// Runs one Rust handler attempt with its timeout; a panic becomes a `handler_error`.
+async fn run_rust_handler(inner: &Inner, job: &StepJob) -> StepOutcome {
+    let handler = inner.handlers.read().unwrap_or_else(|e| e.into_inner()).get(job.callable()).cloned();
+    let Some(handler) = handler else {
+        return StepOutcome::Failure(StepFailure::new(
+            ErrorType::HandlerNotFound,
+            format!("no Rust handler registered for callable `{}`", job.callable()),
+        ));
+    };
+    let ctx = StepContext::new(job.clone());
+    let timeout = Duration::from_millis((job.timeout_at - job.started_at).max(1) as u64);
+    let mut task = tokio::spawn(async move { handler.call(&ctx).await });
+    match tokio::time::timeout(timeout, &mut task).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) if e.is_panic() => {
+            let panic = e.into_panic();
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".into());
+            let mut f = StepFailure::new(ErrorType::HandlerError, format!("handler panicked: {msg}"));
+            f.backtrace = Some(format!("panic in handler `{}` for step `{}`", job.callable(), job.step_name));
+            StepOutcome::Failure(f)
+        }
+        Ok(Err(e)) => StepOutcome::Failure(StepFailure::new(ErrorType::HandlerError, format!("handler task failed: {e}"))),
+        Err(_) => {
+            task.abort();
+            StepOutcome::Failure(StepFailure::new(
+                ErrorType::Timeout,
+                format!("step `{}` ran past its timeout of {} ms", job.step_name, timeout.as_millis()),
+            ))
+        }
+    }
+}
+
+/// One maintenance pass: enqueue due retries; end attempts past their timeout or lease.
+pub(crate) async fn sweep_once(inner: &Inner) -> Result<()> {
+    let now = inner.clock.now();
+    let promoted = inner.store.promote_due_retries(&inner.worker_id, now).await?;
+    let expired = inner.store.expired_attempts(now, 500).await?;
+    if !expired.is_empty() {
+        let results: Vec<AttemptResult> = expired
+            .into_iter()
+            .map(|x| {
+                let failure = match x.expiry {
+                    Expiry::Timeout => StepFailure::new(
+                        ErrorType::Timeout,
+                        format!("attempt {} ran past its timeout", x.attempt),
+                    ),
+                    Expiry::LeaseExpired => StepFailure::new(
+                        ErrorType::WorkerLost,
+                        format!("the lease of attempt {} expired: its worker died or lost the database", x.attempt),
+                    ),
+                };
+                AttemptResult {
+                    step_uuid: x.step_uuid,
+                    attempt: x.attempt,
+                    worker_id: None,
+                    expiry: Some(x.expiry),
+                    resolution: decide_failure(&x.definition.retry, x.attempt, failure, now, fastrand::f64()),
+                    started_at: None,
+                }
+            })
+            .collect();
+        let reports = inner.store.finish(&results, &inner.worker_id, now).await?;
+        let changed: Vec<_> =
+            reports.iter().filter_map(|r| Some((r.task_uuid.clone()?, r.task_state?))).collect();
+        inner.after_change(&changed);
+    } else if promoted > 0 {
+        inner.after_change(&[]);
+    }
+    Ok(())
+}
+
+/// Sleeps until the next retry, timeout or lease falls due (or a change is announced), then
+/// sweeps. Due retries are enqueued within milliseconds, not on a coarse poll.
+async fn sweeper(inner: Arc<Inner>) {
+    let mut shutdown = inner.shutdown.subscribe();
+    loop {
+        if let Err(e) = sweep_once(&inner).await {
+            tracing::error!("maintenance sweep failed: {e}");
+        }
+        let wait = match inner.store.next_due().await {
+            Ok(Some(due)) => delay_until(inner.clock.now(), due).min(inner.config.poll_interval),
+            _ => inner.config.poll_interval,
+        };
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            _ = inner.sweep.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+fn delay_until(now: Millis, due: Millis) -> Duration {
+    Duration::from_millis((due - now).max(0) as u64)
+}
+
+/// Renews the leases of every attempt this process holds, for as long as it lives.
+async fn lease_renewal(inner: Arc<Inner>) {
+    let mut shutdown = inner.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            _ = tokio::time::sleep(inner.config.lease_renew_every) => {}
+        }
+        if let Err(e) = renew_held(&inner).await {
+            tracing::error!("renewing leases failed: {e}");
+        }
+    }
+}
+
+pub(crate) async fn renew_held(inner: &Inner) -> Result<()> {
+    let mut by_worker: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for (step, (worker, _)) in inner.held.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        by_worker.entry(worker.clone()).or_default().push(step.clone());
+    }
+    let now = inner.clock.now();
+    let until = now + inner.config.lease.as_millis() as Millis;
+    for (worker, steps) in by_worker {
+        inner.store.renew_leases(&worker, &steps, until, now).await?;
+    }
+    Ok(())
+}
+
+/// Keeps `Resolution` reachable for port code paths.
+#[allow(dead_code)]
+fn _resolution_is_used(_: Resolution) {}

@@ -1,0 +1,168 @@
+//! The dispatch port: how foreign handlers (Python, Ruby, TypeScript, C) pull work. Host code
+//! never runs on tokio threads: it calls these methods from its own threads, which block (or
+//! await) without holding anything of the engine's.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::Finished;
+use crate::engine::Tasker;
+use crate::job::{Checkpoint, StepJob, StepOutcome};
+use crate::store::{CallableFilter, Completion};
+use crate::{Error, ErrorKind, Result};
+
+/// A worker serving some namespaces with handlers that live outside Rust.
+///
+/// Only steps whose callable is in `callables` are claimed: a step this worker cannot run is
+/// left for one that can. Leases of handed-out jobs are renewed by the engine for as long as
+/// the process lives; a job whose handler hangs is ended by its timeout.
+pub struct Worker {
+    tasker: Tasker,
+    id: String,
+    namespaces: Vec<String>,
+    callables: Vec<String>,
+    /// Checkpointed jobs waiting to be handed out again.
+    resumed: Mutex<VecDeque<StepJob>>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("id", &self.id).field("callables", &self.callables).finish()
+    }
+}
+
+impl Worker {
+    pub(crate) fn new(tasker: Tasker, namespaces: Vec<String>, callables: Vec<String>) -> Worker {
+        let inner = &tasker.inner;
+        let n = inner.port_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{}-port{n}", inner.worker_id);
+        inner
+            .port_callables
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(callables.iter().cloned());
+        Worker { tasker, id, namespaces, callables, resumed: Mutex::new(VecDeque::new()) }
+    }
+
+    /// This worker's id (recorded as the actor of its claims).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Waits up to `timeout` for a job. Blocking; call it from a host thread, never from a
+    /// tokio thread.
+    pub fn next_step(&self, timeout: Duration) -> Result<Option<StepJob>> {
+        self.tasker.inner.runtime.block_on(self.next_step_async(timeout))
+    }
+
+    /// Async form of [`Worker::next_step`].
+    pub async fn next_step_async(&self, timeout: Duration) -> Result<Option<StepJob>> {
+        let inner = &self.tasker.inner;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut work = inner.work.subscribe();
+        let mut shutdown = inner.shutdown.subscribe();
+        loop {
+            if let Some(job) = self.resumed.lock().unwrap_or_else(|e| e.into_inner()).pop_front() {
+                return Ok(Some(job));
+            }
+            if *shutdown.borrow() {
+                return Err(Error::new(ErrorKind::Shutdown, "the engine is closed"));
+            }
+            work.mark_unchanged();
+            let req = super::claim_request(
+                inner,
+                &self.id,
+                self.namespaces.clone(),
+                CallableFilter::Only(self.callables.clone()),
+                1,
+            );
+            if let Some(job) = inner.store.claim(&req, inner.clock.now()).await?.pop() {
+                inner.hold(&job);
+                return Ok(Some(job));
+            }
+            tokio::select! {
+                _ = work.changed() => {}
+                _ = shutdown.wait_for(|s| *s) => {}
+                _ = tokio::time::sleep(inner.config.poll_interval) => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(None),
+            }
+        }
+    }
+
+    /// Hands back the outcome of a job: accepted, or rejected when the attempt is no longer
+    /// current (timed out, cancelled, lease lost). A checkpoint outcome stores the checkpoint
+    /// and the job comes out of `next_step` again.
+    pub fn complete(&self, job: &StepJob, outcome: StepOutcome) -> Result<Completion> {
+        self.tasker.inner.runtime.block_on(self.complete_async(job, outcome))
+    }
+
+    /// Async form of [`Worker::complete`].
+    pub async fn complete_async(&self, job: &StepJob, outcome: StepOutcome) -> Result<Completion> {
+        if let StepOutcome::Checkpoint(cp) = outcome {
+            return self.store_checkpoint(job, cp).await;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.tasker
+            .inner
+            .results
+            .send(Finished { job: job.clone(), outcome, reply: Some(tx) })
+            .map_err(|_| Error::new(ErrorKind::Shutdown, "the engine is closed"))?;
+        rx.await.map_err(|_| Error::new(ErrorKind::Shutdown, "the engine is closed"))?
+    }
+
+    /// Stores a checkpoint (`checkpoint_yield`); the job is handed out again by `next_step`
+    /// with the checkpoint in its context, without spending an attempt.
+    pub fn checkpoint(
+        &self,
+        job: &StepJob,
+        cursor: Value,
+        items_processed: u64,
+        accumulated: Value,
+    ) -> Result<Completion> {
+        let cp = Checkpoint { cursor, items_processed, accumulated };
+        self.tasker.inner.runtime.block_on(self.store_checkpoint(job, cp))
+    }
+
+    async fn store_checkpoint(&self, job: &StepJob, cp: Checkpoint) -> Result<Completion> {
+        let inner = &self.tasker.inner;
+        let now = inner.clock.now();
+        let until = now + inner.config.lease.as_millis() as i64;
+        let c = inner.store.checkpoint(&job.step_uuid, job.attempt, &job.worker_id, &cp, until, now).await?;
+        if c == Completion::Accepted {
+            let mut again = job.clone();
+            again.checkpoint = Some(cp);
+            self.resumed.lock().unwrap_or_else(|e| e.into_inner()).push_back(again);
+        } else {
+            inner.release(&job.step_uuid, job.attempt);
+        }
+        Ok(c)
+    }
+
+    /// Renews the job's lease now (the engine also does this on its own). Returns false when
+    /// the attempt is no longer held.
+    pub fn heartbeat(&self, job: &StepJob) -> Result<bool> {
+        let inner = &self.tasker.inner;
+        inner.runtime.block_on(async {
+            let now = inner.clock.now();
+            let until = now + inner.config.lease.as_millis() as i64;
+            let n = inner
+                .store
+                .renew_leases(&job.worker_id, std::slice::from_ref(&job.step_uuid), until, now)
+                .await?;
+            Ok(n == 1)
+        })
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let mut known = self.tasker.inner.port_callables.write().unwrap_or_else(|e| e.into_inner());
+        for c in &self.callables {
+            known.remove(c);
+        }
+    }
+}
