@@ -1,9 +1,6 @@
-//! Conformance scenarios: the Rust handler kit and the scenario runner (being written).
+//! Cross-language conformance (SPEC §13): the Rust handler kit and the Rust runner of the
+//! language-neutral scenario files in `tests/scenarios/`. `tests/README.md` describes the
+//! scenario format and the kit for the runners and kits of the other languages.
 
-/// The Rust handler kit (SPEC §13).
-pub mod kit {
-    use tasker_core::Tasker;
-
-    /// Registers every `kit.*` handler.
-    pub fn register_handlers(_tasker: &Tasker) {}
-}
+pub mod kit;
+pub mod scenario;

@@ -1,0 +1,177 @@
+//! `tasker-bench`: latency and throughput of the embedded engine (SQLite file, WAL,
+//! `synchronous=NORMAL` unless `TASKER_SQLITE_SYNC=full`) with in-process Rust handlers.
+//!
+//! Prints numbers; it is not a test. Run it with `./run bench` (a release build).
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tasker_core::template::parse_str;
+use tasker_core::{Config, OpenOptions, StepOutcome, TaskRequest, TaskState, Tasker, handler_fn};
+
+const LINEAR: &str = r#"
+name: linear_add
+namespace_name: bench
+version: "1.0.0"
+identity_strategy: always_unique
+steps:
+  - { name: add_1, handler: { callable: bench.add, initialization: { add: 1 } } }
+  - { name: add_2, handler: { callable: bench.add, initialization: { add: 2 } }, dependencies: [add_1] }
+  - { name: add_3, handler: { callable: bench.add, initialization: { add: 3 } }, dependencies: [add_2] }
+  - { name: add_4, handler: { callable: bench.add, initialization: { add: 4 } }, dependencies: [add_3] }
+"#;
+
+const DIAMOND: &str = r#"
+name: diamond_add
+namespace_name: bench
+version: "1.0.0"
+identity_strategy: always_unique
+steps:
+  - { name: d_start, handler: { callable: bench.add, initialization: { add: 1 } } }
+  - { name: d_left, handler: { callable: bench.add, initialization: { add: 2 } }, dependencies: [d_start] }
+  - { name: d_right, handler: { callable: bench.add, initialization: { add: 3 } }, dependencies: [d_start] }
+  - { name: d_join, handler: { callable: bench.add, initialization: { add: 0 } }, dependencies: [d_left, d_right] }
+"#;
+
+struct Args {
+    latency_tasks: usize,
+    warmup: usize,
+    throughput_tasks: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args { latency_tasks: 200, warmup: 20, throughput_tasks: 1000 };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| -> Result<usize, String> {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("{name} needs a whole number"))
+        };
+        match flag.as_str() {
+            "--latency-tasks" => a.latency_tasks = value("--latency-tasks")?.max(1),
+            "--warmup" => a.warmup = value("--warmup")?,
+            "--throughput-tasks" => a.throughput_tasks = value("--throughput-tasks")?.max(1),
+            "-h" | "--help" => {
+                return Err("usage: tasker-bench [--latency-tasks N] [--warmup N] [--throughput-tasks N]".into());
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(a)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn engine(dir: &std::path::Path) -> tasker_core::Result<Tasker> {
+    let config = Config { concurrency: 64, ..Config::from_env()? };
+    let url = format!("sqlite:{}", dir.join("bench.db").display());
+    let tasker = Tasker::open_with(&url, OpenOptions { config, ..OpenOptions::default() }).await?;
+    for t in [LINEAR, DIAMOND] {
+        tasker.register_template(&parse_str(t, None, "bench")?.template).await?;
+    }
+    tasker.register_handler(
+        "bench.add",
+        handler_fn(|ctx| async move {
+            let add = ctx.get_config("add").and_then(|v| v.as_i64()).unwrap_or(0);
+            let parents = &ctx.job().definition.dependencies;
+            let base: i64 = if parents.is_empty() {
+                ctx.get_input("x").and_then(|v| v.as_i64()).unwrap_or(0)
+            } else {
+                parents
+                    .iter()
+                    .filter_map(|p| ctx.get_dependency_result(p)?.get("value")?.as_i64())
+                    .sum()
+            };
+            StepOutcome::success(json!({ "value": base + add }))
+        }),
+    );
+    Ok(tasker)
+}
+
+async fn latency(tasker: &Tasker, name: &str, n: usize, warmup: usize, expect: fn(i64) -> i64) -> tasker_core::Result<()> {
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..(n + warmup) {
+        let start = Instant::now();
+        let task = tasker
+            .run_task(TaskRequest::new("bench", name, json!({ "x": i })), Some(Duration::from_secs(30)))
+            .await?;
+        let took = start.elapsed();
+        let last = task.steps.last().and_then(|s| s.result.as_ref()).and_then(|r| r["value"].as_i64());
+        if task.status != TaskState::Complete || last != Some(expect(i as i64)) {
+            return Err(tasker_core::Error::internal(format!("{name} task {} ended {} with {last:?}", task.uuid, task.status)));
+        }
+        if i >= warmup {
+            samples.push(took);
+        }
+    }
+    samples.sort();
+    println!(
+        "{name:<12} single-task latency over {n} tasks: p50 {}  p95 {}  max {}",
+        ms(percentile(&samples, 0.5)),
+        ms(percentile(&samples, 0.95)),
+        ms(*samples.last().unwrap_or(&Duration::ZERO)),
+    );
+    Ok(())
+}
+
+async fn throughput(tasker: &Tasker, n: usize) -> tasker_core::Result<()> {
+    let start = Instant::now();
+    let mut handles = Vec::with_capacity(n);
+    for i in 0..n {
+        handles.push(tasker.create_task(TaskRequest::new("bench", "linear_add", json!({ "x": i }))).await?);
+    }
+    let created = start.elapsed();
+    let mut failed = 0;
+    for h in handles {
+        if h.wait(Some(Duration::from_secs(300))).await?.status != TaskState::Complete {
+            failed += 1;
+        }
+    }
+    let wall = start.elapsed();
+    let steps = (n * 4) as f64;
+    println!(
+        "linear_add   throughput, {n} concurrent tasks: {:.0} tasks/s, {:.0} steps/s (wall {}, creation {}, not complete: {failed})",
+        n as f64 / wall.as_secs_f64(),
+        steps / wall.as_secs_f64(),
+        ms(wall),
+        ms(created),
+    );
+    Ok(())
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result: tasker_core::Result<()> = rt.block_on(async {
+        let dir = tempfile::tempdir().map_err(|e| tasker_core::Error::internal(e.to_string()))?;
+        let tasker = engine(dir.path()).await?;
+        println!(
+            "embedded SQLite (WAL, synchronous={}), in-process Rust handlers, {} cores",
+            std::env::var("TASKER_SQLITE_SYNC").unwrap_or_else(|_| "normal".into()),
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        );
+        latency(&tasker, "linear_add", args.latency_tasks, args.warmup, |x| x + 10).await?;
+        latency(&tasker, "diamond_add", args.latency_tasks, args.warmup, |x| 2 * x + 7).await?;
+        throughput(&tasker, args.throughput_tasks).await?;
+        tasker.close();
+        Ok(())
+    });
+    if let Err(e) = result {
+        eprintln!("benchmark failed: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,364 @@
+//! The Rust scenario runner: one fresh in-memory engine per scenario, the kit (and any other
+//! handlers the caller adds) registered, the task created, actions applied as their
+//! conditions come true, and the resting state compared with the expectations.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tasker_core::template::parse_str;
+use tasker_core::{Config, OpenOptions, Task, TaskRequest, TaskState, Tasker};
+use tokio::time::Instant;
+
+use super::compare::compare_task;
+use super::format::{Action, ActionKind, CreateError, CreateOptions, Scenario, When};
+
+/// How often the runner looks at the task while it waits for an action's condition. Short,
+/// because conditions such as "step X is in_progress" may hold only briefly.
+const CONDITION_POLL: Duration = Duration::from_millis(5);
+
+type Setup = Arc<dyn Fn(&Tasker) + Send + Sync>;
+
+/// Runs scenarios. Cheap to clone; scenarios may run concurrently (each gets its own engine).
+#[derive(Clone)]
+pub struct Runner {
+    base: PathBuf,
+    setups: Vec<Setup>,
+    config: Config,
+}
+
+/// The result of one scenario.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The scenario's name.
+    pub name: String,
+    /// The task, as last seen (none when creation failed).
+    pub task: Option<Task>,
+    /// Every mismatch with the expectations; empty when the scenario passed.
+    pub diffs: Vec<String>,
+    /// How long the scenario took.
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// Whether every expectation held.
+    pub fn passed(&self) -> bool {
+        self.diffs.is_empty()
+    }
+
+    /// A multi-line report: the mismatches, then the task's steps as they ended.
+    pub fn report(&self) -> String {
+        let mut out = String::new();
+        for d in &self.diffs {
+            out.push_str(&format!("    - {d}\n"));
+        }
+        if let Some(task) = &self.task {
+            out.push_str(&format!(
+                "    task {} ended {}; steps:\n",
+                task.uuid, task.status
+            ));
+            for s in &task.steps {
+                out.push_str(&format!(
+                    "      {:<24} {:<36} attempts {}",
+                    s.name,
+                    s.state.as_str(),
+                    s.attempts
+                ));
+                if let Some(r) = &s.result {
+                    out.push_str(&format!(" result {r}"));
+                }
+                if let Some(e) = &s.error {
+                    out.push_str(&format!(
+                        " error {}/{:?}: {}",
+                        e.error_type, e.error_code, e.message
+                    ));
+                }
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Runner {
+    /// A runner resolving template paths against `base` (normally `tests/`), with the kit
+    /// registered in every engine.
+    pub fn new(base: impl Into<PathBuf>) -> Self {
+        Runner {
+            base: base.into(),
+            setups: vec![Arc::new(crate::kit::register_handlers)],
+            config: Self::default_config(),
+        }
+    }
+
+    /// Engine settings for scenarios: a short polling fallback so nothing waits a full second
+    /// on a missed wake-up; everything else as shipped.
+    pub fn default_config() -> Config {
+        Config {
+            poll_interval: Duration::from_millis(50),
+            ..Config::default()
+        }
+    }
+
+    /// Also runs `setup` on every engine (e.g. to register an example's handlers).
+    pub fn with_handlers(mut self, setup: impl Fn(&Tasker) + Send + Sync + 'static) -> Self {
+        self.setups.push(Arc::new(setup));
+        self
+    }
+
+    /// Replaces the engine settings.
+    pub fn with_config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Runs one scenario to its end and compares. Never panics on a scenario failure: every
+    /// problem (engine errors included) becomes a line in [`Outcome::diffs`].
+    pub async fn run(&self, scenario: &Scenario) -> Outcome {
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(scenario.timeout_seconds);
+        let mut outcome = Outcome {
+            name: scenario.name.clone(),
+            task: None,
+            diffs: Vec::new(),
+            elapsed: Duration::ZERO,
+        };
+        let options = OpenOptions {
+            config: self.config.clone(),
+            ..OpenOptions::default()
+        };
+        match Tasker::open_with("sqlite::memory:", options).await {
+            Ok(tasker) => {
+                if let Err(e) = self.drive(&tasker, scenario, deadline, &mut outcome).await {
+                    outcome.diffs.push(e);
+                }
+                tasker.close();
+            }
+            Err(e) => outcome.diffs.push(format!("cannot open the engine: {e}")),
+        }
+        outcome.elapsed = started.elapsed();
+        outcome
+    }
+
+    /// Everything after opening the engine; `Err` is a problem that stops the scenario.
+    async fn drive(
+        &self,
+        tasker: &Tasker,
+        s: &Scenario,
+        deadline: Instant,
+        out: &mut Outcome,
+    ) -> Result<(), String> {
+        for setup in &self.setups {
+            setup(tasker);
+        }
+        for extra in &s.extra_templates {
+            self.register(tasker, extra).await?;
+        }
+        let (namespace, name) = self.register(tasker, &s.template).await?;
+        let request = |context: &Value, o: &CreateOptions| {
+            let mut r = TaskRequest::new(
+                o.namespace.clone().unwrap_or_else(|| namespace.clone()),
+                o.name.clone().unwrap_or_else(|| name.clone()),
+                context.clone(),
+            )
+            .origin("conformance", "tasker-conformance", s.name.clone());
+            r.version = o.version.clone();
+            r.idempotency_key = o.idempotency_key.clone();
+            r
+        };
+
+        let created = tasker.create_task(request(&s.context, &s.create)).await;
+        if let Some(expected) = &s.expect.create_error {
+            match created {
+                Ok(h) => out.diffs.push(format!(
+                    "create: expected a {} error, created task {}",
+                    expected.kind, h.uuid
+                )),
+                Err(e) => compare_create_error(expected, &e, &mut out.diffs),
+            }
+            return Ok(());
+        }
+        let handle = created.map_err(|e| format!("create failed: {} ({e})", e.kind.code()))?;
+
+        if let Some(second) = &s.second_create {
+            let context = second.context.as_ref().unwrap_or(&s.context);
+            let again = tasker
+                .create_task(request(context, &second.options(&s.create)))
+                .await
+                .map_err(|e| format!("second create failed: {} ({e})", e.kind.code()))?;
+            if let Some(e) = &s.expect.second_create {
+                if let Some(r) = e.replayed
+                    && again.replayed != r
+                {
+                    out.diffs.push(format!(
+                        "second create: expected replayed {r}, found {}",
+                        again.replayed
+                    ));
+                }
+                if let Some(same) = e.same_task
+                    && (again.uuid == handle.uuid) != same
+                {
+                    out.diffs.push(format!(
+                        "second create: expected same_task {same}, got {} (first {})",
+                        again.uuid, handle.uuid
+                    ));
+                }
+            }
+        }
+
+        for (i, action) in s.actions.iter().enumerate() {
+            let task = wait_for(tasker, &handle.uuid, &action.when, deadline)
+                .await
+                .map_err(|e| format!("actions[{i}] ({:?}): {e}", action.action))?;
+            out.task = Some(task);
+            apply(tasker, &handle.uuid, action, &s.name)
+                .await
+                .map_err(|e| format!("actions[{i}] ({:?}) failed: {e}", action.action))?;
+        }
+
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let task = match tasker.wait(&handle.uuid, Some(remaining)).await {
+            Ok(t) => t,
+            Err(e) => {
+                out.task = tasker.get_task(&handle.uuid).await.ok();
+                return Err(format!(
+                    "the task did not come to rest within {}s: {e}",
+                    s.timeout_seconds
+                ));
+            }
+        };
+        out.diffs.extend(compare_task(&s.expect, &task, |step| {
+            crate::kit::executions(&task.uuid, step)
+        }));
+        out.task = Some(task);
+        Ok(())
+    }
+
+    /// Parses, validates and registers one template; returns its namespace and name.
+    async fn register(
+        &self,
+        tasker: &Tasker,
+        t: &super::format::TemplateRef,
+    ) -> Result<(String, String), String> {
+        let (yaml, label) = t.yaml(&self.base)?;
+        let loaded = parse_str(&yaml, Some(&label), &self.config.environment)
+            .map_err(|e| format!("template: {e}"))?;
+        tasker
+            .register_template(&loaded.template)
+            .await
+            .map_err(|e| format!("registering {label}: {e}"))?;
+        Ok((loaded.template.namespace, loaded.template.name))
+    }
+}
+
+/// Polls the task until `when` holds. Fails when the deadline passes or the task comes to
+/// rest (terminal, or blocked without the condition being about that) first: it would never
+/// hold then.
+async fn wait_for(
+    tasker: &Tasker,
+    uuid: &str,
+    when: &When,
+    deadline: Instant,
+) -> Result<Task, String> {
+    loop {
+        let task = tasker.get_task(uuid).await.map_err(|e| e.to_string())?;
+        let holds = match (&when.task, &when.step, &when.state) {
+            (Some(state), _, _) => task.status == *state,
+            (None, Some(step), Some(state)) => task.step(step).is_some_and(|s| s.state == *state),
+            _ => false,
+        };
+        if holds {
+            return Ok(task);
+        }
+        let at_rest = task.status.is_terminal() || task.status == TaskState::BlockedByFailures;
+        if at_rest {
+            return Err(format!(
+                "waiting for {}, but the task came to rest in {}",
+                describe(when),
+                task.status
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "waiting for {}: deadline passed with the task {}",
+                describe(when),
+                task.status
+            ));
+        }
+        tokio::time::sleep(CONDITION_POLL).await;
+    }
+}
+
+fn describe(when: &When) -> String {
+    match (&when.task, &when.step, &when.state) {
+        (Some(t), _, _) => format!("task {t}"),
+        (None, Some(step), Some(state)) => format!("step {step} {state}"),
+        _ => "an impossible condition".into(),
+    }
+}
+
+async fn apply(
+    tasker: &Tasker,
+    uuid: &str,
+    a: &Action,
+    scenario: &str,
+) -> tasker_core::Result<TaskState> {
+    let reason = format!("conformance scenario {scenario}");
+    let step = a.step.as_deref().unwrap_or_default();
+    match a.action {
+        ActionKind::CancelTask => tasker.cancel(uuid, &reason).await,
+        ActionKind::GiveUp => tasker.give_up(uuid, &reason).await,
+        ActionKind::ResolveTask => tasker.resolve(uuid, &reason).await,
+        ActionKind::ResetStep => tasker.reset_step(uuid, step, &reason).await,
+        ActionKind::ResolveStep => tasker.resolve_step(uuid, step, &reason).await,
+        ActionKind::CompleteStep => {
+            let result = a
+                .result
+                .clone()
+                .unwrap_or_else(|| Value::Object(Default::default()));
+            tasker.complete_step(uuid, step, result, &reason).await
+        }
+    }
+}
+
+fn compare_create_error(expected: &CreateError, e: &tasker_core::Error, diffs: &mut Vec<String>) {
+    if e.kind.code() != expected.kind {
+        diffs.push(format!(
+            "create: expected a {} error, got {}: {e}",
+            expected.kind,
+            e.kind.code()
+        ));
+    }
+    for s in &expected.contains {
+        if !e.message.contains(s.as_str()) {
+            diffs.push(format!(
+                "create: expected the message to contain {s:?}, got {:?}",
+                e.message
+            ));
+        }
+    }
+    if let Some(want) = &expected.pointers {
+        let mut found: Vec<String> = e
+            .details
+            .as_ref()
+            .and_then(|d| d.get("violations"))
+            .and_then(Value::as_array)
+            .map(|v| {
+                v.iter()
+                    .filter_map(|x| x.get("pointer")?.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut want = want.clone();
+        found.sort();
+        found.dedup();
+        want.sort();
+        if found != want {
+            diffs.push(format!(
+                "create: expected violation pointers {want:?}, got {found:?} (details {:?})",
+                e.details
+            ));
+        }
+    }
+}
