@@ -20,7 +20,10 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Millis {
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as Millis)
+            .unwrap_or(0)
     }
 }
 
@@ -92,7 +95,10 @@ mod tests {
     fn formats_known_instants() {
         assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(format_rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
-        assert_eq!(format_rfc3339(1_795_425_516_000), "2026-11-23T09:18:36.000Z");
+        assert_eq!(
+            format_rfc3339(1_795_425_516_000),
+            "2026-11-23T09:18:36.000Z"
+        );
     }
 
     #[test]

@@ -37,6 +37,10 @@ pub struct Config {
     /// Fail steps whose callable no handler in this process knows (`handler_not_found`) instead
     /// of leaving them for another worker. True for the embedded one-process engine.
     pub fail_unknown_callables: bool,
+    /// How long a step whose callable nobody in this process serves stays claimable before it
+    /// is failed with `handler_not_found` (`TASKER_UNKNOWN_CALLABLE_GRACE_MS`): a host may
+    /// create tasks before it has started the worker that serves them.
+    pub unknown_callable_grace: Duration,
 }
 
 impl Default for Config {
@@ -52,6 +56,7 @@ impl Default for Config {
             max_payload_bytes: 1 << 20,
             sqlite_sync: SqliteSync::Normal,
             fail_unknown_callables: true,
+            unknown_callable_grace: Duration::from_secs(2),
         }
     }
 }
@@ -95,6 +100,9 @@ impl Config {
         }
         if let Some(v) = num("TASKER_CLAIM_BATCH")? {
             c.claim_batch = (v as usize).max(1);
+        }
+        if let Some(v) = num("TASKER_UNKNOWN_CALLABLE_GRACE_MS")? {
+            c.unknown_callable_grace = Duration::from_millis(v);
         }
         if let Some(v) = num("TASKER_MAX_PAYLOAD_BYTES")? {
             c.max_payload_bytes = v as usize;

@@ -1,7 +1,7 @@
 //! The engine handle (SPEC §12a): open a store, register templates and handlers, create, run
 //! and wait for tasks, act as an operator. Handlers run in-process while the handle is open.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -39,7 +39,9 @@ impl Drop for ShutdownGuard {
 
 impl std::fmt::Debug for Tasker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tasker").field("worker_id", &self.inner.worker_id).finish()
+        f.debug_struct("Tasker")
+            .field("worker_id", &self.inner.worker_id)
+            .finish()
     }
 }
 
@@ -50,7 +52,7 @@ pub(crate) struct Inner {
     pub(crate) worker_id: String,
     pub(crate) handlers: RwLock<HashMap<String, Arc<dyn StepHandler>>>,
     /// Callables served by dispatch-port workers of this process.
-    pub(crate) port_callables: RwLock<HashSet<String>>,
+    pub(crate) port_callables: RwLock<HashMap<String, usize>>,
     pub(crate) schemas: Mutex<HashMap<String, Arc<CompiledSchema>>>,
     /// Bumped whenever steps may have become claimable.
     pub(crate) work: watch::Sender<u64>,
@@ -78,7 +80,11 @@ pub struct OpenOptions {
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { config: Config::default(), clock: Arc::new(SystemClock), background: true }
+        OpenOptions {
+            config: Config::default(),
+            clock: Arc::new(SystemClock),
+            background: true,
+        }
     }
 }
 
@@ -100,6 +106,15 @@ impl TaskHandle {
         Ok(t)
     }
 
+    /// Waits until the task's state satisfies `done` (see [`Tasker::wait_until`]).
+    pub async fn wait_until(
+        &self,
+        done: impl Fn(TaskState) -> bool,
+        timeout: Option<Duration>,
+    ) -> Result<Task> {
+        self.tasker.wait_until(&self.uuid, done, timeout).await
+    }
+
     /// The task as it is now.
     pub async fn get(&self) -> Result<Task> {
         self.tasker.get_task(&self.uuid).await
@@ -110,8 +125,14 @@ impl Tasker {
     /// Opens the engine on `url` (`sqlite::memory:`, `sqlite:PATH`) with configuration from
     /// the environment. Must be called inside a tokio runtime.
     pub async fn open(url: &str) -> Result<Tasker> {
-        Self::open_with(url, OpenOptions { config: Config::from_env()?, ..OpenOptions::default() })
-            .await
+        Self::open_with(
+            url,
+            OpenOptions {
+                config: Config::from_env()?,
+                ..OpenOptions::default()
+            },
+        )
+        .await
     }
 
     /// Opens the engine with explicit options.
@@ -124,7 +145,7 @@ impl Tasker {
             config: options.config,
             worker_id: format!("worker-{}", &crate::orchestrator::new_uuid()[24..]),
             handlers: RwLock::new(HashMap::new()),
-            port_callables: RwLock::new(HashSet::new()),
+            port_callables: RwLock::new(HashMap::new()),
             schemas: Mutex::new(HashMap::new()),
             work: watch::Sender::new(0),
             sweep: Notify::new(),
@@ -140,7 +161,10 @@ impl Tasker {
             crate::worker::spawn_background(&inner);
         }
         let guard = Arc::new(ShutdownGuard(inner.shutdown.clone()));
-        Ok(Tasker { inner, _guard: guard })
+        Ok(Tasker {
+            inner,
+            _guard: guard,
+        })
     }
 
     /// Stops background work. In-flight Rust handlers are abandoned; their leases expire.
@@ -170,14 +194,24 @@ impl Tasker {
 
     /// Registers a Rust handler for `callable`.
     pub fn register_handler(&self, callable: impl Into<String>, handler: Arc<dyn StepHandler>) {
-        self.inner.handlers.write().unwrap_or_else(|e| e.into_inner()).insert(callable.into(), handler);
+        self.inner
+            .handlers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(callable.into(), handler);
         self.inner.work.send_modify(|g| *g += 1);
     }
 
     /// Callables with a Rust handler in this process.
     pub fn handler_names(&self) -> Vec<String> {
-        let mut v: Vec<String> =
-            self.inner.handlers.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        let mut v: Vec<String> = self
+            .inner
+            .handlers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         v.sort();
         v
     }
@@ -193,12 +227,18 @@ impl Tasker {
     pub async fn register_templates(&self, path: impl AsRef<Path>) -> Result<Vec<TaskTemplate>> {
         let path = path.as_ref();
         let files = crate::template::collect_yaml_files(path).map_err(|e| {
-            Error::new(ErrorKind::Template, format!("cannot read templates at {}: {e}", path.display()))
+            Error::new(
+                ErrorKind::Template,
+                format!("cannot read templates at {}: {e}", path.display()),
+            )
         })?;
         if files.is_empty() {
             return Err(Error::new(
                 ErrorKind::Template,
-                format!("no task template (*.yaml, *.yml) found at {}", path.display()),
+                format!(
+                    "no task template (*.yaml, *.yml) found at {}",
+                    path.display()
+                ),
             ));
         }
         let mut loaded = Vec::new();
@@ -228,7 +268,11 @@ impl Tasker {
         let template = self
             .inner
             .store
-            .get_template(&request.namespace, &request.name, request.version.as_deref())
+            .get_template(
+                &request.namespace,
+                &request.name,
+                request.version.as_deref(),
+            )
             .await?;
         let schema = match &template.input_schema {
             Some(s) => Some(self.inner.schema(s)?),
@@ -240,11 +284,23 @@ impl Tasker {
             request,
             self.inner.config.max_payload_bytes,
         )?;
-        let created = self.inner.store.create_task(&plan, &self.inner.worker_id, self.now()).await?;
+        let created = self
+            .inner
+            .store
+            .create_task(&plan, &self.inner.worker_id, self.now())
+            .await?;
         self.inner.work.send_modify(|g| *g += 1);
         Ok(match created {
-            Created::New(uuid) => TaskHandle { uuid, replayed: false, tasker: self.clone() },
-            Created::Existing { uuid, .. } => TaskHandle { uuid, replayed: true, tasker: self.clone() },
+            Created::New(uuid) => TaskHandle {
+                uuid,
+                replayed: false,
+                tasker: self.clone(),
+            },
+            Created::Existing { uuid, .. } => TaskHandle {
+                uuid,
+                replayed: true,
+                tasker: self.clone(),
+            },
         })
     }
 
@@ -255,7 +311,11 @@ impl Tasker {
 
     /// A handle for an existing task.
     pub fn task(&self, uuid: impl Into<String>) -> TaskHandle {
-        TaskHandle { uuid: uuid.into(), replayed: false, tasker: self.clone() }
+        TaskHandle {
+            uuid: uuid.into(),
+            replayed: false,
+            tasker: self.clone(),
+        }
     }
 
     /// A task with its steps.
@@ -274,20 +334,43 @@ impl Tasker {
     }
 
     /// Step transitions of a task, optionally of one step (name or uuid).
-    pub async fn step_transitions(&self, uuid: &str, step: Option<&str>) -> Result<Vec<Transition>> {
+    pub async fn step_transitions(
+        &self,
+        uuid: &str,
+        step: Option<&str>,
+    ) -> Result<Vec<Transition>> {
         self.inner.store.step_transitions(uuid, step).await
     }
 
     /// Waits until the task is terminal or `blocked_by_failures`.
     pub async fn wait(&self, uuid: &str, timeout: Option<Duration>) -> Result<Task> {
+        self.wait_until(
+            uuid,
+            |s| s.is_terminal() || s == TaskState::BlockedByFailures,
+            timeout,
+        )
+        .await
+    }
+
+    /// Waits until the task's state satisfies `done` (for tools and tests that act on an
+    /// intermediate state, e.g. "once it waits for a retry"). A state that is passed through
+    /// between two looks may be missed; terminal states never are.
+    pub async fn wait_until(
+        &self,
+        uuid: &str,
+        done: impl Fn(TaskState) -> bool,
+        timeout: Option<Duration>,
+    ) -> Result<Task> {
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let mut rx = self.inner.watch(uuid);
+        let mut shutdown = self.inner.shutdown.subscribe();
         let result = loop {
+            rx.mark_unchanged();
             let state = match self.inner.store.task_state(uuid).await {
                 Ok(s) => s,
                 Err(e) => break Err(e),
             };
-            if state.is_terminal() || state == TaskState::BlockedByFailures {
+            if done(state) {
                 break self.inner.store.get_task(uuid).await;
             }
             let poll = tokio::time::sleep(self.inner.config.poll_interval);
@@ -300,6 +383,9 @@ impl Tasker {
             tokio::select! {
                 _ = rx.changed() => {}
                 _ = poll => {}
+                _ = shutdown.wait_for(|s| *s) => {
+                    break Err(Error::new(ErrorKind::Shutdown, "the engine is closed"));
+                }
                 _ = until => {
                     break Err(Error::new(
                         ErrorKind::Timeout,
@@ -322,35 +408,53 @@ impl Tasker {
         actor: &str,
         reason: &str,
     ) -> Result<TaskState> {
-        let state = self.inner.store.operator_action(uuid, &action, actor, reason, self.now()).await?;
+        let state = self
+            .inner
+            .store
+            .operator_action(uuid, &action, actor, reason, self.now())
+            .await?;
         self.inner.after_change(&[(uuid.to_string(), state)]);
         Ok(state)
     }
 
     /// Cancels a task and its unfinished steps.
     pub async fn cancel(&self, uuid: &str, reason: &str) -> Result<TaskState> {
-        self.operator(uuid, OperatorAction::Cancel, "operator", reason).await
+        self.operator(uuid, OperatorAction::Cancel, "operator", reason)
+            .await
     }
 
     /// Gives up on a blocked task (⇒ `error`).
     pub async fn give_up(&self, uuid: &str, reason: &str) -> Result<TaskState> {
-        self.operator(uuid, OperatorAction::GiveUp, "operator", reason).await
+        self.operator(uuid, OperatorAction::GiveUp, "operator", reason)
+            .await
     }
 
     /// Resolves a blocked task manually.
     pub async fn resolve(&self, uuid: &str, reason: &str) -> Result<TaskState> {
-        self.operator(uuid, OperatorAction::ResolveManually, "operator", reason).await
+        self.operator(uuid, OperatorAction::ResolveManually, "operator", reason)
+            .await
     }
 
     /// Puts a failed step back to `pending` with its attempts reset.
     pub async fn reset_step(&self, uuid: &str, step: &str, reason: &str) -> Result<TaskState> {
-        self.operator(uuid, OperatorAction::ResetStep { step: step.into() }, "operator", reason).await
+        self.operator(
+            uuid,
+            OperatorAction::ResetStep { step: step.into() },
+            "operator",
+            reason,
+        )
+        .await
     }
 
     /// Marks a step resolved manually (dependents may run).
     pub async fn resolve_step(&self, uuid: &str, step: &str, reason: &str) -> Result<TaskState> {
-        self.operator(uuid, OperatorAction::ResolveStep { step: step.into() }, "operator", reason)
-            .await
+        self.operator(
+            uuid,
+            OperatorAction::ResolveStep { step: step.into() },
+            "operator",
+            reason,
+        )
+        .await
     }
 
     /// Completes a step with an operator-given result.
@@ -361,7 +465,10 @@ impl Tasker {
         result: serde_json::Value,
         reason: &str,
     ) -> Result<TaskState> {
-        let action = OperatorAction::CompleteStep { step: step.into(), result };
+        let action = OperatorAction::CompleteStep {
+            step: step.into(),
+            result,
+        };
         self.operator(uuid, action, "operator", reason).await
     }
 
@@ -385,16 +492,19 @@ impl Inner {
         if let Some(s) = cache.get(&key) {
             return Ok(s.clone());
         }
-        let compiled = Arc::new(CompiledSchema::compile(schema).map_err(|e| {
-            Error::new(ErrorKind::Template, format!("invalid JSON Schema: {e}"))
-        })?);
+        let compiled =
+            Arc::new(CompiledSchema::compile(schema).map_err(|e| {
+                Error::new(ErrorKind::Template, format!("invalid JSON Schema: {e}"))
+            })?);
         cache.insert(key, compiled.clone());
         Ok(compiled)
     }
 
     fn watch(&self, uuid: &str) -> watch::Receiver<TaskState> {
         let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
-        w.entry(uuid.to_string()).or_insert_with(|| watch::Sender::new(TaskState::Pending)).subscribe()
+        w.entry(uuid.to_string())
+            .or_insert_with(|| watch::Sender::new(TaskState::Pending))
+            .subscribe()
     }
 
     fn unwatch(&self, uuid: &str) {
@@ -418,9 +528,20 @@ impl Inner {
     }
 
     pub(crate) fn known_callables(&self) -> Vec<String> {
-        let mut v: Vec<String> =
-            self.handlers.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
-        v.extend(self.port_callables.read().unwrap_or_else(|e| e.into_inner()).iter().cloned());
+        let mut v: Vec<String> = self
+            .handlers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        v.extend(
+            self.port_callables
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .cloned(),
+        );
         v.sort();
         v.dedup();
         v
@@ -440,4 +561,3 @@ impl Inner {
         }
     }
 }
-

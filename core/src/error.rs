@@ -67,7 +67,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A new error of `kind`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into(), details: None }
+        Error {
+            kind,
+            message: message.into(),
+            details: None,
+        }
     }
 
     /// Attach structured details.
@@ -115,7 +119,9 @@ impl From<crate::state::InvalidTransition> for Error {
 impl From<crate::template::TemplateErrors> for Error {
     fn from(e: crate::template::TemplateErrors) -> Self {
         let details = serde_json::Value::Array(
-            e.0.iter().map(|x| serde_json::Value::String(x.to_string())).collect(),
+            e.0.iter()
+                .map(|x| serde_json::Value::String(x.to_string()))
+                .collect(),
         );
         Error::new(ErrorKind::Template, e.to_string()).with_details(details)
     }

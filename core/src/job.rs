@@ -149,7 +149,10 @@ pub type StepHandlerResult = StepOutcome;
 impl StepOutcome {
     /// A success with `result` and no metadata.
     pub fn success(result: Value) -> Self {
-        StepOutcome::Success { result, metadata: Value::Null }
+        StepOutcome::Success {
+            result,
+            metadata: Value::Null,
+        }
     }
 
     /// A success with metadata.
@@ -174,7 +177,11 @@ impl StepOutcome {
 
     /// A checkpoint yield.
     pub fn checkpoint_yield(cursor: Value, items_processed: u64, accumulated: Value) -> Self {
-        StepOutcome::Checkpoint(Checkpoint { cursor, items_processed, accumulated })
+        StepOutcome::Checkpoint(Checkpoint {
+            cursor,
+            items_processed,
+            accumulated,
+        })
     }
 
     /// Sets the error code of a failure (no effect on other outcomes).

@@ -28,7 +28,11 @@ pub enum SettleCause {
 
 /// The task events that take a task from `current` to its next resting state, given the tally
 /// of its steps (after newly ready steps were enqueued).
-pub fn settle_events(current: TaskState, counts: &StepCounts, cause: SettleCause) -> Vec<TaskEvent> {
+pub fn settle_events(
+    current: TaskState,
+    counts: &StepCounts,
+    cause: SettleCause,
+) -> Vec<TaskEvent> {
     if current.is_terminal() {
         return Vec::new();
     }
@@ -73,7 +77,9 @@ pub fn backoff_delay_ms(policy: &RetryPolicy, attempts: u32) -> u64 {
     let raw = match policy.backoff {
         Backoff::None => 0,
         Backoff::Linear => base.saturating_mul(n),
-        Backoff::Exponential => base.saturating_mul(1u64.checked_shl((n - 1) as u32).unwrap_or(u64::MAX)),
+        Backoff::Exponential => {
+            base.saturating_mul(1u64.checked_shl((n - 1) as u32).unwrap_or(u64::MAX))
+        }
         Backoff::Fibonacci => base.saturating_mul(fibonacci(n)),
     };
     raw.min(policy.max_backoff_ms)
@@ -113,7 +119,10 @@ pub fn decide_failure(
             if policy.jitter { jittered(d, unit) } else { d }
         }
     };
-    Resolution::Retry { failure, next_attempt_at: now + delay as Millis }
+    Resolution::Retry {
+        failure,
+        next_attempt_at: now + delay as Millis,
+    }
 }
 
 /// Turns a handler's outcome into a resolution: checks the result's shape, size and schema,
@@ -126,47 +135,66 @@ pub fn resolve_outcome(
     now: Millis,
 ) -> Resolution {
     let failure = match outcome {
-        StepOutcome::Success { result, metadata } => match check_result(&result, result_schema, max_payload_bytes) {
-            Ok(()) => return Resolution::Succeeded { result, metadata },
-            Err(f) => f,
-        },
+        StepOutcome::Success { result, metadata } => {
+            match check_result(&result, result_schema, max_payload_bytes) {
+                Ok(()) => return Resolution::Succeeded { result, metadata },
+                Err(f) => *f,
+            }
+        }
         StepOutcome::Failure(f) => f,
         StepOutcome::Checkpoint(_) => StepFailure::new(
             ErrorType::InvalidResult,
             "a checkpoint yield cannot be applied as a final outcome",
         ),
     };
-    decide_failure(&job.definition.retry, job.attempt, failure, now, fastrand::f64())
+    decide_failure(
+        &job.definition.retry,
+        job.attempt,
+        failure,
+        now,
+        fastrand::f64(),
+    )
 }
 
 fn check_result(
     result: &Value,
     schema: Option<&CompiledSchema>,
     max_bytes: usize,
-) -> std::result::Result<(), StepFailure> {
+) -> std::result::Result<(), Box<StepFailure>> {
     if !result.is_object() {
-        return Err(StepFailure::new(
+        return Err(Box::new(StepFailure::new(
             ErrorType::InvalidResult,
-            format!("a step result must be a JSON object, got {}", json_kind(result)),
-        ));
+            format!(
+                "a step result must be a JSON object, got {}",
+                json_kind(result)
+            ),
+        )));
     }
-    let size = serde_json::to_vec(result).map(|v| v.len()).unwrap_or(usize::MAX);
+    let size = serde_json::to_vec(result)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
     if size > max_bytes {
-        return Err(StepFailure::new(
+        return Err(Box::new(StepFailure::new(
             ErrorType::InvalidResult,
             format!("the step result is {size} bytes of JSON, over the limit of {max_bytes}"),
-        ));
+        )));
     }
     if let Some(schema) = schema {
         let v = schema.violations(result);
         if !v.is_empty() {
-            let list: Vec<String> = v.iter().map(|x| format!("{}: {}", pointer(&x.pointer), x.message)).collect();
+            let list: Vec<String> = v
+                .iter()
+                .map(|x| format!("{}: {}", pointer(&x.pointer), x.message))
+                .collect();
             let mut f = StepFailure::new(
                 ErrorType::InvalidResult,
-                format!("the step result violates its result_schema: {}", list.join("; ")),
+                format!(
+                    "the step result violates its result_schema: {}",
+                    list.join("; ")
+                ),
             );
             f.metadata = serde_json::to_value(&v).unwrap_or(Value::Null);
-            return Err(f);
+            return Err(Box::new(f));
         }
     }
     Ok(())
@@ -217,8 +245,10 @@ pub fn plan_task(
     if let Some(schema) = input_schema {
         let violations = schema.violations(&request.context);
         if !violations.is_empty() {
-            let list: Vec<String> =
-                violations.iter().map(|v| format!("{}: {}", pointer(&v.pointer), v.message)).collect();
+            let list: Vec<String> = violations
+                .iter()
+                .map(|v| format!("{}: {}", pointer(&v.pointer), v.message))
+                .collect();
             return Err(Error::validation(format!(
                 "the task context does not match the input_schema of {}: {}",
                 template.key(),
@@ -228,22 +258,34 @@ pub fn plan_task(
         }
     }
     let template_key = template.key();
-    let (identity_hash, identity_from_key) = match (&request.idempotency_key, template.identity_strategy) {
+    let (identity_hash, identity_from_key) = match (
+        &request.idempotency_key,
+        template.identity_strategy,
+    ) {
         (Some(key), _) => (Some(sha256(&format!("{template_key}\nkey\n{key}"))), true),
         (None, IdentityStrategy::CallerProvided) => {
             return Err(Error::new(
                 ErrorKind::Validation,
-                format!("template {template_key} uses identity_strategy caller_provided: an idempotency_key is required"),
+                format!(
+                    "template {template_key} uses identity_strategy caller_provided: an idempotency_key is required"
+                ),
             ));
         }
-        (None, IdentityStrategy::Strict) => (Some(sha256(&format!("{template_key}\ncontext\n{canonical}"))), false),
+        (None, IdentityStrategy::Strict) => (
+            Some(sha256(&format!("{template_key}\ncontext\n{canonical}"))),
+            false,
+        ),
         (None, IdentityStrategy::AlwaysUnique) => (None, false),
     };
     let initial = template.initial_step_names();
     let steps: Vec<NewStep> = initial
         .iter()
         .filter_map(|name| template.step(name))
-        .map(|d| NewStep { uuid: new_uuid(), definition: d.clone(), inputs: Map::new() })
+        .map(|d| NewStep {
+            uuid: new_uuid(),
+            definition: d.clone(),
+            inputs: Map::new(),
+        })
         .collect();
     let edges = steps
         .iter()
@@ -284,7 +326,11 @@ pub fn canonical_json(v: &Value) -> String {
             Value::Object(m) => {
                 let mut keys: Vec<&String> = m.keys().collect();
                 keys.sort();
-                Value::Object(keys.into_iter().map(|k| (k.clone(), sorted(&m[k]))).collect())
+                Value::Object(
+                    keys.into_iter()
+                        .map(|k| (k.clone(), sorted(&m[k])))
+                        .collect(),
+                )
             }
             Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
             other => other.clone(),
@@ -298,20 +344,35 @@ mod tests {
     use super::*;
 
     fn policy(backoff: Backoff, base: u64, max: u64) -> RetryPolicy {
-        RetryPolicy { backoff, backoff_base_ms: base, max_backoff_ms: max, ..RetryPolicy::default() }
+        RetryPolicy {
+            backoff,
+            backoff_base_ms: base,
+            max_backoff_ms: max,
+            ..RetryPolicy::default()
+        }
     }
 
     #[test]
     fn backoff_curves_follow_the_spec_and_are_capped() {
         let e = policy(Backoff::Exponential, 100, 1000);
-        assert_eq!([1, 2, 3, 4, 5].map(|n| backoff_delay_ms(&e, n)), [100, 200, 400, 800, 1000]);
+        assert_eq!(
+            [1, 2, 3, 4, 5].map(|n| backoff_delay_ms(&e, n)),
+            [100, 200, 400, 800, 1000]
+        );
         let l = policy(Backoff::Linear, 100, 1000);
         assert_eq!([1, 2, 3].map(|n| backoff_delay_ms(&l, n)), [100, 200, 300]);
         let f = policy(Backoff::Fibonacci, 100, 10_000);
-        assert_eq!([1, 2, 3, 4, 5, 6].map(|n| backoff_delay_ms(&f, n)), [100, 100, 200, 300, 500, 800]);
+        assert_eq!(
+            [1, 2, 3, 4, 5, 6].map(|n| backoff_delay_ms(&f, n)),
+            [100, 100, 200, 300, 500, 800]
+        );
         let n = policy(Backoff::None, 100, 1000);
         assert_eq!(backoff_delay_ms(&n, 3), 0);
-        assert_eq!(backoff_delay_ms(&e, 200), 1000, "huge attempt counts saturate, not overflow");
+        assert_eq!(
+            backoff_delay_ms(&e, 200),
+            1000,
+            "huge attempt counts saturate, not overflow"
+        );
     }
 
     #[test]
@@ -323,27 +384,52 @@ mod tests {
 
     #[test]
     fn retry_decision_honours_attempts_retryability_and_retry_after() {
-        let p = RetryPolicy { jitter: false, backoff_base_ms: 100, ..RetryPolicy::default() };
+        let p = RetryPolicy {
+            jitter: false,
+            backoff_base_ms: 100,
+            ..RetryPolicy::default()
+        };
         let f = StepFailure::new(ErrorType::RetryableError, "x");
         assert_eq!(
             decide_failure(&p, 1, f.clone(), 1000, 0.5),
-            Resolution::Retry { failure: f.clone(), next_attempt_at: 1100 }
+            Resolution::Retry {
+                failure: f.clone(),
+                next_attempt_at: 1100
+            }
         );
-        assert!(matches!(decide_failure(&p, 3, f.clone(), 0, 0.5), Resolution::Failed { .. }));
+        assert!(matches!(
+            decide_failure(&p, 3, f.clone(), 0, 0.5),
+            Resolution::Failed { .. }
+        ));
         let perm = StepFailure::new(ErrorType::PermanentError, "x");
-        assert!(matches!(decide_failure(&p, 1, perm, 0, 0.5), Resolution::Failed { .. }));
-        let no_retry = RetryPolicy { retryable: false, ..p.clone() };
-        assert!(matches!(decide_failure(&no_retry, 1, f.clone(), 0, 0.5), Resolution::Failed { .. }));
+        assert!(matches!(
+            decide_failure(&p, 1, perm, 0, 0.5),
+            Resolution::Failed { .. }
+        ));
+        let no_retry = RetryPolicy {
+            retryable: false,
+            ..p.clone()
+        };
+        assert!(matches!(
+            decide_failure(&no_retry, 1, f.clone(), 0, 0.5),
+            Resolution::Failed { .. }
+        ));
         let mut after = f.clone();
         after.retry_after_seconds = Some(7.0);
         assert_eq!(
             decide_failure(&p, 1, after.clone(), 0, 0.5),
-            Resolution::Retry { failure: after.clone(), next_attempt_at: 7000 }
+            Resolution::Retry {
+                failure: after.clone(),
+                next_attempt_at: 7000
+            }
         );
         after.retry_after_seconds = Some(3600.0);
         assert!(matches!(
             decide_failure(&p, 1, after, 0, 0.5),
-            Resolution::Retry { next_attempt_at: 30_000, .. }
+            Resolution::Retry {
+                next_attempt_at: 30_000,
+                ..
+            }
         ));
     }
 
@@ -356,7 +442,11 @@ mod tests {
             vec![TaskEvent::ReadyStepsFound, TaskEvent::StepsEnqueued]
         );
         assert_eq!(
-            settle_events(TaskState::Initializing, &StepCounts::default(), SettleCause::Start),
+            settle_events(
+                TaskState::Initializing,
+                &StepCounts::default(),
+                SettleCause::Start
+            ),
             vec![TaskEvent::NoStepsFound]
         );
         let mut blocked = StepCounts::default();
@@ -367,7 +457,11 @@ mod tests {
         );
         assert_eq!(
             settle_events(TaskState::BlockedByFailures, &c, SettleCause::OperatorFix),
-            vec![TaskEvent::OperatorFixedStep, TaskEvent::ReadyStepsFound, TaskEvent::StepsEnqueued]
+            vec![
+                TaskEvent::OperatorFixedStep,
+                TaskEvent::ReadyStepsFound,
+                TaskEvent::StepsEnqueued
+            ]
         );
         assert!(settle_events(TaskState::Complete, &c, SettleCause::StepResult).is_empty());
     }
@@ -375,6 +469,9 @@ mod tests {
     #[test]
     fn canonical_json_sorts_keys_at_every_level() {
         let a: Value = serde_json::json!({"b": 1, "a": {"d": 2, "c": [ {"z": 1, "y": 2} ]}});
-        assert_eq!(canonical_json(&a), r#"{"a":{"c":[{"y":2,"z":1}],"d":2},"b":1}"#);
+        assert_eq!(
+            canonical_json(&a),
+            r#"{"a":{"c":[{"y":2,"z":1}],"d":2},"b":1}"#
+        );
     }
 }

@@ -22,7 +22,9 @@ pub async fn open(url: &str, config: &crate::Config) -> Result<std::sync::Arc<dy
             "PostgreSQL is not supported by this build yet; use an sqlite: URL",
         ));
     }
-    Ok(std::sync::Arc::new(sqlite::SqliteStore::open(url, config.sqlite_sync).await?))
+    Ok(std::sync::Arc::new(
+        sqlite::SqliteStore::open(url, config.sqlite_sync).await?,
+    ))
 }
 
 /// A task ready to be inserted: the row, its initial steps and edges.
@@ -95,6 +97,9 @@ pub struct ClaimRequest {
     pub lease_ms: i64,
     /// Timeout for steps that set none, in ms.
     pub default_timeout_ms: i64,
+    /// Only steps enqueued at or before this moment (`None`: any). Lets the engine fail
+    /// unknown callables only after a grace period (docs/decisions/003-unknown-callables.md).
+    pub enqueued_before: Option<Millis>,
 }
 
 /// How the orchestrator resolved a finished attempt (the retry decision is already made).
@@ -260,8 +265,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Claims ready steps in one statement and builds their jobs.
     async fn claim(&self, req: &ClaimRequest, now: Millis) -> Result<Vec<StepJob>>;
     /// Applies finished attempts, enqueues what became ready and re-evaluates their tasks.
-    async fn finish(&self, results: &[AttemptResult], actor: &str, now: Millis)
-    -> Result<Vec<FinishReport>>;
+    async fn finish(
+        &self,
+        results: &[AttemptResult],
+        actor: &str,
+        now: Millis,
+    ) -> Result<Vec<FinishReport>>;
     /// Stores a checkpoint for the current attempt and renews its lease.
     async fn checkpoint(
         &self,
@@ -304,8 +313,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// A task's transitions, oldest first.
     async fn task_transitions(&self, task_uuid: &str) -> Result<Vec<Transition>>;
     /// Step transitions of a task (one step when `step` names it), oldest first.
-    async fn step_transitions(&self, task_uuid: &str, step: Option<&str>)
-    -> Result<Vec<Transition>>;
+    async fn step_transitions(
+        &self,
+        task_uuid: &str,
+        step: Option<&str>,
+    ) -> Result<Vec<Transition>>;
     /// Late completions that were rejected for a task.
     async fn rejected_completions(&self, task_uuid: &str) -> Result<Vec<RejectedCompletion>>;
+    /// The bounded checkpoint history of a step (oldest first, at most 20 entries), each
+    /// `{cursor, items_processed, attempt, at}`.
+    async fn checkpoint_history(&self, step_uuid: &str) -> Result<Vec<Value>>;
 }

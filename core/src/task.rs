@@ -241,7 +241,11 @@ impl Task {
         if self.steps.is_empty() {
             return 100.0;
         }
-        let done = self.steps.iter().filter(|s| s.state.satisfies_dependency()).count();
+        let done = self
+            .steps
+            .iter()
+            .filter(|s| s.state.satisfies_dependency())
+            .count();
         (done as f64 * 100.0 / self.steps.len() as f64 * 10.0).round() / 10.0
     }
 }

@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::Result;
 use crate::clock::Millis;
 use crate::engine::Inner;
 use crate::job::{ErrorType, StepFailure, StepJob, StepOutcome};
 use crate::orchestrator::{decide_failure, resolve_outcome};
 use crate::store::{AttemptResult, CallableFilter, ClaimRequest, Completion, Expiry, Resolution};
-use crate::Result;
 
 /// A finished attempt on its way to the completer.
 pub(crate) struct Finished {
@@ -112,7 +112,13 @@ pub(crate) fn spawn_background(inner: &Arc<Inner>) {
     tokio::spawn(lease_renewal(inner.clone()));
 }
 
-fn claim_request(inner: &Inner, worker_id: &str, namespaces: Vec<String>, callables: CallableFilter, limit: usize) -> ClaimRequest {
+fn claim_request(
+    inner: &Inner,
+    worker_id: &str,
+    namespaces: Vec<String>,
+    callables: CallableFilter,
+    limit: usize,
+) -> ClaimRequest {
     ClaimRequest {
         worker_id: worker_id.to_string(),
         namespaces,
@@ -120,6 +126,7 @@ fn claim_request(inner: &Inner, worker_id: &str, namespaces: Vec<String>, callab
         limit,
         lease_ms: inner.config.lease.as_millis() as i64,
         default_timeout_ms: inner.config.default_step_timeout.as_millis() as i64,
+        enqueued_before: None,
     }
 }
 
@@ -150,38 +157,37 @@ async fn run_loop(inner: Arc<Inner>) {
     }
 }
 
-/// Returns true when the claim was limited by the batch size (more may be waiting).
+/// Returns true when the claim took every step it asked for (more may be waiting).
 async fn claim_and_spawn(inner: &Arc<Inner>, permits: &Arc<Semaphore>) -> Result<bool> {
     let now = inner.clock.now();
     if inner.config.fail_unknown_callables {
-        let known = inner.known_callables();
-        let req = claim_request(inner, &inner.worker_id, Vec::new(), CallableFilter::AnyExcept(known.clone()), inner.config.claim_batch);
-        for job in inner.store.claim(&req, now).await? {
-            let mut f = StepFailure::new(
-                ErrorType::HandlerNotFound,
-                format!(
-                    "no handler for callable `{}`: searched the Rust handlers registered in this process{} ({})",
-                    job.callable(),
-                    if known.is_empty() { "" } else { " and its dispatch-port workers" },
-                    if known.is_empty() { "none registered".to_string() } else { known.join(", ") },
-                ),
-            );
-            f.retryable = false;
-            let _ = inner.results.send(Finished { job, outcome: StepOutcome::Failure(f), reply: None });
-        }
+        fail_unknown_callables(inner, now).await?;
     }
-    let callables: Vec<String> =
-        inner.handlers.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+    let callables: Vec<String> = inner
+        .handlers
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .keys()
+        .cloned()
+        .collect();
     let free = permits.available_permits().min(inner.config.claim_batch);
     if free == 0 || callables.is_empty() {
         return Ok(false);
     }
-    let req = claim_request(inner, &inner.worker_id, Vec::new(), CallableFilter::Only(callables), free);
+    let req = claim_request(
+        inner,
+        &inner.worker_id,
+        Vec::new(),
+        CallableFilter::Only(callables),
+        free,
+    );
     let jobs = inner.store.claim(&req, now).await?;
-    let filled = jobs.len() == free && free == inner.config.claim_batch;
+    // A full claim means more may be ready; the next round finds out (or finds no permit).
+    let filled = jobs.len() == free;
     for job in jobs {
+        // This loop is the only place permits are taken, and we claimed at most the free ones.
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            // Cannot happen (we claimed at most the free permits); hand the job back via lease expiry.
+            tracing::error!(step = %job.step_uuid, "no free permit for a claimed step; its lease will expire");
             break;
         };
         inner.hold(&job);
@@ -189,19 +195,67 @@ async fn claim_and_spawn(inner: &Arc<Inner>, permits: &Arc<Semaphore>) -> Result
         tokio::spawn(async move {
             let outcome = run_rust_handler(&inner, &job).await;
             drop(permit);
-            let _ = inner.results.send(Finished { job, outcome, reply: None });
+            let _ = inner.results.send(Finished {
+                job,
+                outcome,
+                reply: None,
+            });
         });
     }
     Ok(filled)
 }
 
+/// Fails steps whose callable no Rust handler and no dispatch-port worker of this process
+/// serves, once they have waited `unknown_callable_grace` (so a host may create a task before
+/// it starts the worker that runs it; see docs/decisions/003-unknown-callables.md).
+async fn fail_unknown_callables(inner: &Arc<Inner>, now: Millis) -> Result<()> {
+    let known = inner.known_callables();
+    let mut req = claim_request(
+        inner,
+        &inner.worker_id,
+        Vec::new(),
+        CallableFilter::AnyExcept(known.clone()),
+        inner.config.claim_batch,
+    );
+    req.enqueued_before = Some(now - inner.config.unknown_callable_grace.as_millis() as Millis);
+    for job in inner.store.claim(&req, now).await? {
+        let searched = if known.is_empty() {
+            "none registered".to_string()
+        } else {
+            known.join(", ")
+        };
+        let mut f = StepFailure::new(
+            ErrorType::HandlerNotFound,
+            format!(
+                "no handler for callable `{}`: searched the Rust handlers and dispatch-port workers of this process ({searched})",
+                job.callable(),
+            ),
+        );
+        f.retryable = false;
+        let _ = inner.results.send(Finished {
+            job,
+            outcome: StepOutcome::Failure(f),
+            reply: None,
+        });
+    }
+    Ok(())
+}
+
 /// Runs one Rust handler attempt with its timeout; a panic becomes a `handler_error`.
 async fn run_rust_handler(inner: &Inner, job: &StepJob) -> StepOutcome {
-    let handler = inner.handlers.read().unwrap_or_else(|e| e.into_inner()).get(job.callable()).cloned();
+    let handler = inner
+        .handlers
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(job.callable())
+        .cloned();
     let Some(handler) = handler else {
         return StepOutcome::Failure(StepFailure::new(
             ErrorType::HandlerNotFound,
-            format!("no Rust handler registered for callable `{}`", job.callable()),
+            format!(
+                "no Rust handler registered for callable `{}`",
+                job.callable()
+            ),
         ));
     };
     let ctx = StepContext::new(job.clone());
@@ -216,16 +270,28 @@ async fn run_rust_handler(inner: &Inner, job: &StepJob) -> StepOutcome {
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "non-string panic payload".into());
-            let mut f = StepFailure::new(ErrorType::HandlerError, format!("handler panicked: {msg}"));
-            f.backtrace = Some(format!("panic in handler `{}` for step `{}`", job.callable(), job.step_name));
+            let mut f =
+                StepFailure::new(ErrorType::HandlerError, format!("handler panicked: {msg}"));
+            f.backtrace = Some(format!(
+                "panic in handler `{}` for step `{}`",
+                job.callable(),
+                job.step_name
+            ));
             StepOutcome::Failure(f)
         }
-        Ok(Err(e)) => StepOutcome::Failure(StepFailure::new(ErrorType::HandlerError, format!("handler task failed: {e}"))),
+        Ok(Err(e)) => StepOutcome::Failure(StepFailure::new(
+            ErrorType::HandlerError,
+            format!("handler task failed: {e}"),
+        )),
         Err(_) => {
             task.abort();
             StepOutcome::Failure(StepFailure::new(
                 ErrorType::Timeout,
-                format!("step `{}` ran past its timeout of {} ms", job.step_name, timeout.as_millis()),
+                format!(
+                    "step `{}` ran past its timeout of {} ms",
+                    job.step_name,
+                    timeout.as_millis()
+                ),
             ))
         }
     }
@@ -234,7 +300,10 @@ async fn run_rust_handler(inner: &Inner, job: &StepJob) -> StepOutcome {
 /// One maintenance pass: enqueue due retries; end attempts past their timeout or lease.
 pub(crate) async fn sweep_once(inner: &Inner) -> Result<()> {
     let now = inner.clock.now();
-    let promoted = inner.store.promote_due_retries(&inner.worker_id, now).await?;
+    let promoted = inner
+        .store
+        .promote_due_retries(&inner.worker_id, now)
+        .await?;
     let expired = inner.store.expired_attempts(now, 500).await?;
     if !expired.is_empty() {
         let results: Vec<AttemptResult> = expired
@@ -247,22 +316,35 @@ pub(crate) async fn sweep_once(inner: &Inner) -> Result<()> {
                     ),
                     Expiry::LeaseExpired => StepFailure::new(
                         ErrorType::WorkerLost,
-                        format!("the lease of attempt {} expired: its worker died or lost the database", x.attempt),
+                        format!(
+                            "the lease of attempt {} expired: its worker died or lost the database",
+                            x.attempt
+                        ),
                     ),
                 };
+                // The attempt is over whoever wins the race below: stop renewing its lease.
+                inner.release(&x.step_uuid, x.attempt);
                 AttemptResult {
                     step_uuid: x.step_uuid,
                     attempt: x.attempt,
                     worker_id: None,
                     expiry: Some(x.expiry),
-                    resolution: decide_failure(&x.definition.retry, x.attempt, failure, now, fastrand::f64()),
+                    resolution: decide_failure(
+                        &x.definition.retry,
+                        x.attempt,
+                        failure,
+                        now,
+                        fastrand::f64(),
+                    ),
                     started_at: None,
                 }
             })
             .collect();
         let reports = inner.store.finish(&results, &inner.worker_id, now).await?;
-        let changed: Vec<_> =
-            reports.iter().filter_map(|r| Some((r.task_uuid.clone()?, r.task_state?))).collect();
+        let changed: Vec<_> = reports
+            .iter()
+            .filter_map(|r| Some((r.task_uuid.clone()?, r.task_state?)))
+            .collect();
         inner.after_change(&changed);
     } else if promoted > 0 {
         inner.after_change(&[]);
@@ -311,12 +393,18 @@ async fn lease_renewal(inner: Arc<Inner>) {
 pub(crate) async fn renew_held(inner: &Inner) -> Result<()> {
     let mut by_worker: std::collections::HashMap<String, Vec<String>> = Default::default();
     for (step, (worker, _)) in inner.held.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-        by_worker.entry(worker.clone()).or_default().push(step.clone());
+        by_worker
+            .entry(worker.clone())
+            .or_default()
+            .push(step.clone());
     }
     let now = inner.clock.now();
     let until = now + inner.config.lease.as_millis() as Millis;
     for (worker, steps) in by_worker {
-        inner.store.renew_leases(&worker, &steps, until, now).await?;
+        inner
+            .store
+            .renew_leases(&worker, &steps, until, now)
+            .await?;
     }
     Ok(())
 }

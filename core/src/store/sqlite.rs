@@ -5,6 +5,8 @@
 //! cancel` while `tasker-ctl run` works) wait on the busy timeout instead of failing on a lock
 //! upgrade.
 
+mod attempts;
+mod operator;
 mod read;
 mod write;
 
@@ -50,7 +52,11 @@ impl SqliteStore {
         };
         let options = base
             .create_if_missing(true)
-            .journal_mode(if in_memory { SqliteJournalMode::Memory } else { SqliteJournalMode::Wal })
+            .journal_mode(if in_memory {
+                SqliteJournalMode::Memory
+            } else {
+                SqliteJournalMode::Wal
+            })
             .synchronous(match sync {
                 SqliteSync::Normal => SqliteSynchronous::Normal,
                 SqliteSync::Full => SqliteSynchronous::Full,
@@ -124,7 +130,10 @@ impl SqliteStore {
 }
 
 fn open_error(url: &str, e: sqlx::Error) -> Error {
-    Error::new(ErrorKind::Store, format!("cannot open database {url:?}: {e}"))
+    Error::new(
+        ErrorKind::Store,
+        format!("cannot open database {url:?}: {e}"),
+    )
 }
 
 #[async_trait]
@@ -163,7 +172,7 @@ impl Store for SqliteStore {
 
     async fn claim(&self, req: &ClaimRequest, now: Millis) -> Result<Vec<StepJob>> {
         let mut tx = self.begin().await?;
-        let jobs = write::claim(&mut tx, req, now).await?;
+        let jobs = attempts::claim(&mut tx, req, now).await?;
         tx.commit().await?;
         Ok(jobs)
     }
@@ -175,7 +184,7 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<Vec<FinishReport>> {
         let mut tx = self.begin().await?;
-        let r = write::finish(&mut tx, results, actor, now).await?;
+        let r = attempts::finish(&mut tx, results, actor, now).await?;
         tx.commit().await?;
         Ok(r)
     }
@@ -190,9 +199,16 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<Completion> {
         let mut tx = self.begin().await?;
-        let r =
-            write::checkpoint(&mut tx, step_uuid, attempt, worker_id, checkpoint, lease_until, now)
-                .await?;
+        let r = attempts::checkpoint(
+            &mut tx,
+            step_uuid,
+            attempt,
+            worker_id,
+            checkpoint,
+            lease_until,
+            now,
+        )
+        .await?;
         tx.commit().await?;
         Ok(r)
     }
@@ -208,14 +224,14 @@ impl Store for SqliteStore {
             return Ok(0);
         }
         let mut tx = self.begin().await?;
-        let n = write::renew_leases(&mut tx, worker_id, step_uuids, lease_until, now).await?;
+        let n = attempts::renew_leases(&mut tx, worker_id, step_uuids, lease_until, now).await?;
         tx.commit().await?;
         Ok(n)
     }
 
     async fn promote_due_retries(&self, actor: &str, now: Millis) -> Result<u64> {
         let mut tx = self.begin().await?;
-        let n = write::promote_due_retries(&mut tx, actor, now).await?;
+        let n = attempts::promote_due_retries(&mut tx, actor, now).await?;
         tx.commit().await?;
         Ok(n)
     }
@@ -237,7 +253,7 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<TaskState> {
         let mut tx = self.begin().await?;
-        let r = write::operator_action(&mut tx, task_uuid, action, actor, reason, now).await?;
+        let r = operator::operator_action(&mut tx, task_uuid, action, actor, reason, now).await?;
         tx.commit().await?;
         Ok(r)
     }
@@ -268,5 +284,9 @@ impl Store for SqliteStore {
 
     async fn rejected_completions(&self, task_uuid: &str) -> Result<Vec<RejectedCompletion>> {
         read::rejected_completions(&self.reader, task_uuid).await
+    }
+
+    async fn checkpoint_history(&self, step_uuid: &str) -> Result<Vec<serde_json::Value>> {
+        read::checkpoint_history(&self.reader, step_uuid).await
     }
 }

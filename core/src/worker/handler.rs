@@ -27,15 +27,20 @@ where
     F: Fn(StepContext) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = StepHandlerResult> + Send + 'static,
 {
-    Arc::new(FnHandler(move |ctx: StepContext| -> Pin<Box<dyn Future<Output = StepHandlerResult> + Send>> {
-        Box::pin(f(ctx))
-    }))
+    Arc::new(FnHandler(
+        move |ctx: StepContext| -> Pin<Box<dyn Future<Output = StepHandlerResult> + Send>> {
+            Box::pin(f(ctx))
+        },
+    ))
 }
 
 #[async_trait]
 impl<F> StepHandler for FnHandler<F>
 where
-    F: Fn(StepContext) -> Pin<Box<dyn Future<Output = StepHandlerResult> + Send>> + Send + Sync + 'static,
+    F: Fn(StepContext) -> Pin<Box<dyn Future<Output = StepHandlerResult> + Send>>
+        + Send
+        + Sync
+        + 'static,
 {
     async fn call(&self, ctx: &StepContext) -> StepHandlerResult {
         (self.0)(ctx.clone()).await
@@ -106,7 +111,8 @@ impl StepContext {
 
     /// A context field deserialized into `T`; `None` when absent or of another shape.
     pub fn get_input_as<T: serde::de::DeserializeOwned>(&self, key: &str) -> Option<T> {
-        self.get_input(key).and_then(|v| serde_json::from_value(v.clone()).ok())
+        self.get_input(key)
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
     }
 
     /// The step's `handler.initialization`.

@@ -31,21 +31,36 @@ pub struct Worker {
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker").field("id", &self.id).field("callables", &self.callables).finish()
+        f.debug_struct("Worker")
+            .field("id", &self.id)
+            .field("callables", &self.callables)
+            .finish()
     }
 }
 
 impl Worker {
     pub(crate) fn new(tasker: Tasker, namespaces: Vec<String>, callables: Vec<String>) -> Worker {
         let inner = &tasker.inner;
-        let n = inner.port_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = inner
+            .port_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = format!("{}-port{n}", inner.worker_id);
-        inner
+        // Counted, so dropping one of two workers serving a callable keeps it known.
+        let mut known = inner
             .port_callables
             .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(callables.iter().cloned());
-        Worker { tasker, id, namespaces, callables, resumed: Mutex::new(VecDeque::new()) }
+            .unwrap_or_else(|e| e.into_inner());
+        for c in &callables {
+            *known.entry(c.clone()).or_default() += 1;
+        }
+        drop(known);
+        Worker {
+            tasker,
+            id,
+            namespaces,
+            callables,
+            resumed: Mutex::new(VecDeque::new()),
+        }
     }
 
     /// This worker's id (recorded as the actor of its claims).
@@ -56,7 +71,10 @@ impl Worker {
     /// Waits up to `timeout` for a job. Blocking; call it from a host thread, never from a
     /// tokio thread.
     pub fn next_step(&self, timeout: Duration) -> Result<Option<StepJob>> {
-        self.tasker.inner.runtime.block_on(self.next_step_async(timeout))
+        self.tasker
+            .inner
+            .runtime
+            .block_on(self.next_step_async(timeout))
     }
 
     /// Async form of [`Worker::next_step`].
@@ -66,7 +84,12 @@ impl Worker {
         let mut work = inner.work.subscribe();
         let mut shutdown = inner.shutdown.subscribe();
         loop {
-            if let Some(job) = self.resumed.lock().unwrap_or_else(|e| e.into_inner()).pop_front() {
+            if let Some(job) = self
+                .resumed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front()
+            {
                 return Ok(Some(job));
             }
             if *shutdown.borrow() {
@@ -97,7 +120,10 @@ impl Worker {
     /// current (timed out, cancelled, lease lost). A checkpoint outcome stores the checkpoint
     /// and the job comes out of `next_step` again.
     pub fn complete(&self, job: &StepJob, outcome: StepOutcome) -> Result<Completion> {
-        self.tasker.inner.runtime.block_on(self.complete_async(job, outcome))
+        self.tasker
+            .inner
+            .runtime
+            .block_on(self.complete_async(job, outcome))
     }
 
     /// Async form of [`Worker::complete`].
@@ -109,9 +135,14 @@ impl Worker {
         self.tasker
             .inner
             .results
-            .send(Finished { job: job.clone(), outcome, reply: Some(tx) })
+            .send(Finished {
+                job: job.clone(),
+                outcome,
+                reply: Some(tx),
+            })
             .map_err(|_| Error::new(ErrorKind::Shutdown, "the engine is closed"))?;
-        rx.await.map_err(|_| Error::new(ErrorKind::Shutdown, "the engine is closed"))?
+        rx.await
+            .map_err(|_| Error::new(ErrorKind::Shutdown, "the engine is closed"))?
     }
 
     /// Stores a checkpoint (`checkpoint_yield`); the job is handed out again by `next_step`
@@ -123,19 +154,32 @@ impl Worker {
         items_processed: u64,
         accumulated: Value,
     ) -> Result<Completion> {
-        let cp = Checkpoint { cursor, items_processed, accumulated };
-        self.tasker.inner.runtime.block_on(self.store_checkpoint(job, cp))
+        let cp = Checkpoint {
+            cursor,
+            items_processed,
+            accumulated,
+        };
+        self.tasker
+            .inner
+            .runtime
+            .block_on(self.store_checkpoint(job, cp))
     }
 
     async fn store_checkpoint(&self, job: &StepJob, cp: Checkpoint) -> Result<Completion> {
         let inner = &self.tasker.inner;
         let now = inner.clock.now();
         let until = now + inner.config.lease.as_millis() as i64;
-        let c = inner.store.checkpoint(&job.step_uuid, job.attempt, &job.worker_id, &cp, until, now).await?;
+        let c = inner
+            .store
+            .checkpoint(&job.step_uuid, job.attempt, &job.worker_id, &cp, until, now)
+            .await?;
         if c == Completion::Accepted {
             let mut again = job.clone();
             again.checkpoint = Some(cp);
-            self.resumed.lock().unwrap_or_else(|e| e.into_inner()).push_back(again);
+            self.resumed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_back(again);
         } else {
             inner.release(&job.step_uuid, job.attempt);
         }
@@ -151,7 +195,12 @@ impl Worker {
             let until = now + inner.config.lease.as_millis() as i64;
             let n = inner
                 .store
-                .renew_leases(&job.worker_id, std::slice::from_ref(&job.step_uuid), until, now)
+                .renew_leases(
+                    &job.worker_id,
+                    std::slice::from_ref(&job.step_uuid),
+                    until,
+                    now,
+                )
                 .await?;
             Ok(n == 1)
         })
@@ -160,9 +209,19 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        let mut known = self.tasker.inner.port_callables.write().unwrap_or_else(|e| e.into_inner());
+        let mut known = self
+            .tasker
+            .inner
+            .port_callables
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         for c in &self.callables {
-            known.remove(c);
+            if let Some(n) = known.get_mut(c) {
+                *n -= 1;
+                if *n == 0 {
+                    known.remove(c);
+                }
+            }
         }
     }
 }

@@ -12,7 +12,8 @@ use crate::template::{StepDefinition, TaskTemplate};
 use crate::{Error, Result};
 
 fn decode<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
-    serde_json::from_str(s).map_err(|e| Error::internal(format!("corrupt JSON in the database: {e}")))
+    serde_json::from_str(s)
+        .map_err(|e| Error::internal(format!("corrupt JSON in the database: {e}")))
 }
 
 fn opt_decode<T: serde::de::DeserializeOwned>(s: Option<String>) -> Result<Option<T>> {
@@ -20,7 +21,8 @@ fn opt_decode<T: serde::de::DeserializeOwned>(s: Option<String>) -> Result<Optio
 }
 
 fn parse<T: std::str::FromStr>(s: &str) -> Result<T> {
-    s.parse().map_err(|_| Error::internal(format!("unknown state {s:?} in the database")))
+    s.parse()
+        .map_err(|_| Error::internal(format!("unknown state {s:?} in the database")))
 }
 
 pub(super) async fn get_template(
@@ -29,13 +31,12 @@ pub(super) async fn get_template(
     name: &str,
     version: Option<&str>,
 ) -> Result<TaskTemplate> {
-    let rows = sqlx::query(
-        "SELECT version, definition FROM templates WHERE namespace = $1 AND name = $2",
-    )
-    .bind(namespace)
-    .bind(name)
-    .fetch_all(pool)
-    .await?;
+    let rows =
+        sqlx::query("SELECT version, definition FROM templates WHERE namespace = $1 AND name = $2")
+            .bind(namespace)
+            .bind(name)
+            .fetch_all(pool)
+            .await?;
     let mut found: Vec<(String, String)> = Vec::new();
     for r in rows {
         found.push((r.try_get("version")?, r.try_get("definition")?));
@@ -56,7 +57,10 @@ pub(super) async fn get_template(
             let msg = if known.is_empty() {
                 format!("no template {what} is registered")
             } else {
-                format!("no template {what} is registered; known versions: {}", known.join(", "))
+                format!(
+                    "no template {what} is registered; known versions: {}",
+                    known.join(", ")
+                )
             };
             Err(Error::not_found(msg).with_details(serde_json::json!({"known_versions": known})))
         }
@@ -66,7 +70,9 @@ pub(super) async fn get_template(
 /// Orders versions numerically part by part (`1.10.0` > `1.9.2`), falling back to text.
 pub(crate) fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
     let parts = |s: &str| -> Vec<Result<u64, String>> {
-        s.split(['.', '-', '+']).map(|p| p.parse::<u64>().map_err(|_| p.to_string())).collect()
+        s.split(['.', '-', '+'])
+            .map(|p| p.parse::<u64>().map_err(|_| p.to_string()))
+            .collect()
     };
     let (pa, pb) = (parts(a), parts(b));
     for (x, y) in pa.iter().zip(pb.iter()) {
@@ -249,7 +255,10 @@ pub(super) async fn list_tasks(pool: &SqlitePool, f: &TaskFilter) -> Result<Vec<
         push(&mut sql, "created_at <");
         ints.push(b);
     }
-    sql.push_str(&format!(" ORDER BY created_at DESC, task_uuid LIMIT ${n} OFFSET ${}", n + 1));
+    sql.push_str(&format!(
+        " ORDER BY created_at DESC, task_uuid LIMIT ${n} OFFSET ${}",
+        n + 1
+    ));
     let mut q = sqlx::query(AssertSqlSafe(sql));
     for t in texts {
         q = q.bind(t);
@@ -257,7 +266,9 @@ pub(super) async fn list_tasks(pool: &SqlitePool, f: &TaskFilter) -> Result<Vec<
     for i in ints {
         q = q.bind(i);
     }
-    q = q.bind(i64::from(f.limit.unwrap_or(50).clamp(1, 1000))).bind(i64::from(f.offset.unwrap_or(0)));
+    q = q
+        .bind(i64::from(f.limit.unwrap_or(50).clamp(1, 1000)))
+        .bind(i64::from(f.offset.unwrap_or(0)));
     let rows = q.fetch_all(pool).await?;
     rows.into_iter()
         .map(|r| {
@@ -278,20 +289,31 @@ pub(super) async fn list_tasks(pool: &SqlitePool, f: &TaskFilter) -> Result<Vec<
 
 fn transition(r: &sqlx::sqlite::SqliteRow, with_step: bool) -> Result<Transition> {
     Ok(Transition {
-        step_name: if with_step { r.try_get("step_name")? } else { None },
+        step_name: if with_step {
+            r.try_get("step_name")?
+        } else {
+            None
+        },
         from_state: r.try_get("from_state")?,
         to_state: r.try_get("to_state")?,
         event: r.try_get("event")?,
         actor: r.try_get("actor")?,
         reason: r.try_get("reason")?,
-        attempt: if with_step { r.try_get::<Option<i64>, _>("attempt")?.map(|a| a as u32) } else { None },
+        attempt: if with_step {
+            r.try_get::<Option<i64>, _>("attempt")?.map(|a| a as u32)
+        } else {
+            None
+        },
         metadata: opt_decode(r.try_get("metadata")?)?.unwrap_or(Value::Null),
         created_at: r.try_get("created_at")?,
         sort_key: r.try_get("id")?,
     })
 }
 
-pub(super) async fn task_transitions(pool: &SqlitePool, task_uuid: &str) -> Result<Vec<Transition>> {
+pub(super) async fn task_transitions(
+    pool: &SqlitePool,
+    task_uuid: &str,
+) -> Result<Vec<Transition>> {
     task_state(pool, task_uuid).await?;
     let rows = sqlx::query("SELECT * FROM task_transitions WHERE task_uuid = $1 ORDER BY id")
         .bind(task_uuid)
@@ -317,7 +339,9 @@ pub(super) async fn step_transitions(
     if rows.is_empty()
         && let Some(s) = step
     {
-        return Err(Error::not_found(format!("task {task_uuid} has no step {s:?}")));
+        return Err(Error::not_found(format!(
+            "task {task_uuid} has no step {s:?}"
+        )));
     }
     rows.iter().map(|r| transition(r, true)).collect()
 }
@@ -341,4 +365,14 @@ pub(super) async fn rejected_completions(
             })
         })
         .collect()
+}
+
+pub(super) async fn checkpoint_history(pool: &SqlitePool, step_uuid: &str) -> Result<Vec<Value>> {
+    let row: Option<Option<String>> =
+        sqlx::query_scalar("SELECT checkpoint_history FROM steps WHERE step_uuid = $1")
+            .bind(step_uuid)
+            .fetch_optional(pool)
+            .await?;
+    let history = row.ok_or_else(|| Error::not_found(format!("no step {step_uuid}")))?;
+    Ok(opt_decode::<Vec<Value>>(history)?.unwrap_or_default())
 }

@@ -1,0 +1,566 @@
+//! The attempt lifecycle in SQLite: claim, finish (with fencing), checkpoint, lease renewal
+//! and promotion of due retries. Each function runs inside a transaction opened by the caller.
+
+use serde_json::{Map, Value};
+use sqlx::{AssertSqlSafe, Row, SqliteConnection};
+
+use super::write::{decode, insert_step_transition, json, move_step, parse_state, settle};
+use crate::Result;
+use crate::clock::Millis;
+use crate::job::{Checkpoint, StepJob};
+use crate::orchestrator::SettleCause;
+use crate::state::{StepEvent, StepState, step_transition};
+use crate::store::{
+    AttemptResult, CallableFilter, ClaimRequest, Completion, Expiry, FinishReport, Resolution,
+};
+use crate::template::StepDefinition;
+
+/// How many checkpoints a step keeps (SPEC §7).
+const CHECKPOINT_HISTORY: usize = 20;
+
+pub(super) async fn claim(
+    tx: &mut SqliteConnection,
+    req: &ClaimRequest,
+    now: Millis,
+) -> Result<Vec<StepJob>> {
+    if req.limit == 0 {
+        return Ok(Vec::new());
+    }
+    let mut filter = String::new();
+    let mut binds: Vec<&str> = Vec::new();
+    let mut next = 6;
+    let mut in_list = |filter: &mut String, column: &str, negate: bool, values: &[String]| {
+        let list: Vec<String> = values
+            .iter()
+            .map(|_| {
+                let p = format!("${next}");
+                next += 1;
+                p
+            })
+            .collect();
+        filter.push_str(&format!(
+            " AND {column} {}IN ({})",
+            if negate { "NOT " } else { "" },
+            list.join(", ")
+        ));
+    };
+    if !req.namespaces.is_empty() {
+        in_list(&mut filter, "namespace", false, &req.namespaces);
+        binds.extend(req.namespaces.iter().map(String::as_str));
+    }
+    if let Some(before) = req.enqueued_before {
+        // A number, not user text: safe to inline.
+        filter.push_str(&format!(" AND enqueued_at <= {before}"));
+    }
+    match &req.callables {
+        CallableFilter::Only(c) if c.is_empty() => return Ok(Vec::new()),
+        CallableFilter::Only(c) => {
+            in_list(&mut filter, "callable", false, c);
+            binds.extend(c.iter().map(String::as_str));
+        }
+        CallableFilter::AnyExcept(c) if c.is_empty() => {}
+        CallableFilter::AnyExcept(c) => {
+            in_list(&mut filter, "callable", true, c);
+            binds.extend(c.iter().map(String::as_str));
+        }
+    }
+    let sql = format!(
+        "UPDATE steps SET state = 'in_progress', attempts = attempts + 1, worker_id = $1,
+            lease_expires_at = $2 + $3, started_at = $2, updated_at = $2, next_attempt_at = NULL,
+            timeout_at = $2 + COALESCE(timeout_ms, $4)
+         WHERE step_uuid IN (
+            SELECT step_uuid FROM steps WHERE state = 'enqueued'{filter}
+            ORDER BY priority DESC, enqueued_at LIMIT $5)
+         RETURNING step_uuid, task_uuid, name, attempts, definition, inputs, checkpoint, timeout_at"
+    );
+    let mut q = sqlx::query(AssertSqlSafe(sql))
+        .bind(&req.worker_id)
+        .bind(now)
+        .bind(req.lease_ms)
+        .bind(req.default_timeout_ms)
+        .bind(req.limit as i64);
+    for b in binds {
+        q = q.bind(b);
+    }
+    let rows = q.fetch_all(&mut *tx).await?;
+    let to = step_transition(StepState::Enqueued, StepEvent::Claim)?;
+    let mut jobs = Vec::with_capacity(rows.len());
+    let mut task_cache: std::collections::HashMap<String, (String, String, String, String, Value)> =
+        std::collections::HashMap::new();
+    for row in rows {
+        let step_uuid: String = row.try_get("step_uuid")?;
+        let task_uuid: String = row.try_get("task_uuid")?;
+        let attempt = row.try_get::<i64, _>("attempts")? as u32;
+        insert_step_transition(
+            tx,
+            &step_uuid,
+            &task_uuid,
+            Some(StepState::Enqueued),
+            to,
+            StepEvent::Claim.as_str(),
+            &req.worker_id,
+            None,
+            Some(attempt),
+            now,
+        )
+        .await?;
+        if !task_cache.contains_key(&task_uuid) {
+            let t = sqlx::query(
+                "SELECT namespace, name, version, correlation_id, context FROM tasks WHERE task_uuid = $1",
+            )
+            .bind(&task_uuid)
+            .fetch_one(&mut *tx)
+            .await?;
+            let context: Value = decode(&t.try_get::<String, _>("context")?)?;
+            task_cache.insert(
+                task_uuid.clone(),
+                (
+                    t.try_get("namespace")?,
+                    t.try_get("name")?,
+                    t.try_get("version")?,
+                    t.try_get("correlation_id")?,
+                    context,
+                ),
+            );
+        }
+        let (namespace, task_name, task_version, correlation_id, context) = &task_cache[&task_uuid];
+        let definition: StepDefinition = decode(&row.try_get::<String, _>("definition")?)?;
+        let inputs: Map<String, Value> = decode(&row.try_get::<String, _>("inputs")?)?;
+        let checkpoint: Option<String> = row.try_get("checkpoint")?;
+        let checkpoint: Option<Checkpoint> = checkpoint.map(|c| decode(&c)).transpose()?;
+        let dependency_results = ancestor_results(tx, &step_uuid).await?;
+        jobs.push(StepJob {
+            task_uuid: task_uuid.clone(),
+            step_uuid,
+            step_name: row.try_get("name")?,
+            attempt,
+            worker_id: req.worker_id.clone(),
+            namespace: namespace.clone(),
+            task_name: task_name.clone(),
+            task_version: task_version.clone(),
+            correlation_id: correlation_id.clone(),
+            definition,
+            context: context.clone(),
+            inputs,
+            dependency_results,
+            checkpoint,
+            started_at: now,
+            timeout_at: row.try_get("timeout_at")?,
+        });
+    }
+    Ok(jobs)
+}
+
+/// Results of every satisfied ancestor of a step, by name.
+pub(super) async fn ancestor_results(
+    tx: &mut SqliteConnection,
+    step_uuid: &str,
+) -> Result<Map<String, Value>> {
+    let rows = sqlx::query(
+        "WITH RECURSIVE anc(id) AS (
+            SELECT from_step FROM step_edges WHERE to_step = $1
+            UNION
+            SELECT e.from_step FROM step_edges e JOIN anc ON e.to_step = anc.id)
+         SELECT s.name, s.result FROM steps s JOIN anc ON s.step_uuid = anc.id
+         WHERE s.state IN ('complete', 'resolved_manually') ORDER BY s.seq",
+    )
+    .bind(step_uuid)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut out = Map::new();
+    for r in rows {
+        let result: Option<String> = r.try_get("result")?;
+        let v = match result {
+            Some(s) => decode(&s)?,
+            None => Value::Null,
+        };
+        out.insert(r.try_get("name")?, v);
+    }
+    Ok(out)
+}
+
+struct Current {
+    task_uuid: String,
+    state: StepState,
+    attempts: u32,
+    worker_id: Option<String>,
+    lease_expires_at: Option<Millis>,
+    timeout_at: Option<Millis>,
+}
+
+async fn current(tx: &mut SqliteConnection, step_uuid: &str) -> Result<Option<Current>> {
+    let row = sqlx::query(
+        "SELECT task_uuid, state, attempts, worker_id, lease_expires_at, timeout_at
+         FROM steps WHERE step_uuid = $1",
+    )
+    .bind(step_uuid)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    Ok(Some(Current {
+        task_uuid: row.try_get("task_uuid")?,
+        state: parse_state(&row.try_get::<String, _>("state")?)?,
+        attempts: row.try_get::<i64, _>("attempts")? as u32,
+        worker_id: row.try_get("worker_id")?,
+        lease_expires_at: row.try_get("lease_expires_at")?,
+        timeout_at: row.try_get("timeout_at")?,
+    }))
+}
+
+/// Why a completion for `attempt` by `worker` does not apply, if it does not.
+fn staleness(
+    c: &Current,
+    attempt: u32,
+    worker: Option<&str>,
+    expiry: Option<Expiry>,
+    now: Millis,
+) -> Option<String> {
+    if c.state != StepState::InProgress {
+        return Some(format!("step is {}, not in_progress", c.state));
+    }
+    if c.attempts != attempt {
+        return Some(format!(
+            "attempt {attempt} is not current (current attempt is {})",
+            c.attempts
+        ));
+    }
+    if let Some(w) = worker
+        && c.worker_id.as_deref() != Some(w)
+    {
+        return Some(format!(
+            "attempt {attempt} is held by worker {}",
+            c.worker_id.as_deref().unwrap_or("none")
+        ));
+    }
+    match expiry {
+        Some(Expiry::Timeout) if c.timeout_at.is_none_or(|t| t > now) => {
+            Some("attempt has not timed out".into())
+        }
+        Some(Expiry::LeaseExpired) if c.lease_expires_at.is_none_or(|t| t > now) => {
+            Some("lease was renewed".into())
+        }
+        _ => None,
+    }
+}
+
+/// A completion that arrived for an attempt that is no longer current.
+struct Rejection<'a> {
+    step_uuid: &'a str,
+    task_uuid: Option<&'a str>,
+    attempt: u32,
+    worker: Option<&'a str>,
+    reason: &'a str,
+    /// The refused outcome, as JSON, for investigation.
+    outcome: Option<String>,
+}
+
+async fn record_rejection(tx: &mut SqliteConnection, r: Rejection<'_>, now: Millis) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO rejected_completions (step_uuid, task_uuid, attempt, worker_id, reason, outcome, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(r.step_uuid)
+    .bind(r.task_uuid)
+    .bind(r.attempt as i64)
+    .bind(r.worker)
+    .bind(r.reason)
+    .bind(r.outcome)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn finish(
+    tx: &mut SqliteConnection,
+    results: &[AttemptResult],
+    actor: &str,
+    now: Millis,
+) -> Result<Vec<FinishReport>> {
+    let mut reports = Vec::with_capacity(results.len());
+    let mut touched: Vec<String> = Vec::new();
+    for r in results {
+        let Some(c) = current(tx, &r.step_uuid).await? else {
+            reports.push(FinishReport {
+                step_uuid: r.step_uuid.clone(),
+                task_uuid: None,
+                completion: Completion::Rejected("no such step".into()),
+                task_state: None,
+            });
+            continue;
+        };
+        let who = r.worker_id.as_deref().unwrap_or(actor);
+        if let Some(reason) = staleness(&c, r.attempt, r.worker_id.as_deref(), r.expiry, now) {
+            // Engine-made expiries that lost a race are not late completions: nothing to record.
+            if r.expiry.is_none() {
+                let outcome = serde_json::to_string(&r.resolution_summary()).ok();
+                let rejection = Rejection {
+                    step_uuid: &r.step_uuid,
+                    task_uuid: Some(&c.task_uuid),
+                    attempt: r.attempt,
+                    worker: r.worker_id.as_deref(),
+                    reason: &reason,
+                    outcome,
+                };
+                record_rejection(tx, rejection, now).await?;
+            }
+            reports.push(FinishReport {
+                step_uuid: r.step_uuid.clone(),
+                task_uuid: Some(c.task_uuid),
+                completion: Completion::Rejected(reason),
+                task_state: None,
+            });
+            continue;
+        }
+        let attempt = Some(r.attempt);
+        match &r.resolution {
+            Resolution::Succeeded { result, metadata } => {
+                move_step(
+                    tx,
+                    &r.step_uuid,
+                    &c.task_uuid,
+                    c.state,
+                    &[StepEvent::Succeed, StepEvent::Complete],
+                    attempt,
+                    who,
+                    None,
+                    now,
+                )
+                .await?;
+                let _ = metadata;
+                sqlx::query(
+                    "UPDATE steps SET result = $1, completed_at = $2, lease_expires_at = NULL,
+                        timeout_at = NULL, started_at = COALESCE($3, started_at)
+                     WHERE step_uuid = $4",
+                )
+                .bind(json(result)?)
+                .bind(now)
+                .bind(r.started_at)
+                .bind(&r.step_uuid)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Resolution::Retry {
+                failure,
+                next_attempt_at,
+            } => {
+                let reason = format!("{}: {}", failure.error_type, failure.message);
+                move_step(
+                    tx,
+                    &r.step_uuid,
+                    &c.task_uuid,
+                    c.state,
+                    &[StepEvent::Fail, StepEvent::RetryDecided],
+                    attempt,
+                    who,
+                    Some(&reason),
+                    now,
+                )
+                .await?;
+                sqlx::query(
+                    "UPDATE steps SET error = $1, next_attempt_at = $2, lease_expires_at = NULL,
+                        timeout_at = NULL, started_at = COALESCE($3, started_at)
+                     WHERE step_uuid = $4",
+                )
+                .bind(json(failure)?)
+                .bind(next_attempt_at)
+                .bind(r.started_at)
+                .bind(&r.step_uuid)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Resolution::Failed { failure } => {
+                let reason = format!("{}: {}", failure.error_type, failure.message);
+                move_step(
+                    tx,
+                    &r.step_uuid,
+                    &c.task_uuid,
+                    c.state,
+                    &[StepEvent::Fail, StepEvent::GiveUp],
+                    attempt,
+                    who,
+                    Some(&reason),
+                    now,
+                )
+                .await?;
+                sqlx::query(
+                    "UPDATE steps SET error = $1, completed_at = $2, lease_expires_at = NULL,
+                        timeout_at = NULL, started_at = COALESCE($3, started_at)
+                     WHERE step_uuid = $4",
+                )
+                .bind(json(failure)?)
+                .bind(now)
+                .bind(r.started_at)
+                .bind(&r.step_uuid)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        if !touched.contains(&c.task_uuid) {
+            touched.push(c.task_uuid.clone());
+        }
+        reports.push(FinishReport {
+            step_uuid: r.step_uuid.clone(),
+            task_uuid: Some(c.task_uuid),
+            completion: Completion::Accepted,
+            task_state: None,
+        });
+    }
+    let mut states = Vec::with_capacity(touched.len());
+    for task in &touched {
+        states.push((
+            task.clone(),
+            settle(tx, task, SettleCause::StepResult, actor, None, now).await?,
+        ));
+    }
+    for rep in &mut reports {
+        if rep.completion == Completion::Accepted {
+            rep.task_state = states
+                .iter()
+                .find(|(t, _)| Some(t) == rep.task_uuid.as_ref())
+                .map(|(_, s)| *s);
+        }
+    }
+    Ok(reports)
+}
+
+impl AttemptResult {
+    fn resolution_summary(&self) -> Value {
+        match &self.resolution {
+            Resolution::Succeeded { result, .. } => {
+                serde_json::json!({"outcome": "success", "result": result})
+            }
+            Resolution::Retry { failure, .. } | Resolution::Failed { failure } => {
+                serde_json::json!({"outcome": "failure", "error": failure})
+            }
+        }
+    }
+}
+
+pub(super) async fn checkpoint(
+    tx: &mut SqliteConnection,
+    step_uuid: &str,
+    attempt: u32,
+    worker_id: &str,
+    cp: &Checkpoint,
+    lease_until: Millis,
+    now: Millis,
+) -> Result<Completion> {
+    let Some(c) = current(tx, step_uuid).await? else {
+        return Ok(Completion::Rejected("no such step".into()));
+    };
+    if let Some(reason) = staleness(&c, attempt, Some(worker_id), None, now) {
+        let rejection = Rejection {
+            step_uuid,
+            task_uuid: Some(&c.task_uuid),
+            attempt,
+            worker: Some(worker_id),
+            reason: &reason,
+            outcome: json(cp).ok(),
+        };
+        record_rejection(tx, rejection, now).await?;
+        return Ok(Completion::Rejected(reason));
+    }
+    let history: Option<String> =
+        sqlx::query_scalar("SELECT checkpoint_history FROM steps WHERE step_uuid = $1")
+            .bind(step_uuid)
+            .fetch_one(&mut *tx)
+            .await?;
+    let mut history: Vec<Value> = history.map(|h| decode(&h)).transpose()?.unwrap_or_default();
+    history.push(serde_json::json!({"cursor": cp.cursor, "items_processed": cp.items_processed, "attempt": attempt, "at": now}));
+    if history.len() > CHECKPOINT_HISTORY {
+        history.drain(..history.len() - CHECKPOINT_HISTORY);
+    }
+    move_step(
+        tx,
+        step_uuid,
+        &c.task_uuid,
+        c.state,
+        &[StepEvent::Checkpoint],
+        Some(attempt),
+        worker_id,
+        None,
+        now,
+    )
+    .await?;
+    sqlx::query(
+        "UPDATE steps SET checkpoint = $1, checkpoint_history = $2, lease_expires_at = $3 WHERE step_uuid = $4",
+    )
+    .bind(json(cp)?)
+    .bind(json(&history)?)
+    .bind(lease_until)
+    .bind(step_uuid)
+    .execute(&mut *tx)
+    .await?;
+    Ok(Completion::Accepted)
+}
+
+pub(super) async fn renew_leases(
+    tx: &mut SqliteConnection,
+    worker_id: &str,
+    step_uuids: &[String],
+    lease_until: Millis,
+    now: Millis,
+) -> Result<u64> {
+    let mut n = 0;
+    for chunk in step_uuids.chunks(500) {
+        let list: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 4)).collect();
+        let sql = format!(
+            "UPDATE steps SET lease_expires_at = $1, updated_at = $2
+             WHERE worker_id = $3 AND state = 'in_progress' AND step_uuid IN ({})",
+            list.join(", ")
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql))
+            .bind(lease_until)
+            .bind(now)
+            .bind(worker_id);
+        for s in chunk {
+            q = q.bind(s);
+        }
+        n += q.execute(&mut *tx).await?.rows_affected();
+    }
+    Ok(n)
+}
+
+pub(super) async fn promote_due_retries(
+    tx: &mut SqliteConnection,
+    actor: &str,
+    now: Millis,
+) -> Result<u64> {
+    let rows = sqlx::query(
+        "SELECT step_uuid, task_uuid FROM steps
+         WHERE state = 'waiting_for_retry' AND next_attempt_at <= $1 ORDER BY next_attempt_at",
+    )
+    .bind(now)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut tasks: Vec<String> = Vec::new();
+    for row in &rows {
+        let step: String = row.try_get("step_uuid")?;
+        let task: String = row.try_get("task_uuid")?;
+        move_step(
+            tx,
+            &step,
+            &task,
+            StepState::WaitingForRetry,
+            &[StepEvent::RetryReady],
+            None,
+            actor,
+            None,
+            now,
+        )
+        .await?;
+        sqlx::query("UPDATE steps SET enqueued_at = $1 WHERE step_uuid = $2")
+            .bind(now)
+            .bind(&step)
+            .execute(&mut *tx)
+            .await?;
+        if !tasks.contains(&task) {
+            tasks.push(task);
+        }
+    }
+    for task in &tasks {
+        settle(tx, task, SettleCause::RetryReady, actor, None, now).await?;
+    }
+    Ok(rows.len() as u64)
+}

@@ -1,0 +1,173 @@
+//! Operator actions in SQLite (SPEC §5.9): each one transaction that checks the state
+//! machines first, so a refused action changes nothing.
+
+use sqlx::{Row, SqliteConnection};
+
+use super::write::{json, move_step, move_task, parse_state, settle, task_state};
+use crate::clock::Millis;
+use crate::orchestrator::SettleCause;
+use crate::state::{StepEvent, StepState, TaskEvent, TaskState, task_transition};
+use crate::store::OperatorAction;
+use crate::{Error, ErrorKind, Result};
+
+/// Resolves a step reference (uuid or name) within a task.
+async fn find_step(
+    tx: &mut SqliteConnection,
+    task_uuid: &str,
+    step: &str,
+) -> Result<(String, StepState)> {
+    let row = sqlx::query(
+        "SELECT step_uuid, state FROM steps WHERE task_uuid = $1 AND (step_uuid = $2 OR name = $2)",
+    )
+    .bind(task_uuid)
+    .bind(step)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let row =
+        row.ok_or_else(|| Error::not_found(format!("task {task_uuid} has no step {step:?}")))?;
+    Ok((
+        row.try_get("step_uuid")?,
+        parse_state(&row.try_get::<String, _>("state")?)?,
+    ))
+}
+
+pub(super) async fn operator_action(
+    tx: &mut SqliteConnection,
+    task_uuid: &str,
+    action: &OperatorAction,
+    actor: &str,
+    reason: &str,
+    now: Millis,
+) -> Result<TaskState> {
+    let state = task_state(tx, task_uuid).await?;
+    let reason = Some(reason);
+    match action {
+        OperatorAction::Cancel => {
+            // Check before touching steps, so a refused cancel changes nothing.
+            task_transition(state, TaskEvent::Cancel)?;
+            let rows = sqlx::query(
+                "SELECT step_uuid, state FROM steps WHERE task_uuid = $1
+                 AND state NOT IN ('complete', 'cancelled', 'resolved_manually', 'error')",
+            )
+            .bind(task_uuid)
+            .fetch_all(&mut *tx)
+            .await?;
+            for row in rows {
+                let step: String = row.try_get("step_uuid")?;
+                let s: StepState = parse_state(&row.try_get::<String, _>("state")?)?;
+                move_step(
+                    tx,
+                    &step,
+                    task_uuid,
+                    s,
+                    &[StepEvent::Cancel],
+                    None,
+                    actor,
+                    reason,
+                    now,
+                )
+                .await?;
+                sqlx::query("UPDATE steps SET lease_expires_at = NULL, timeout_at = NULL, completed_at = $1 WHERE step_uuid = $2")
+                    .bind(now)
+                    .bind(&step)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            move_task(
+                tx,
+                task_uuid,
+                state,
+                &[TaskEvent::Cancel],
+                actor,
+                reason,
+                now,
+            )
+            .await
+        }
+        OperatorAction::GiveUp => {
+            move_task(
+                tx,
+                task_uuid,
+                state,
+                &[TaskEvent::GiveUp],
+                actor,
+                reason,
+                now,
+            )
+            .await
+        }
+        OperatorAction::ResolveManually => {
+            move_task(
+                tx,
+                task_uuid,
+                state,
+                &[TaskEvent::ManualResolution],
+                actor,
+                reason,
+                now,
+            )
+            .await
+        }
+        OperatorAction::ResetStep { step }
+        | OperatorAction::ResolveStep { step }
+        | OperatorAction::CompleteStep { step, .. } => {
+            if state.is_terminal() {
+                return Err(Error::new(
+                    ErrorKind::InvalidTransition,
+                    format!("task {task_uuid} is {state}; its steps can no longer be changed"),
+                ));
+            }
+            let (step_uuid, s) = find_step(tx, task_uuid, step).await?;
+            let event = match action {
+                OperatorAction::ResetStep { .. } => StepEvent::Reset,
+                OperatorAction::ResolveStep { .. } => StepEvent::ResolveManually,
+                _ => StepEvent::CompleteManually,
+            };
+            move_step(
+                tx,
+                &step_uuid,
+                task_uuid,
+                s,
+                &[event],
+                None,
+                actor,
+                reason,
+                now,
+            )
+            .await?;
+            match action {
+                OperatorAction::ResetStep { .. } => {
+                    sqlx::query(
+                        "UPDATE steps SET attempts = 0, next_attempt_at = NULL, completed_at = NULL,
+                            enqueued_at = NULL, worker_id = NULL WHERE step_uuid = $1",
+                    )
+                    .bind(&step_uuid)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                OperatorAction::CompleteStep { result, .. } => {
+                    sqlx::query(
+                        "UPDATE steps SET result = $1, completed_at = $2, lease_expires_at = NULL,
+                            timeout_at = NULL WHERE step_uuid = $3",
+                    )
+                    .bind(json(result)?)
+                    .bind(now)
+                    .bind(&step_uuid)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                _ => {
+                    sqlx::query(
+                        "UPDATE steps SET completed_at = $1, lease_expires_at = NULL, timeout_at = NULL
+                         WHERE step_uuid = $2",
+                    )
+                    .bind(now)
+                    .bind(&step_uuid)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            settle(tx, task_uuid, SettleCause::OperatorFix, actor, reason, now).await
+        }
+    }
+}

@@ -1,0 +1,530 @@
+//! The dispatch port driven the way a language binding drives it: the engine's tokio runtime
+//! lives on its own threads, and plain `std::thread` host threads call the blocking `Worker`
+//! methods (`next_step`, `complete`, `checkpoint`, `heartbeat`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tasker_core::clock::{Clock, SystemClock, TestClock};
+use tasker_core::store::Completion;
+use tasker_core::template::parse_str;
+use tasker_core::{
+    Config, ErrorKind, ErrorType, OpenOptions, StepOutcome, StepState, TaskRequest, TaskState,
+    Tasker, handler_fn,
+};
+
+const WAIT: Option<Duration> = Some(Duration::from_secs(20));
+const POLL: Duration = Duration::from_millis(200);
+
+/// The engine and the runtime it runs on. Field order matters: the handle goes first.
+struct Env {
+    tasker: Tasker,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Env {
+    fn new(config: Config) -> Env {
+        Self::with_clock(config, Arc::new(SystemClock))
+    }
+
+    fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Env {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let tasker = rt
+            .block_on(Tasker::open_with(
+                "sqlite::memory:",
+                OpenOptions {
+                    config,
+                    clock,
+                    background: true,
+                },
+            ))
+            .unwrap();
+        Env { tasker, rt }
+    }
+
+    fn register(&self, yaml: &str) {
+        let t = parse_str(yaml, None, "test")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .template;
+        self.rt.block_on(self.tasker.register_template(&t)).unwrap();
+    }
+
+    fn create(&self, name: &str, context: serde_json::Value) -> String {
+        self.rt
+            .block_on(
+                self.tasker
+                    .create_task(TaskRequest::new("port", name, context)),
+            )
+            .unwrap()
+            .uuid
+    }
+
+    fn wait(&self, uuid: &str) -> tasker_core::Task {
+        self.rt.block_on(self.tasker.wait(uuid, WAIT)).unwrap()
+    }
+}
+
+fn config() -> Config {
+    Config {
+        poll_interval: POLL,
+        ..Config::default()
+    }
+}
+
+fn one_step(name: &str, callable: &str, extra: &str) -> String {
+    format!(
+        "name: {name}\nnamespace_name: port\nversion: \"1.0.0\"\nidentity_strategy: always_unique\nsteps:\n  - name: only\n    handler: {{ callable: {callable} }}\n{extra}\n"
+    )
+}
+
+/// Runs a Rust-handled task to completion: proves the engine's own worker loop has made at
+/// least one full pass (including its unknown-callable pass) since earlier tasks were created.
+fn cycle_engine_worker(env: &Env) {
+    env.register(&one_step("rust_side", "rust.ok", ""));
+    env.tasker.register_handler(
+        "rust.ok",
+        handler_fn(|_| async { StepOutcome::success(json!({})) }),
+    );
+    let uuid = env.create("rust_side", json!({}));
+    assert_eq!(env.wait(&uuid).status, TaskState::Complete);
+}
+
+#[test]
+fn host_threads_run_each_step_exactly_once() {
+    const TASKS: usize = 20;
+    const STEPS: usize = 3;
+    let env = Env::new(config());
+    env.register(
+        r#"
+name: chain
+namespace_name: port
+version: "1.0.0"
+identity_strategy: always_unique
+steps:
+  - name: a
+    handler: { callable: py.square }
+  - name: b
+    handler: { callable: py.square }
+    dependencies: [a]
+  - name: c
+    handler: { callable: py.square }
+    dependencies: [b]
+"#,
+    );
+    let workers: Vec<Arc<tasker_core::Worker>> = (0..2)
+        .map(|_| {
+            Arc::new(
+                env.tasker
+                    .worker(vec!["port".into()], vec!["py.square".into()]),
+            )
+        })
+        .collect();
+    let tasks: Vec<String> = (0..TASKS)
+        .map(|i| env.create("chain", json!({"n": i})))
+        .collect();
+    let invocations: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut threads = Vec::new();
+    for h in 0..4 {
+        let worker = workers[h % 2].clone();
+        let invocations = invocations.clone();
+        let done = done.clone();
+        threads.push(std::thread::spawn(move || {
+            while done.load(Ordering::SeqCst) < TASKS * STEPS {
+                let Some(job) = worker.next_step(Duration::from_millis(100)).unwrap() else {
+                    continue;
+                };
+                *invocations
+                    .lock()
+                    .unwrap()
+                    .entry(job.step_uuid.clone())
+                    .or_default() += 1;
+                let n = job
+                    .dependency_results
+                    .values()
+                    .filter_map(|v| v["n"].as_u64())
+                    .max()
+                    .unwrap_or_else(|| job.context["n"].as_u64().unwrap());
+                let c = worker
+                    .complete(&job, StepOutcome::success(json!({"n": n * n, "host": h})))
+                    .unwrap();
+                assert_eq!(c, Completion::Accepted);
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    for uuid in &tasks {
+        let task = env.wait(uuid);
+        assert_eq!(task.status, TaskState::Complete, "{task:#?}");
+        assert!(task.steps.iter().all(|s| s.attempts == 1));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    let inv = invocations.lock().unwrap();
+    assert_eq!(inv.len(), TASKS * STEPS);
+    assert!(inv.values().all(|n| *n == 1), "a step ran twice: {inv:?}");
+    let last = env.wait(&tasks[3]);
+    assert_eq!(
+        last.step("c").unwrap().result.as_ref().unwrap()["n"],
+        json!(6561)
+    );
+}
+
+#[test]
+fn an_abandoned_job_times_out_reruns_elsewhere_and_its_late_result_is_rejected() {
+    let env = Env::new(config());
+    env.register(&one_step(
+        "abandon",
+        "py.slow",
+        "    timeout_seconds: 1\n    retry: { max_attempts: 2, backoff: none }",
+    ));
+    let host_a = env
+        .tasker
+        .worker(vec!["port".into()], vec!["py.slow".into()]);
+    let host_b = Arc::new(
+        env.tasker
+            .worker(vec!["port".into()], vec!["py.slow".into()]),
+    );
+    let uuid = env.create("abandon", json!({}));
+    let first = host_a
+        .next_step(Duration::from_secs(5))
+        .unwrap()
+        .expect("a job for host A");
+    assert_eq!(first.attempt, 1);
+    // Host A hangs; host B keeps asking and gets the second attempt once the first times out.
+    let b = host_b.clone();
+    let rerun = std::thread::spawn(move || {
+        let job = b
+            .next_step(Duration::from_secs(15))
+            .unwrap()
+            .expect("the re-run");
+        let c = b
+            .complete(&job, StepOutcome::success(json!({"by": "b"})))
+            .unwrap();
+        (job, c)
+    });
+    let (second, c) = rerun.join().unwrap();
+    assert_eq!(
+        (second.step_uuid.as_str(), second.attempt),
+        (first.step_uuid.as_str(), 2)
+    );
+    assert_eq!(c, Completion::Accepted);
+    let task = env.wait(&uuid);
+    assert_eq!(task.status, TaskState::Complete);
+    assert_eq!(task.step("only").unwrap().attempts, 2);
+    let tr = env
+        .rt
+        .block_on(env.tasker.step_transitions(&uuid, Some("only")))
+        .unwrap();
+    let fail = tr.iter().find(|t| t.event == "fail").unwrap();
+    assert!(
+        fail.reason.as_deref().unwrap().starts_with("timeout"),
+        "{fail:?}"
+    );
+    assert_eq!(fail.attempt, Some(1));
+
+    let late = host_a
+        .complete(&first, StepOutcome::success(json!({"by": "a"})))
+        .unwrap();
+    assert!(
+        matches!(&late, Completion::Rejected(r) if r.contains("not in_progress")),
+        "{late:?}"
+    );
+    assert!(!host_a.heartbeat(&first).unwrap());
+    let rejected = env
+        .rt
+        .block_on(env.tasker.store().rejected_completions(&uuid))
+        .unwrap();
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(
+        (rejected[0].attempt, rejected[0].worker_id.as_deref()),
+        (1, Some(host_a.id()))
+    );
+    assert_eq!(
+        env.wait(&uuid).step("only").unwrap().result,
+        Some(json!({"by": "b"}))
+    );
+}
+
+#[test]
+fn a_worker_only_receives_callables_it_serves() {
+    let env = Env::new(Config {
+        unknown_callable_grace: Duration::ZERO,
+        ..config()
+    });
+    env.register(&one_step("routed", "rb.Billing", ""));
+    let wrong_callable = env
+        .tasker
+        .worker(vec!["port".into()], vec!["rb.Other".into()]);
+    let wrong_namespace = env
+        .tasker
+        .worker(vec!["elsewhere".into()], vec!["rb.Billing".into()]);
+    let right = env
+        .tasker
+        .worker(vec!["port".into()], vec!["rb.Billing".into()]);
+    let uuid = env.create("routed", json!({}));
+    assert!(
+        wrong_callable
+            .next_step(Duration::from_millis(300))
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        wrong_namespace
+            .next_step(Duration::from_millis(300))
+            .unwrap()
+            .is_none()
+    );
+    let job = right
+        .next_step(Duration::from_secs(5))
+        .unwrap()
+        .expect("the right worker gets it");
+    assert_eq!(
+        (
+            job.task_uuid.as_str(),
+            job.callable(),
+            job.worker_id.as_str()
+        ),
+        (uuid.as_str(), "rb.Billing", right.id())
+    );
+    right
+        .complete(&job, StepOutcome::success(json!({})))
+        .unwrap();
+    assert_eq!(env.wait(&uuid).status, TaskState::Complete);
+}
+
+#[test]
+fn checkpoints_hand_the_job_out_again_without_spending_an_attempt() {
+    let env = Env::new(config());
+    env.register(&one_step("cp", "ts.batch", ""));
+    let w = env
+        .tasker
+        .worker(vec!["port".into()], vec!["ts.batch".into()]);
+    let uuid = env.create("cp", json!({}));
+    let job = w.next_step(Duration::from_secs(5)).unwrap().unwrap();
+    assert!(job.checkpoint.is_none());
+    assert_eq!(
+        w.checkpoint(&job, json!(10), 10, json!({"sum": 1}))
+            .unwrap(),
+        Completion::Accepted
+    );
+    let again = w
+        .next_step(Duration::from_secs(1))
+        .unwrap()
+        .expect("resumed job");
+    assert_eq!(
+        (again.step_uuid.as_str(), again.attempt),
+        (job.step_uuid.as_str(), 1)
+    );
+    assert_eq!(again.checkpoint.as_ref().unwrap().cursor, json!(10));
+    assert!(
+        w.heartbeat(&again).unwrap(),
+        "a checkpointed job is still held"
+    );
+    let c = w
+        .complete(
+            &again,
+            StepOutcome::checkpoint_yield(json!(20), 20, json!({"sum": 3})),
+        )
+        .unwrap();
+    assert_eq!(c, Completion::Accepted);
+    let third = w
+        .next_step(Duration::from_secs(1))
+        .unwrap()
+        .expect("resumed again");
+    assert_eq!(
+        (
+            third.attempt,
+            third.checkpoint.as_ref().unwrap().items_processed
+        ),
+        (1, 20)
+    );
+    assert!(w.heartbeat(&third).unwrap());
+    assert_eq!(
+        w.complete(&third, StepOutcome::success(json!({"total": 20})))
+            .unwrap(),
+        Completion::Accepted
+    );
+    assert!(!w.heartbeat(&third).unwrap(), "released after completion");
+    let task = env.wait(&uuid);
+    assert_eq!(task.status, TaskState::Complete);
+    let only = task.step("only").unwrap();
+    assert_eq!(
+        (
+            only.attempts,
+            only.checkpoint.as_ref().unwrap().cursor.clone()
+        ),
+        (1, json!(20))
+    );
+    assert!(w.next_step(Duration::from_millis(100)).unwrap().is_none());
+}
+
+#[test]
+fn the_engine_renews_port_leases_while_the_host_works() {
+    let env = Env::new(Config {
+        lease: Duration::from_millis(300),
+        lease_renew_every: Duration::from_millis(100),
+        ..config()
+    });
+    env.register(&one_step(
+        "long_hold",
+        "py.held",
+        "    retry: { max_attempts: 1 }",
+    ));
+    let w = env
+        .tasker
+        .worker(vec!["port".into()], vec!["py.held".into()]);
+    let uuid = env.create("long_hold", json!({}));
+    let job = w.next_step(Duration::from_secs(5)).unwrap().unwrap();
+    // The host's handler works for over three lease lengths without a heartbeat.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        env.rt
+            .block_on(env.tasker.get_task(&uuid))
+            .unwrap()
+            .step("only")
+            .unwrap()
+            .state,
+        StepState::InProgress
+    );
+    assert_eq!(
+        w.complete(&job, StepOutcome::success(json!({}))).unwrap(),
+        Completion::Accepted
+    );
+    let task = env.wait(&uuid);
+    assert_eq!(
+        (task.status, task.step("only").unwrap().attempts),
+        (TaskState::Complete, 1)
+    );
+}
+
+#[test]
+fn a_task_created_before_its_port_worker_is_not_failed() {
+    let env = Env::new(config());
+    env.register(&one_step("early", "py.late_worker", ""));
+    let uuid = env.create("early", json!({}));
+    // The engine's worker loop runs a full pass while nobody serves `py.late_worker`.
+    cycle_engine_worker(&env);
+    let w = env
+        .tasker
+        .worker(vec!["port".into()], vec!["py.late_worker".into()]);
+    let job = w
+        .next_step(Duration::from_secs(5))
+        .unwrap()
+        .expect("the step waited for its worker");
+    w.complete(&job, StepOutcome::success(json!({}))).unwrap();
+    assert_eq!(env.wait(&uuid).status, TaskState::Complete);
+}
+
+#[test]
+fn a_callable_nobody_serves_fails_after_the_grace_period() {
+    let clock = TestClock::default();
+    let env = Env::with_clock(config(), Arc::new(clock.clone()));
+    env.register(&one_step("orphan", "py.missing", ""));
+    let uuid = env.create("orphan", json!({}));
+    cycle_engine_worker(&env);
+    assert_eq!(
+        env.rt
+            .block_on(env.tasker.get_task(&uuid))
+            .unwrap()
+            .step("only")
+            .unwrap()
+            .state,
+        StepState::Enqueued
+    );
+    clock.advance(env.tasker.config().unknown_callable_grace);
+    let task = env.wait(&uuid);
+    assert_eq!(task.status, TaskState::BlockedByFailures);
+    let err = task.step("only").unwrap().error.clone().unwrap();
+    assert_eq!(
+        (err.error_type, err.retryable),
+        (ErrorType::HandlerNotFound, false)
+    );
+    assert!(err.message.contains("py.missing"), "{}", err.message);
+}
+
+#[test]
+fn dropping_one_of_two_workers_keeps_the_callable_served() {
+    let env = Env::new(Config {
+        unknown_callable_grace: Duration::ZERO,
+        ..config()
+    });
+    env.register(&one_step("shared", "py.shared", ""));
+    let w1 = env
+        .tasker
+        .worker(vec!["port".into()], vec!["py.shared".into()]);
+    let w2 = env
+        .tasker
+        .worker(vec!["port".into()], vec!["py.shared".into()]);
+    drop(w1);
+    let uuid = env.create("shared", json!({}));
+    cycle_engine_worker(&env);
+    let job = w2
+        .next_step(Duration::from_secs(5))
+        .unwrap()
+        .expect("still served by w2");
+    w2.complete(&job, StepOutcome::success(json!({}))).unwrap();
+    assert_eq!(env.wait(&uuid).status, TaskState::Complete);
+}
+
+#[test]
+fn heartbeat_is_true_while_held_and_false_after_completion() {
+    let env = Env::new(config());
+    env.register(&one_step("hb", "py.hb", ""));
+    let w = env.tasker.worker(vec!["port".into()], vec!["py.hb".into()]);
+    let uuid = env.create("hb", json!({}));
+    let job = w.next_step(Duration::from_secs(5)).unwrap().unwrap();
+    assert!(w.heartbeat(&job).unwrap());
+    assert!(w.heartbeat(&job).unwrap());
+    w.complete(
+        &job,
+        StepOutcome::failure("bad input", ErrorType::ValidationError),
+    )
+    .unwrap();
+    assert!(!w.heartbeat(&job).unwrap());
+    let task = env.wait(&uuid);
+    assert_eq!(task.status, TaskState::BlockedByFailures);
+    assert_eq!(
+        task.step("only")
+            .unwrap()
+            .error
+            .as_ref()
+            .unwrap()
+            .error_type,
+        ErrorType::ValidationError
+    );
+}
+
+#[test]
+fn close_wakes_blocked_hosts_promptly() {
+    let env = Env::new(config());
+    let w = Arc::new(
+        env.tasker
+            .worker(vec!["port".into()], vec!["py.none".into()]),
+    );
+    let w2 = w.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let host = std::thread::spawn(move || {
+        tx.send(()).unwrap();
+        let started = Instant::now();
+        (w2.next_step(Duration::from_secs(30)), started.elapsed())
+    });
+    rx.recv().unwrap();
+    env.tasker.close();
+    let (r, took) = host.join().unwrap();
+    assert_eq!(r.unwrap_err().kind, ErrorKind::Shutdown);
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    let e = env
+        .rt
+        .block_on(env.tasker.wait("whatever", Some(Duration::from_secs(1))))
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound, "reads still work after close");
+}

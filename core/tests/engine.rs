@@ -1,0 +1,916 @@
+//! The engine handle end to end with Rust handlers: retries, backoff (on a test clock),
+//! timeouts, result checks, task creation rules, concurrency, cancellation and operator
+//! actions. Tests wait on task state, never on a fixed sleep.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tasker_core::clock::{Clock, SystemClock, TestClock};
+use tasker_core::template::parse_str;
+use tasker_core::{
+    Config, ErrorKind, ErrorType, OpenOptions, StepOutcome, StepState, TaskRequest, TaskState,
+    Tasker, handler_fn,
+};
+use tokio::sync::Notify;
+
+const WAIT: Option<Duration> = Some(Duration::from_secs(20));
+
+fn config() -> Config {
+    Config {
+        poll_interval: Duration::from_millis(200),
+        unknown_callable_grace: Duration::ZERO,
+        ..Config::default()
+    }
+}
+
+async fn open() -> Tasker {
+    Tasker::open_with(
+        "sqlite::memory:",
+        OpenOptions {
+            config: config(),
+            clock: Arc::new(SystemClock),
+            background: true,
+        },
+    )
+    .await
+    .unwrap()
+}
+
+async fn open_with_clock(clock: &TestClock) -> Tasker {
+    Tasker::open_with(
+        "sqlite::memory:",
+        OpenOptions {
+            config: config(),
+            clock: Arc::new(clock.clone()),
+            background: true,
+        },
+    )
+    .await
+    .unwrap()
+}
+
+async fn register(tasker: &Tasker, yaml: &str) {
+    let t = parse_str(yaml, None, "test")
+        .unwrap_or_else(|e| panic!("{e}"))
+        .template;
+    tasker.register_template(&t).await.unwrap();
+}
+
+/// A one-step template `ns/name` whose step `only` runs `callable` with `extra` YAML lines.
+fn one_step(name: &str, callable: &str, extra: &str) -> String {
+    format!(
+        r#"
+name: {name}
+namespace_name: eng
+version: "1.0.0"
+identity_strategy: always_unique
+steps:
+  - name: only
+    handler: {{ callable: {callable} }}
+{extra}
+"#
+    )
+}
+
+/// A two-step template: `a` (callable `first`) then `b` (callable `second`).
+fn two_steps(name: &str, first: &str, second: &str, retry: &str) -> String {
+    format!(
+        r#"
+name: {name}
+namespace_name: eng
+version: "1.0.0"
+identity_strategy: always_unique
+steps:
+  - name: a
+    handler: {{ callable: {first} }}
+    retry: {retry}
+  - name: b
+    handler: {{ callable: {second} }}
+    dependencies: [a]
+"#
+    )
+}
+
+fn ok() -> Arc<dyn tasker_core::StepHandler> {
+    handler_fn(|_| async { StepOutcome::success(json!({"ok": true})) })
+}
+
+/// Fails the first `times` calls with `outcome`, then succeeds.
+fn failing(
+    times: u32,
+    outcome: StepOutcome,
+) -> (Arc<dyn tasker_core::StepHandler>, Arc<AtomicU32>) {
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let h = handler_fn(move |ctx| {
+        let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+        let outcome = outcome.clone();
+        async move {
+            if n <= times {
+                outcome
+            } else {
+                StepOutcome::success(json!({"attempt": ctx.attempts()}))
+            }
+        }
+    });
+    (h, calls)
+}
+
+fn req(name: &str, context: Value) -> TaskRequest {
+    TaskRequest::new("eng", name, context)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_until_success() {
+    let t = open().await;
+    register(
+        &t,
+        &one_step(
+            "flaky",
+            "flaky",
+            "    retry: { max_attempts: 3, backoff: none }",
+        ),
+    )
+    .await;
+    let (h, calls) = failing(2, StepOutcome::retryable("not yet"));
+    t.register_handler("flaky", h);
+    let task = t.run_task(req("flaky", json!({})), WAIT).await.unwrap();
+    assert_eq!(task.status, TaskState::Complete, "{task:#?}");
+    let only = task.step("only").unwrap();
+    assert_eq!((only.state, only.attempts), (StepState::Complete, 3));
+    assert_eq!(only.result, Some(json!({"attempt": 3})));
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert!(task.completed_at.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_exhaustion_blocks_the_task_and_wait_returns() {
+    let t = open().await;
+    register(
+        &t,
+        &two_steps(
+            "exhaust",
+            "always_fails",
+            "ok",
+            "{ max_attempts: 2, backoff: none }",
+        ),
+    )
+    .await;
+    let (h, calls) = failing(
+        u32::MAX,
+        StepOutcome::retryable("still broken").with_error_code("E42"),
+    );
+    t.register_handler("always_fails", h);
+    t.register_handler("ok", ok());
+    let task = t.run_task(req("exhaust", json!({})), WAIT).await.unwrap();
+    assert_eq!(task.status, TaskState::BlockedByFailures);
+    assert_eq!(task.completed_at, None, "blocked is not terminal");
+    let a = task.step("a").unwrap();
+    assert_eq!((a.state, a.attempts), (StepState::Error, 2));
+    let err = a.error.as_ref().unwrap();
+    assert_eq!(
+        (err.error_type, err.retryable, err.error_code.as_deref()),
+        (ErrorType::RetryableError, true, Some("E42"))
+    );
+    assert_eq!(err.message, "still broken");
+    assert_eq!(task.step("b").unwrap().state, StepState::Pending);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_error_is_not_retried() {
+    let t = open().await;
+    register(
+        &t,
+        &one_step(
+            "perm",
+            "perm",
+            "    retry: { max_attempts: 5, backoff: none }",
+        ),
+    )
+    .await;
+    let (h, calls) = failing(u32::MAX, StepOutcome::permanent("card declined"));
+    t.register_handler("perm", h);
+    let task = t.run_task(req("perm", json!({})), WAIT).await.unwrap();
+    assert_eq!(task.status, TaskState::BlockedByFailures);
+    let only = task.step("only").unwrap();
+    assert_eq!((only.state, only.attempts), (StepState::Error, 1));
+    assert_eq!(
+        only.error.as_ref().unwrap().error_type,
+        ErrorType::PermanentError
+    );
+    assert!(!only.error.as_ref().unwrap().retryable);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exponential_backoff_follows_the_test_clock() {
+    let clock = TestClock::default();
+    let t0 = clock.now();
+    let t = open_with_clock(&clock).await;
+    register(
+        &t,
+        &one_step(
+            "backoff",
+            "flaky",
+            "    retry: { max_attempts: 3, backoff: exponential, backoff_base_ms: 1000, jitter: false }",
+        ),
+    )
+    .await;
+    let (h, calls) = failing(1, StepOutcome::retryable("later"));
+    t.register_handler("flaky", h);
+    let handle = t.create_task(req("backoff", json!({}))).await.unwrap();
+    let task = handle
+        .wait_until(|s| s == TaskState::WaitingForRetry, WAIT)
+        .await
+        .unwrap();
+    let only = task.step("only").unwrap();
+    assert_eq!(
+        (only.state, only.next_attempt_at),
+        (StepState::WaitingForRetry, Some(t0 + 1000))
+    );
+    clock.advance(Duration::from_millis(999));
+    t.sweep().await.unwrap();
+    let task = handle.get().await.unwrap();
+    assert_eq!(task.status, TaskState::WaitingForRetry, "not due yet");
+    assert_eq!(task.step("only").unwrap().state, StepState::WaitingForRetry);
+    clock.advance(Duration::from_millis(1));
+    t.sweep().await.unwrap();
+    let task = handle.wait(WAIT).await.unwrap();
+    assert_eq!(task.status, TaskState::Complete);
+    assert_eq!(task.step("only").unwrap().attempts, 2);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let ready = t
+        .step_transitions(&handle.uuid, Some("only"))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.event == "retry_ready")
+        .unwrap();
+    assert_eq!(ready.created_at, t0 + 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_overrides_the_backoff_and_is_capped() {
+    let clock = TestClock::default();
+    let t0 = clock.now();
+    let t = open_with_clock(&clock).await;
+    register(
+        &t,
+        &one_step(
+            "retry_after",
+            "throttled",
+            "    retry: { max_attempts: 3, backoff: exponential, backoff_base_ms: 100, max_backoff_ms: 3000, jitter: false }",
+        ),
+    )
+    .await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    t.register_handler(
+        "throttled",
+        handler_fn(move |_| {
+            let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                match n {
+                    1 => StepOutcome::retryable("429").with_retry_after(2.0),
+                    2 => StepOutcome::retryable("429").with_retry_after(3600.0),
+                    _ => StepOutcome::success(json!({})),
+                }
+            }
+        }),
+    );
+    let handle = t.create_task(req("retry_after", json!({}))).await.unwrap();
+    let task = handle
+        .wait_until(|s| s == TaskState::WaitingForRetry, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        task.step("only").unwrap().next_attempt_at,
+        Some(t0 + 2000),
+        "Retry-After wins over 100 ms"
+    );
+    clock.advance(Duration::from_millis(2000));
+    t.sweep().await.unwrap();
+    // `sweep` enqueued the retry before returning, so this waits for the second failure.
+    let task = handle
+        .wait_until(|s| s == TaskState::WaitingForRetry, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(task.step("only").unwrap().attempts, 2);
+    assert_eq!(
+        task.step("only").unwrap().next_attempt_at,
+        Some(t0 + 2000 + 3000),
+        "capped at max_backoff_ms"
+    );
+    clock.advance(Duration::from_millis(3000));
+    t.sweep().await.unwrap();
+    let task = handle.wait(WAIT).await.unwrap();
+    assert_eq!(
+        (task.status, task.step("only").unwrap().attempts),
+        (TaskState::Complete, 3)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_fails_its_step_and_the_engine_keeps_going() {
+    let t = open().await;
+    register(
+        &t,
+        &one_step("panics", "boom", "    retry: { max_attempts: 1 }"),
+    )
+    .await;
+    register(&t, &one_step("fine", "ok", "")).await;
+    t.register_handler(
+        "boom",
+        handler_fn(|_| async {
+            if true {
+                panic!("kaboom at step");
+            }
+            StepOutcome::success(json!({}))
+        }),
+    );
+    t.register_handler("ok", ok());
+    let bad = t.create_task(req("panics", json!({}))).await.unwrap();
+    let good = t.create_task(req("fine", json!({}))).await.unwrap();
+    let bad = bad.wait(WAIT).await.unwrap();
+    let err = bad.step("only").unwrap().error.clone().unwrap();
+    assert_eq!(err.error_type, ErrorType::HandlerError);
+    assert!(err.message.contains("kaboom at step"), "{}", err.message);
+    assert_eq!(bad.status, TaskState::BlockedByFailures);
+    assert_eq!(good.wait(WAIT).await.unwrap().status, TaskState::Complete);
+    assert_eq!(
+        t.run_task(req("fine", json!({})), WAIT)
+            .await
+            .unwrap()
+            .status,
+        TaskState::Complete
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_callable_fails_with_handler_not_found() {
+    let t = open().await;
+    register(
+        &t,
+        &one_step(
+            "orphan",
+            "nobody.Serves",
+            "    retry: { max_attempts: 3, backoff: none }",
+        ),
+    )
+    .await;
+    t.register_handler("ok", ok());
+    let task = t.run_task(req("orphan", json!({})), WAIT).await.unwrap();
+    assert_eq!(task.status, TaskState::BlockedByFailures);
+    let only = task.step("only").unwrap();
+    assert_eq!(only.attempts, 1, "handler_not_found is permanent");
+    let err = only.error.as_ref().unwrap();
+    assert_eq!(
+        (err.error_type, err.retryable),
+        (ErrorType::HandlerNotFound, false)
+    );
+    assert!(
+        err.message.contains("nobody.Serves") && err.message.contains("ok"),
+        "{}",
+        err.message
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_handler_times_out_and_is_retried() {
+    let t = open().await;
+    register(
+        &t,
+        &one_step(
+            "hangs",
+            "hang",
+            "    timeout_seconds: 1\n    retry: { max_attempts: 2, backoff: none }",
+        ),
+    )
+    .await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    t.register_handler(
+        "hang",
+        handler_fn(move |_| {
+            c.fetch_add(1, Ordering::SeqCst);
+            std::future::pending()
+        }),
+    );
+    let task = t.run_task(req("hangs", json!({})), WAIT).await.unwrap();
+    assert_eq!(task.status, TaskState::BlockedByFailures);
+    let only = task.step("only").unwrap();
+    assert_eq!(only.attempts, 2);
+    assert_eq!(only.error.as_ref().unwrap().error_type, ErrorType::Timeout);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_are_checked() {
+    let t = open().await;
+    let schema = r#"    result_schema: { type: object, required: [total], properties: { total: { type: integer }, label: { type: string } } }"#;
+    register(&t, &one_step("schema", "bad_result", schema)).await;
+    register(&t, &one_step("not_object", "array_result", "")).await;
+    t.register_handler(
+        "bad_result",
+        handler_fn(|_| async { StepOutcome::success(json!({"label": 7})) }),
+    );
+    t.register_handler(
+        "array_result",
+        handler_fn(|_| async { StepOutcome::success(json!([1, 2])) }),
+    );
+    let task = t.run_task(req("schema", json!({})), WAIT).await.unwrap();
+    let only = task.step("only").unwrap();
+    let err = only.error.as_ref().unwrap();
+    assert_eq!(
+        (err.error_type, err.retryable, only.attempts),
+        (ErrorType::InvalidResult, false, 1)
+    );
+    assert!(
+        err.message.contains("total") && err.message.contains("/label"),
+        "{}",
+        err.message
+    );
+    assert_eq!(
+        err.metadata.as_array().map(Vec::len),
+        Some(2),
+        "{:?}",
+        err.metadata
+    );
+    let task = t
+        .run_task(req("not_object", json!({})), WAIT)
+        .await
+        .unwrap();
+    let err = task.step("only").unwrap().error.clone().unwrap();
+    assert_eq!(err.error_type, ErrorType::InvalidResult);
+    assert!(err.message.contains("array"), "{}", err.message);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creation_validates_the_context() {
+    let t = open().await;
+    let yaml = r#"
+name: typed
+namespace_name: eng
+version: "1.0.0"
+input_schema:
+  type: object
+  required: [order_id, items]
+  properties:
+    order_id: { type: integer }
+    items: { type: array, items: { type: object, required: [sku] } }
+steps:
+  - name: only
+    handler: { callable: ok }
+"#;
+    register(&t, yaml).await;
+    let e = t.create_task(req("typed", json!([1]))).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Validation);
+    let e = t
+        .create_task(req(
+            "typed",
+            json!({"order_id": "x", "items": [{"qty": 1}]}),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Validation, "{e}");
+    let violations = e.details.as_ref().unwrap()["violations"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let pointers: Vec<&str> = violations
+        .iter()
+        .map(|v| v["pointer"].as_str().unwrap())
+        .collect();
+    assert!(pointers.contains(&"/order_id"), "{violations:?}");
+    assert!(pointers.contains(&"/items/0"), "{violations:?}");
+    assert_eq!(violations.len(), 2, "{violations:?}");
+    assert!(
+        e.message.contains("/order_id") && e.message.contains("/items/0"),
+        "{e}"
+    );
+    assert!(
+        t.list_tasks(&Default::default()).await.unwrap().is_empty(),
+        "nothing was created"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_strategies() {
+    let t = open().await;
+    t.register_handler("ok", ok());
+    let tpl = |name: &str, strategy: &str| {
+        format!(
+            "name: {name}\nnamespace_name: eng\nversion: \"1.0.0\"\nidentity_strategy: {strategy}\nsteps:\n  - name: only\n    handler: {{ callable: ok }}\n"
+        )
+    };
+    register(&t, &tpl("strict", "strict")).await;
+    register(&t, &tpl("caller", "caller_provided")).await;
+    register(&t, &tpl("unique", "always_unique")).await;
+    let a = t
+        .create_task(req("strict", json!({"x": 1, "y": [1, 2]})))
+        .await
+        .unwrap();
+    let b = t
+        .create_task(req("strict", json!({"y": [1, 2], "x": 1})))
+        .await
+        .unwrap();
+    assert!(!a.replayed && b.replayed);
+    assert_eq!(a.uuid, b.uuid);
+    assert!(b.wait(WAIT).await.unwrap().replayed);
+    let c = t.create_task(req("strict", json!({"x": 2}))).await.unwrap();
+    assert_ne!(c.uuid, a.uuid);
+
+    let k1 = t
+        .create_task(req("caller", json!({"n": 1})).idempotency_key("order-7"))
+        .await
+        .unwrap();
+    let k2 = t
+        .create_task(req("caller", json!({"n": 2})).idempotency_key("order-7"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (k1.uuid.clone(), k1.replayed, k2.replayed),
+        (k2.uuid.clone(), false, true)
+    );
+    let e = t
+        .create_task(req("caller", json!({"n": 1})))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Validation);
+    assert!(e.message.contains("idempotency_key"), "{e}");
+    // A key also de-duplicates under other strategies.
+    let s1 = t
+        .create_task(req("unique", json!({})).idempotency_key("k"))
+        .await
+        .unwrap();
+    let s2 = t
+        .create_task(req("unique", json!({})).idempotency_key("k"))
+        .await
+        .unwrap();
+    assert_eq!(s1.uuid, s2.uuid);
+
+    let u1 = t
+        .create_task(req("unique", json!({"same": true})))
+        .await
+        .unwrap();
+    let u2 = t
+        .create_task(req("unique", json!({"same": true})))
+        .await
+        .unwrap();
+    assert_ne!(u1.uuid, u2.uuid);
+    assert!(!u2.replayed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_template_lists_known_versions() {
+    let t = open().await;
+    register(&t, &one_step("versioned", "ok", "")).await;
+    let e = t
+        .create_task(req("versioned", json!({})).version("2.0.0"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert!(e.message.contains("1.0.0"), "{e}");
+    let e = t
+        .create_task(req("nothing_here", json!({})))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_see_every_completed_ancestor() {
+    let t = open().await;
+    register(
+        &t,
+        r#"
+name: chain
+namespace_name: eng
+version: "1.0.0"
+steps:
+  - name: a
+    handler: { callable: record, initialization: { tag: first } }
+  - name: b
+    handler: { callable: record }
+    dependencies: [a]
+  - name: c
+    handler: { callable: record }
+    dependencies: [b]
+"#,
+    )
+    .await;
+    t.register_handler(
+        "record",
+        handler_fn(|ctx| async move {
+            let seen: Vec<String> = ctx.dependency_results().keys().cloned().collect();
+            StepOutcome::success(json!({
+                "me": ctx.step_name(),
+                "seen": seen,
+                "tag": ctx.get_config("tag"),
+                "input": ctx.get_input("n"),
+            }))
+        }),
+    );
+    let task = t
+        .run_task(req("chain", json!({"n": 5})), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(task.status, TaskState::Complete);
+    let c = task.step("c").unwrap().result.clone().unwrap();
+    let mut seen: Vec<String> = serde_json::from_value(c["seen"].clone()).unwrap();
+    seen.sort();
+    assert_eq!(seen, ["a", "b"], "grandparent a is visible to c");
+    assert_eq!(
+        task.step("a").unwrap().result.as_ref().unwrap()["tag"],
+        json!("first")
+    );
+    assert_eq!(c["input"], json!(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_steps_run_concurrently() {
+    let t = open().await;
+    register(
+        &t,
+        r#"
+name: fork
+namespace_name: eng
+version: "1.0.0"
+steps:
+  - name: root
+    handler: { callable: ok }
+  - name: left
+    handler: { callable: slow }
+    dependencies: [root]
+  - name: right
+    handler: { callable: slow }
+    dependencies: [root]
+"#,
+    )
+    .await;
+    t.register_handler("ok", ok());
+    t.register_handler(
+        "slow",
+        handler_fn(|_| async {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            StepOutcome::success(json!({}))
+        }),
+    );
+    let task = t.run_task(req("fork", json!({})), WAIT).await.unwrap();
+    assert_eq!(task.status, TaskState::Complete);
+    let (l, r) = (task.step("left").unwrap(), task.step("right").unwrap());
+    let (ls, le) = (l.started_at.unwrap(), l.completed_at.unwrap());
+    let (rs, re) = (r.started_at.unwrap(), r.completed_at.unwrap());
+    assert!(le - ls >= 150 && re - rs >= 150);
+    assert!(
+        ls < re && rs < le,
+        "intervals [{ls},{le}] and [{rs},{re}] do not overlap"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_running_task_fences_off_the_late_result() {
+    let t = open().await;
+    register(
+        &t,
+        &two_steps("cancel_me", "gated", "ok", "{ max_attempts: 1 }"),
+    )
+    .await;
+    let started = Arc::new(Notify::new());
+    let gate = Arc::new(Notify::new());
+    let (s, g) = (started.clone(), gate.clone());
+    t.register_handler(
+        "gated",
+        handler_fn(move |_| {
+            let (s, g) = (s.clone(), g.clone());
+            async move {
+                s.notify_one();
+                g.notified().await;
+                StepOutcome::success(json!({"late": true}))
+            }
+        }),
+    );
+    t.register_handler("ok", ok());
+    let handle = t.create_task(req("cancel_me", json!({}))).await.unwrap();
+    started.notified().await;
+    assert_eq!(
+        handle.get().await.unwrap().step("a").unwrap().state,
+        StepState::InProgress
+    );
+    assert_eq!(
+        t.cancel(&handle.uuid, "changed my mind").await.unwrap(),
+        TaskState::Cancelled
+    );
+    let task = handle.wait(WAIT).await.unwrap();
+    assert_eq!(task.status, TaskState::Cancelled);
+    assert!(task.completed_at.is_some());
+    assert!(task.steps.iter().all(|s| s.state == StepState::Cancelled));
+    gate.notify_one();
+    // The late result goes through the completer; wait for its rejection to be recorded.
+    let rejected = eventually(|| async {
+        let r = t.store().rejected_completions(&handle.uuid).await.unwrap();
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    assert_eq!(rejected.len(), 1);
+    assert!(
+        rejected[0].reason.contains("cancelled"),
+        "{}",
+        rejected[0].reason
+    );
+    let task = handle.get().await.unwrap();
+    assert_eq!(task.status, TaskState::Cancelled);
+    assert_eq!(
+        task.step("a").unwrap().result,
+        None,
+        "the late result was not applied"
+    );
+}
+
+/// Re-checks `probe` on every engine-state change (bounded), for effects that no task state
+/// reflects (a rejected late completion).
+async fn eventually<T, F, Fut>(probe: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    for _ in 0..1000 {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached within 10 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_resolution_unblocks_dependents() {
+    let t = open().await;
+    register(
+        &t,
+        &two_steps("resolve", "perm", "ok", "{ max_attempts: 1 }"),
+    )
+    .await;
+    t.register_handler("perm", failing(u32::MAX, StepOutcome::permanent("no")).0);
+    t.register_handler("ok", ok());
+    let handle = t.create_task(req("resolve", json!({}))).await.unwrap();
+    assert_eq!(
+        handle.wait(WAIT).await.unwrap().status,
+        TaskState::BlockedByFailures
+    );
+    let state = t
+        .resolve_step(&handle.uuid, "a", "done by hand")
+        .await
+        .unwrap();
+    assert!(
+        !state.is_terminal() && state != TaskState::BlockedByFailures,
+        "{state}"
+    );
+    let task = handle.wait(WAIT).await.unwrap();
+    assert_eq!(task.status, TaskState::Complete);
+    assert_eq!(task.step("a").unwrap().state, StepState::ResolvedManually);
+    assert_eq!(task.step("b").unwrap().state, StepState::Complete);
+    let tr = t.step_transitions(&handle.uuid, Some("a")).await.unwrap();
+    let r = tr.iter().find(|t| t.event == "resolve_manually").unwrap();
+    assert_eq!(
+        (r.actor.as_str(), r.reason.as_deref()),
+        ("operator", Some("done by hand"))
+    );
+    let fix = t
+        .task_transitions(&handle.uuid)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.event == "operator_fixed_step")
+        .unwrap();
+    assert_eq!(
+        (fix.actor.as_str(), fix.reason.as_deref()),
+        ("operator", Some("done by hand"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_step_resumes_a_blocked_task() {
+    let t = open().await;
+    register(&t, &two_steps("reset", "once", "ok", "{ max_attempts: 1 }")).await;
+    let (h, calls) = failing(1, StepOutcome::permanent("first time fails"));
+    t.register_handler("once", h);
+    t.register_handler("ok", ok());
+    let handle = t.create_task(req("reset", json!({}))).await.unwrap();
+    assert_eq!(
+        handle.wait(WAIT).await.unwrap().status,
+        TaskState::BlockedByFailures
+    );
+    t.operator(
+        &handle.uuid,
+        tasker_core::store::OperatorAction::ResetStep { step: "a".into() },
+        "alice",
+        "upstream fixed",
+    )
+    .await
+    .unwrap();
+    let task = handle.wait(WAIT).await.unwrap();
+    assert_eq!(task.status, TaskState::Complete);
+    assert_eq!(
+        task.step("a").unwrap().attempts,
+        1,
+        "attempts restarted from 0"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let reset = t
+        .step_transitions(&handle.uuid, Some("a"))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.event == "reset")
+        .unwrap();
+    assert_eq!(
+        (reset.actor.as_str(), reset.reason.as_deref()),
+        ("alice", Some("upstream fixed"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_times_out_with_a_timeout_error() {
+    let t = open().await;
+    register(&t, &one_step("long", "forever", "")).await;
+    t.register_handler("forever", handler_fn(|_| std::future::pending()));
+    let handle = t.create_task(req("long", json!({}))).await.unwrap();
+    let e = handle
+        .wait(Some(Duration::from_millis(100)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Timeout, "{e}");
+    assert_eq!(e.details.unwrap()["task_uuid"], json!(handle.uuid));
+    t.cancel(&handle.uuid, "cleanup").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completed_at_is_set_on_every_terminal_state() {
+    let t = open().await;
+    register(&t, &one_step("ends_ok", "ok", "")).await;
+    register(
+        &t,
+        &one_step("ends_bad", "perm", "    retry: { max_attempts: 1 }"),
+    )
+    .await;
+    register(&t, &one_step("ends_never", "forever", "")).await;
+    t.register_handler("ok", ok());
+    t.register_handler("perm", failing(u32::MAX, StepOutcome::permanent("no")).0);
+    t.register_handler("forever", handler_fn(|_| std::future::pending()));
+
+    let done = t.run_task(req("ends_ok", json!({})), WAIT).await.unwrap();
+    assert_eq!(
+        (done.status, done.completed_at.is_some()),
+        (TaskState::Complete, true)
+    );
+    let gave_up = t.run_task(req("ends_bad", json!({})), WAIT).await.unwrap();
+    assert_eq!(gave_up.completed_at, None);
+    assert_eq!(
+        t.give_up(&gave_up.uuid, "hopeless").await.unwrap(),
+        TaskState::Error
+    );
+    let resolved = t.run_task(req("ends_bad", json!({})), WAIT).await.unwrap();
+    assert_eq!(
+        t.resolve(&resolved.uuid, "elsewhere").await.unwrap(),
+        TaskState::ResolvedManually
+    );
+    let cancelled = t.create_task(req("ends_never", json!({}))).await.unwrap();
+    t.cancel(&cancelled.uuid, "stop").await.unwrap();
+    for (uuid, state) in [
+        (&gave_up.uuid, TaskState::Error),
+        (&resolved.uuid, TaskState::ResolvedManually),
+        (&cancelled.uuid, TaskState::Cancelled),
+    ] {
+        let task = t.task(uuid.clone()).wait(WAIT).await.unwrap();
+        assert_eq!(task.status, state);
+        assert!(task.completed_at.is_some(), "{state} without completed_at");
+    }
+    let e = t.give_up(&gave_up.uuid, "again").await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidTransition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_without_steps_completes_at_creation() {
+    let t = open().await;
+    register(
+        &t,
+        "name: empty\nnamespace_name: eng\nversion: \"1.0.0\"\nsteps: []\n",
+    )
+    .await;
+    let handle = t.create_task(req("empty", json!({}))).await.unwrap();
+    let task = handle.get().await.unwrap();
+    assert_eq!(task.status, TaskState::Complete);
+    assert!(task.completed_at.is_some());
+    let events: Vec<String> = t
+        .task_transitions(&handle.uuid)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.event)
+        .collect();
+    assert_eq!(events, ["create", "start", "no_steps_found"]);
+}

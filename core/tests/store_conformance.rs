@@ -1,0 +1,1434 @@
+//! Store conformance: one suite written against `Arc<dyn Store>` only, instantiated per
+//! backend at the bottom of the file. A new backend (PostgreSQL) adds one `suite!` line; the
+//! test bodies must stay free of backend specifics.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+use tasker_core::clock::Millis;
+use tasker_core::job::{ErrorType, StepFailure, StepJob};
+use tasker_core::orchestrator::plan_task;
+use tasker_core::store::{
+    AttemptResult, CallableFilter, ClaimRequest, Completion, Created, Expiry, NewTask,
+    OperatorAction, Resolution, Store, TemplatePut,
+};
+use tasker_core::template::{TaskTemplate, parse_str};
+use tasker_core::{Checkpoint, ErrorKind, StepState, TaskRequest, TaskState};
+
+const T0: Millis = 1_700_000_000_000;
+const LEASE: i64 = 30_000;
+const DEFAULT_TIMEOUT: i64 = 300_000;
+const ORCH: &str = "orch-1";
+
+/// Handles onto one fresh database. Backends that can open several independent handles on
+/// the same database (a file, a server) do so; others repeat one handle.
+pub struct Db {
+    stores: Vec<Arc<dyn Store>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Db {
+    fn store(&self) -> &Arc<dyn Store> {
+        &self.stores[0]
+    }
+}
+
+type Opener = fn(usize) -> Pin<Box<dyn Future<Output = Db> + Send>>;
+
+// ---------------------------------------------------------------- helpers
+
+fn template(yaml: &str) -> TaskTemplate {
+    parse_str(yaml, None, "test")
+        .unwrap_or_else(|e| panic!("bad test template: {e}"))
+        .template
+}
+
+fn linear(ns: &str, name: &str, callable: &str) -> TaskTemplate {
+    template(&format!(
+        r#"
+name: {name}
+namespace_name: {ns}
+version: "1.0.0"
+identity_strategy: always_unique
+steps:
+  - name: a
+    handler: {{ callable: {callable} }}
+  - name: b
+    handler: {{ callable: {callable} }}
+    dependencies: [a]
+"#
+    ))
+}
+
+fn diamond() -> TaskTemplate {
+    template(
+        r#"
+name: diamond
+namespace_name: conf
+version: "1.0.0"
+steps:
+  - name: a
+    handler: { callable: work }
+  - name: b
+    handler: { callable: work }
+    dependencies: [a]
+  - name: c
+    handler: { callable: work }
+    dependencies: [a]
+  - name: d
+    handler: { callable: work }
+    dependencies: [b, c]
+"#,
+    )
+}
+
+fn plan(t: &TaskTemplate, request: TaskRequest) -> NewTask {
+    plan_task(Arc::new(t.clone()), None, request, 1 << 20).expect("plan")
+}
+
+fn request(t: &TaskTemplate, context: Value) -> TaskRequest {
+    TaskRequest::new(&t.namespace, &t.name, context)
+}
+
+async fn create(store: &Arc<dyn Store>, t: &TaskTemplate, context: Value, now: Millis) -> String {
+    match store
+        .create_task(&plan(t, request(t, context)), ORCH, now)
+        .await
+        .unwrap()
+    {
+        Created::New(uuid) => uuid,
+        other => panic!("expected a new task, got {other:?}"),
+    }
+}
+
+async fn create_with_priority(
+    store: &Arc<dyn Store>,
+    t: &TaskTemplate,
+    priority: i32,
+    now: Millis,
+) -> String {
+    let mut r = request(t, json!({ "p": priority, "now": now }));
+    r.priority = priority;
+    match store.create_task(&plan(t, r), ORCH, now).await.unwrap() {
+        Created::New(uuid) => uuid,
+        other => panic!("expected a new task, got {other:?}"),
+    }
+}
+
+fn claim_req(
+    worker: &str,
+    namespaces: &[&str],
+    callables: CallableFilter,
+    limit: usize,
+) -> ClaimRequest {
+    ClaimRequest {
+        worker_id: worker.into(),
+        namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+        callables,
+        limit,
+        lease_ms: LEASE,
+        default_timeout_ms: DEFAULT_TIMEOUT,
+        enqueued_before: None,
+    }
+}
+
+fn any() -> CallableFilter {
+    CallableFilter::AnyExcept(Vec::new())
+}
+
+async fn claim(store: &Arc<dyn Store>, worker: &str, limit: usize, now: Millis) -> Vec<StepJob> {
+    store
+        .claim(&claim_req(worker, &[], any(), limit), now)
+        .await
+        .unwrap()
+}
+
+async fn claim_one(store: &Arc<dyn Store>, worker: &str, now: Millis) -> StepJob {
+    let mut jobs = claim(store, worker, 1, now).await;
+    assert_eq!(jobs.len(), 1, "expected one claimable step");
+    jobs.pop().unwrap()
+}
+
+fn result(job: &StepJob, worker: Option<&str>, resolution: Resolution) -> AttemptResult {
+    AttemptResult {
+        step_uuid: job.step_uuid.clone(),
+        attempt: job.attempt,
+        worker_id: worker.map(str::to_string),
+        expiry: None,
+        resolution,
+        started_at: Some(job.started_at),
+    }
+}
+
+fn success(v: Value) -> Resolution {
+    Resolution::Succeeded {
+        result: v,
+        metadata: Value::Null,
+    }
+}
+
+fn failed(message: &str) -> Resolution {
+    Resolution::Failed {
+        failure: StepFailure::new(ErrorType::PermanentError, message),
+    }
+}
+
+async fn finish_one(
+    store: &Arc<dyn Store>,
+    r: AttemptResult,
+    now: Millis,
+) -> (Completion, Option<TaskState>) {
+    let mut reports = store.finish(&[r], ORCH, now).await.unwrap();
+    assert_eq!(reports.len(), 1);
+    let rep = reports.pop().unwrap();
+    (rep.completion, rep.task_state)
+}
+
+async fn step_state(store: &Arc<dyn Store>, task: &str, step: &str) -> StepState {
+    store
+        .get_task(task)
+        .await
+        .unwrap()
+        .step(step)
+        .unwrap()
+        .state
+}
+
+async fn assert_unchanged<F, Fut>(store: &Arc<dyn Store>, task: &str, f: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let before = store.get_task(task).await.unwrap();
+    let tt = store.task_transitions(task).await.unwrap().len();
+    let st = store.step_transitions(task, None).await.unwrap().len();
+    f().await;
+    let after = store.get_task(task).await.unwrap();
+    assert_eq!(before.status, after.status, "task state changed");
+    assert_eq!(before.steps, after.steps, "steps changed");
+    assert_eq!(
+        store.task_transitions(task).await.unwrap().len(),
+        tt,
+        "task transition written"
+    );
+    assert_eq!(
+        store.step_transitions(task, None).await.unwrap().len(),
+        st,
+        "step transition written"
+    );
+}
+
+/// A task whose only root step `a` failed for good: `blocked_by_failures`.
+async fn blocked_task(store: &Arc<dyn Store>, now: Millis) -> String {
+    // A callable of its own, so the claim below cannot pick up another task's step.
+    let callable = format!("broken_{now}");
+    let t = linear("conf", &format!("blocked_{now}"), &callable);
+    store.put_template(&t, false, now).await.unwrap();
+    let task = create(store, &t, json!({}), now).await;
+    let mut jobs = store
+        .claim(
+            &claim_req("w1", &[], CallableFilter::Only(vec![callable]), 1),
+            now,
+        )
+        .await
+        .unwrap();
+    let job = jobs.pop().expect("the blocked task's root step");
+    let (c, state) = finish_one(store, result(&job, Some("w1"), failed("broken")), now + 1).await;
+    assert_eq!(c, Completion::Accepted);
+    assert_eq!(state, Some(TaskState::BlockedByFailures));
+    task
+}
+
+// ---------------------------------------------------------------- the suite
+
+async fn templates_register_version_and_conflict(db: Db) {
+    let s = db.store();
+    let mut t = linear("conf", "tpl", "work");
+    assert_eq!(
+        s.put_template(&t, false, T0).await.unwrap(),
+        TemplatePut::Inserted
+    );
+    assert_eq!(
+        s.put_template(&t, false, T0).await.unwrap(),
+        TemplatePut::Unchanged
+    );
+    let mut changed = t.clone();
+    changed.description = Some("different".into());
+    let e = s.put_template(&changed, false, T0).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Conflict, "{e}");
+    assert_eq!(
+        s.get_template("conf", "tpl", Some("1.0.0")).await.unwrap(),
+        t,
+        "a refused put changes nothing"
+    );
+    assert_eq!(
+        s.put_template(&changed, true, T0).await.unwrap(),
+        TemplatePut::Replaced
+    );
+    assert_eq!(
+        s.get_template("conf", "tpl", Some("1.0.0")).await.unwrap(),
+        changed
+    );
+    for v in ["1.9.0", "1.10.0", "1.2.0"] {
+        t.version = v.into();
+        s.put_template(&t, false, T0).await.unwrap();
+    }
+    assert_eq!(
+        s.get_template("conf", "tpl", None).await.unwrap().version,
+        "1.10.0",
+        "newest by semver"
+    );
+    let e = s
+        .get_template("conf", "tpl", Some("9.9.9"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert!(
+        e.message.contains("1.10.0") && e.message.contains("1.0.0"),
+        "{e}"
+    );
+    assert_eq!(
+        e.details.unwrap()["known_versions"],
+        json!(["1.0.0", "1.2.0", "1.9.0", "1.10.0"])
+    );
+    assert_eq!(
+        s.get_template("conf", "nope", None).await.unwrap_err().kind,
+        ErrorKind::NotFound
+    );
+    assert_eq!(s.list_templates().await.unwrap().len(), 4);
+}
+
+async fn create_task_inserts_steps_edges_transitions(db: Db) {
+    let s = db.store();
+    let t = diamond();
+    s.put_template(&t, false, T0).await.unwrap();
+    let uuid = create(s, &t, json!({"x": 1}), T0).await;
+    let task = s.get_task(&uuid).await.unwrap();
+    assert_eq!(task.status, TaskState::StepsInProcess);
+    assert_eq!(task.created_at, T0);
+    assert_eq!(task.completed_at, None);
+    let names: Vec<&str> = task.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c", "d"]);
+    assert_eq!(task.step("a").unwrap().state, StepState::Enqueued);
+    for n in ["b", "c", "d"] {
+        assert_eq!(task.step(n).unwrap().state, StepState::Pending, "{n}");
+    }
+    let mut deps = task.step("d").unwrap().dependencies.clone();
+    deps.sort();
+    assert_eq!(deps, ["b", "c"]);
+    assert_eq!(task.step("b").unwrap().dependencies, ["a"]);
+
+    let tt = s.task_transitions(&uuid).await.unwrap();
+    let rows: Vec<(Option<&str>, &str, &str)> = tt
+        .iter()
+        .map(|t| {
+            (
+                t.from_state.as_deref(),
+                t.to_state.as_str(),
+                t.event.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (None, "pending", "create"),
+            (Some("pending"), "initializing", "start"),
+            (Some("initializing"), "enqueuing_steps", "ready_steps_found"),
+            (
+                Some("enqueuing_steps"),
+                "steps_in_process",
+                "steps_enqueued"
+            ),
+        ]
+    );
+    assert!(tt.iter().all(|t| t.actor == ORCH && t.created_at == T0));
+    assert!(
+        tt.windows(2).all(|w| w[0].sort_key < w[1].sort_key),
+        "sort keys increase"
+    );
+
+    let st = s.step_transitions(&uuid, None).await.unwrap();
+    let created: Vec<&str> = st
+        .iter()
+        .filter(|t| t.event == "create")
+        .map(|t| {
+            assert_eq!(t.from_state, None);
+            assert_eq!(t.to_state, "pending");
+            t.step_name.as_deref().unwrap()
+        })
+        .collect();
+    assert_eq!(created, ["a", "b", "c", "d"]);
+    let enq: Vec<_> = st.iter().filter(|t| t.event == "enqueue").collect();
+    assert_eq!(enq.len(), 1);
+    assert_eq!(enq[0].step_name.as_deref(), Some("a"));
+    assert_eq!(
+        (enq[0].from_state.as_deref(), enq[0].to_state.as_str()),
+        (Some("pending"), "enqueued")
+    );
+    assert_eq!(enq[0].actor, ORCH);
+    assert_eq!(s.step_transitions(&uuid, Some("a")).await.unwrap().len(), 2);
+}
+
+async fn identity_duplicates_return_existing(db: Db) {
+    let s = db.store();
+    let t = diamond();
+    s.put_template(&t, false, T0).await.unwrap();
+    let first = create(s, &t, json!({"b": 1, "a": 2}), T0).await;
+    // Same context with keys in another order: same strict identity.
+    let again = s
+        .create_task(&plan(&t, request(&t, json!({"a": 2, "b": 1}))), ORCH, T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        Created::Existing {
+            uuid: first.clone(),
+            by_key: false
+        }
+    );
+    let keyed = create_keyed(s, &t, json!({"n": 1}), "k-1").await;
+    let dup = s
+        .create_task(
+            &plan(&t, request(&t, json!({"n": 2})).idempotency_key("k-1")),
+            ORCH,
+            T0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        dup,
+        Created::Existing {
+            uuid: keyed,
+            by_key: true
+        }
+    );
+    assert_eq!(
+        s.get_task(&first).await.unwrap().steps.len(),
+        4,
+        "no steps were added by the duplicate"
+    );
+}
+
+async fn create_keyed(s: &Arc<dyn Store>, t: &TaskTemplate, ctx: Value, key: &str) -> String {
+    match s
+        .create_task(&plan(t, request(t, ctx).idempotency_key(key)), ORCH, T0)
+        .await
+        .unwrap()
+    {
+        Created::New(u) => u,
+        o => panic!("{o:?}"),
+    }
+}
+
+async fn claim_respects_namespaces_and_callables(db: Db) {
+    let s = db.store();
+    let ta = linear("ns_a", "job", "x");
+    let tb = linear("ns_b", "job", "y");
+    for t in [&ta, &tb] {
+        s.put_template(t, false, T0).await.unwrap();
+        create(s, t, json!({}), T0).await;
+    }
+    let only_y = s
+        .claim(
+            &claim_req("w", &["ns_a"], CallableFilter::Only(vec!["y".into()]), 10),
+            T0,
+        )
+        .await
+        .unwrap();
+    assert!(only_y.is_empty(), "ns_a has no `y` step");
+    let except_x = s
+        .claim(
+            &claim_req(
+                "w",
+                &["ns_a"],
+                CallableFilter::AnyExcept(vec!["x".into()]),
+                10,
+            ),
+            T0,
+        )
+        .await
+        .unwrap();
+    assert!(except_x.is_empty());
+    let empty_only = s
+        .claim(&claim_req("w", &[], CallableFilter::Only(vec![]), 10), T0)
+        .await
+        .unwrap();
+    assert!(empty_only.is_empty(), "Only([]) claims nothing");
+    let b = s
+        .claim(&claim_req("w", &["ns_b"], any(), 10), T0)
+        .await
+        .unwrap();
+    assert_eq!(b.len(), 1);
+    assert_eq!((b[0].namespace.as_str(), b[0].callable()), ("ns_b", "y"));
+    let a = s
+        .claim(
+            &claim_req("w", &[], CallableFilter::AnyExcept(vec!["y".into()]), 10),
+            T0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.len(), 1);
+    assert_eq!((a[0].namespace.as_str(), a[0].callable()), ("ns_a", "x"));
+    assert!(
+        claim(s, "w", 10, T0).await.is_empty(),
+        "pending children are not claimable"
+    );
+}
+
+async fn claim_sets_attempt_lease_and_timeout(db: Db) {
+    let s = db.store();
+    let t = template(
+        r#"
+name: timed
+namespace_name: conf
+version: "1.0.0"
+identity_strategy: always_unique
+steps:
+  - name: quick
+    handler: { callable: work }
+    timeout_seconds: 5
+  - name: slow
+    handler: { callable: work }
+"#,
+    );
+    s.put_template(&t, false, T0).await.unwrap();
+    let task = create(s, &t, json!({"k": "v"}), T0).await;
+    let now = T0 + 100;
+    let mut jobs = claim(s, "w1", 10, now).await;
+    jobs.sort_by(|a, b| a.step_name.cmp(&b.step_name));
+    assert_eq!(jobs.len(), 2);
+    for j in &jobs {
+        assert_eq!(j.attempt, 1);
+        assert_eq!(j.worker_id, "w1");
+        assert_eq!(j.started_at, now);
+        assert_eq!(j.task_uuid, task);
+        assert_eq!(j.context, json!({"k": "v"}));
+        assert_eq!(
+            (j.task_name.as_str(), j.task_version.as_str()),
+            ("timed", "1.0.0")
+        );
+    }
+    assert_eq!(jobs[0].step_name, "quick");
+    assert_eq!(jobs[0].timeout_at, now + 5_000);
+    assert_eq!(jobs[1].timeout_at, now + DEFAULT_TIMEOUT);
+    let view = s.get_task(&task).await.unwrap();
+    for n in ["quick", "slow"] {
+        let st = view.step(n).unwrap();
+        assert_eq!((st.state, st.attempts), (StepState::InProgress, 1));
+        assert_eq!(st.worker_id.as_deref(), Some("w1"));
+        assert_eq!(st.started_at, Some(now));
+    }
+    let claims: Vec<_> = s
+        .step_transitions(&task, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.event == "claim")
+        .collect();
+    assert_eq!(claims.len(), 2);
+    assert!(
+        claims
+            .iter()
+            .all(|c| c.actor == "w1" && c.attempt == Some(1) && c.to_state == "in_progress")
+    );
+    // The timeout of `quick` falls due before any lease.
+    assert_eq!(s.next_due().await.unwrap(), Some(now + 5_000));
+    assert!(
+        s.expired_attempts(now + 4_999, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let x = s.expired_attempts(now + 5_000, 10).await.unwrap();
+    assert_eq!(x.len(), 1);
+    assert_eq!(
+        (x[0].step_uuid.as_str(), x[0].expiry),
+        (jobs[0].step_uuid.as_str(), Expiry::Timeout)
+    );
+    // Leases run out at now + LEASE (renewal would have pushed them).
+    s.renew_leases(
+        "w1",
+        std::slice::from_ref(&jobs[0].step_uuid),
+        now + 10 * LEASE,
+        now,
+    )
+    .await
+    .unwrap();
+    let x = s.expired_attempts(now + LEASE - 1, 10).await.unwrap();
+    assert_eq!(
+        x.len(),
+        1,
+        "only quick, past its timeout; slow's lease still runs"
+    );
+    assert_eq!(x[0].step_uuid, jobs[0].step_uuid);
+    let x = s.expired_attempts(now + LEASE, 10).await.unwrap();
+    assert_eq!(
+        x.len(),
+        2,
+        "slow's lease ran out; quick is past its timeout"
+    );
+    let slow = x.iter().find(|e| e.step_uuid == jobs[1].step_uuid).unwrap();
+    assert_eq!((slow.expiry, slow.attempt), (Expiry::LeaseExpired, 1));
+    assert!(
+        claim(s, "w2", 10, now).await.is_empty(),
+        "in-progress steps are not claimable"
+    );
+}
+
+async fn claim_orders_by_priority_then_enqueued_at_and_limits(db: Db) {
+    let s = db.store();
+    let t = linear("conf", "prio", "work");
+    s.put_template(&t, false, T0).await.unwrap();
+    let low = create_with_priority(s, &t, 0, T0).await;
+    let high = create_with_priority(s, &t, 10, T0 + 5).await;
+    let mid_late = create_with_priority(s, &t, 5, T0 + 20).await;
+    let mid_early = create_with_priority(s, &t, 5, T0 + 10).await;
+    let batch = claim(s, "w", 2, T0 + 100).await;
+    assert_eq!(batch.len(), 2, "limit is honoured");
+    let mut order: Vec<String> = batch.iter().map(|j| j.task_uuid.clone()).collect();
+    for _ in 0..2 {
+        order.push(claim_one(s, "w", T0 + 100).await.task_uuid);
+    }
+    assert!(claim(s, "w", 5, T0 + 100).await.is_empty());
+    assert_eq!(order[2..], [mid_late, low]);
+    let mut first_two = order[..2].to_vec();
+    first_two.sort();
+    let mut expect = vec![high.clone(), mid_early.clone()];
+    expect.sort();
+    assert_eq!(first_two, expect);
+    // Within one claim the order holds as well.
+    assert_eq!(batch[0].task_uuid, high);
+    assert_eq!(batch[1].task_uuid, mid_early);
+}
+
+async fn concurrent_claims_take_each_step_exactly_once(db: Db) {
+    const STEPS: usize = 200;
+    const CLAIMERS_PER_HANDLE: usize = 4;
+    let t = template(
+        r#"
+name: fanout
+namespace_name: conf
+version: "1.0.0"
+identity_strategy: always_unique
+steps:
+  - name: only
+    handler: { callable: work }
+"#,
+    );
+    db.store().put_template(&t, false, T0).await.unwrap();
+    let mut tasks = HashSet::new();
+    for i in 0..STEPS {
+        tasks.insert(create(db.store(), &t, json!({ "i": i }), T0).await);
+    }
+    let seen = Arc::new(Mutex::new(Vec::<(String, u32)>::new()));
+    let mut joins = tokio::task::JoinSet::new();
+    for (h, store) in db.stores.iter().enumerate() {
+        for c in 0..CLAIMERS_PER_HANDLE {
+            let store = store.clone();
+            let seen = seen.clone();
+            let worker = format!("w{h}-{c}");
+            joins.spawn(async move {
+                loop {
+                    let jobs = store
+                        .claim(&claim_req(&worker, &[], any(), 3), T0 + 1)
+                        .await
+                        .unwrap();
+                    if jobs.is_empty() {
+                        break;
+                    }
+                    let results: Vec<AttemptResult> = jobs
+                        .iter()
+                        .map(|j| result(j, Some(&worker), success(json!({"by": worker}))))
+                        .collect();
+                    seen.lock()
+                        .unwrap()
+                        .extend(jobs.iter().map(|j| (j.step_uuid.clone(), j.attempt)));
+                    for rep in store.finish(&results, &worker, T0 + 2).await.unwrap() {
+                        assert_eq!(rep.completion, Completion::Accepted);
+                        assert_eq!(rep.task_state, Some(TaskState::Complete));
+                    }
+                }
+            });
+        }
+    }
+    while let Some(r) = joins.join_next().await {
+        r.unwrap();
+    }
+    let seen = seen.lock().unwrap().clone();
+    let distinct: HashSet<&String> = seen.iter().map(|(s, _)| s).collect();
+    assert_eq!(
+        seen.len(),
+        STEPS,
+        "claimed {} times for {STEPS} steps",
+        seen.len()
+    );
+    assert_eq!(distinct.len(), STEPS);
+    assert!(seen.iter().all(|(_, a)| *a == 1));
+    for task in &tasks {
+        assert_eq!(
+            db.store().task_state(task).await.unwrap(),
+            TaskState::Complete
+        );
+        assert!(
+            db.store()
+                .rejected_completions(task)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+}
+
+async fn success_enqueues_children_in_the_same_transaction(db: Db) {
+    let s = db.store();
+    let t = diamond();
+    s.put_template(&t, false, T0).await.unwrap();
+    let task = create(s, &t, json!({}), T0).await;
+    let a = claim_one(s, "w1", T0).await;
+    assert_eq!(a.step_name, "a");
+    assert!(a.dependency_results.is_empty());
+    let (c, state) = finish_one(s, result(&a, Some("w1"), success(json!({"v": 1}))), T0 + 10).await;
+    assert_eq!(c, Completion::Accepted);
+    assert_eq!(state, Some(TaskState::StepsInProcess));
+    let view = s.get_task(&task).await.unwrap();
+    let a_view = view.step("a").unwrap();
+    assert_eq!(
+        (a_view.state, a_view.result.clone()),
+        (StepState::Complete, Some(json!({"v": 1})))
+    );
+    assert_eq!(a_view.completed_at, Some(T0 + 10));
+    assert_eq!(view.step("b").unwrap().state, StepState::Enqueued);
+    assert_eq!(view.step("c").unwrap().state, StepState::Enqueued);
+    assert_eq!(view.step("d").unwrap().state, StepState::Pending);
+    let a_tr: Vec<(String, String, String)> = s
+        .step_transitions(&task, Some("a"))
+        .await
+        .unwrap()
+        .into_iter()
+        .skip(2)
+        .map(|t| (t.from_state.unwrap(), t.to_state, t.event))
+        .collect();
+    assert_eq!(
+        a_tr,
+        [
+            ("enqueued".into(), "in_progress".into(), "claim".into()),
+            (
+                "in_progress".into(),
+                "enqueued_for_orchestration".into(),
+                "succeed".into()
+            ),
+            (
+                "enqueued_for_orchestration".into(),
+                "complete".into(),
+                "complete".into()
+            ),
+        ]
+    );
+    let tt: Vec<String> = s
+        .task_transitions(&task)
+        .await
+        .unwrap()
+        .into_iter()
+        .skip(4)
+        .map(|t| t.event)
+        .collect();
+    assert_eq!(tt, ["step_result", "ready_steps_found", "steps_enqueued"]);
+    let bc = claim(s, "w1", 10, T0 + 20).await;
+    assert_eq!(bc.len(), 2);
+    for j in &bc {
+        assert_eq!(j.dependency_results.get("a"), Some(&json!({"v": 1})));
+    }
+    let results: Vec<_> = bc
+        .iter()
+        .map(|j| result(j, Some("w1"), success(json!({"s": j.step_name}))))
+        .collect();
+    s.finish(&results, ORCH, T0 + 30).await.unwrap();
+    let d = claim_one(s, "w1", T0 + 40).await;
+    let mut deps: Vec<&String> = d.dependency_results.keys().collect();
+    deps.sort();
+    assert_eq!(
+        deps,
+        ["a", "b", "c"],
+        "all completed ancestors, grandparents too"
+    );
+    let (_, state) = finish_one(s, result(&d, Some("w1"), success(json!({}))), T0 + 50).await;
+    assert_eq!(state, Some(TaskState::Complete));
+    assert_eq!(s.get_task(&task).await.unwrap().completed_at, Some(T0 + 50));
+}
+
+async fn stale_completions_are_fenced_and_recorded(db: Db) {
+    let s = db.store();
+    let t = linear("conf", "fence", "work");
+    s.put_template(&t, false, T0).await.unwrap();
+    let task = create(s, &t, json!({}), T0).await;
+    let job = claim_one(s, "w1", T0).await;
+    let mut stale = result(&job, Some("w1"), success(json!({})));
+    stale.attempt = 2;
+    assert_unchanged(s, &task, || async {
+        let (c, state) = finish_one(s, stale.clone(), T0 + 1).await;
+        assert!(
+            matches!(&c, Completion::Rejected(r) if r.contains("attempt 2")),
+            "{c:?}"
+        );
+        assert_eq!(state, None);
+        let (c, _) = finish_one(s, result(&job, Some("w2"), success(json!({}))), T0 + 1).await;
+        assert!(
+            matches!(&c, Completion::Rejected(r) if r.contains("w1")),
+            "{c:?}"
+        );
+    })
+    .await;
+    let rejected = s.rejected_completions(&task).await.unwrap();
+    assert_eq!(rejected.len(), 2);
+    assert_eq!(
+        (rejected[0].attempt, rejected[0].worker_id.as_deref()),
+        (2, Some("w1"))
+    );
+    assert_eq!(
+        (rejected[1].attempt, rejected[1].worker_id.as_deref()),
+        (1, Some("w2"))
+    );
+    let (c, _) = finish_one(
+        s,
+        result(&job, Some("w1"), success(json!({"ok": true}))),
+        T0 + 2,
+    )
+    .await;
+    assert_eq!(c, Completion::Accepted);
+    assert_unchanged(s, &task, || async {
+        let (c, _) = finish_one(
+            s,
+            result(&job, Some("w1"), success(json!({"again": true}))),
+            T0 + 3,
+        )
+        .await;
+        assert!(
+            matches!(&c, Completion::Rejected(r) if r.contains("not in_progress")),
+            "{c:?}"
+        );
+    })
+    .await;
+    assert_eq!(s.rejected_completions(&task).await.unwrap().len(), 3);
+    assert_eq!(
+        s.get_task(&task).await.unwrap().step("a").unwrap().result,
+        Some(json!({"ok": true}))
+    );
+    let (c, _) = finish_one(
+        s,
+        AttemptResult {
+            step_uuid: "no-such-step".into(),
+            ..result(&job, Some("w1"), success(json!({})))
+        },
+        T0,
+    )
+    .await;
+    assert!(matches!(c, Completion::Rejected(_)));
+}
+
+async fn engine_expiry_is_rejected_when_the_lease_was_renewed(db: Db) {
+    let s = db.store();
+    let t = linear("conf", "expiry", "work");
+    s.put_template(&t, false, T0).await.unwrap();
+    let task = create(s, &t, json!({}), T0).await;
+    let job = claim_one(s, "w1", T0).await;
+    let lost = |job: &StepJob| AttemptResult {
+        worker_id: None,
+        expiry: Some(Expiry::LeaseExpired),
+        started_at: None,
+        ..result(
+            job,
+            None,
+            Resolution::Retry {
+                failure: StepFailure::new(ErrorType::WorkerLost, "lease expired"),
+                next_attempt_at: T0 + LEASE + 10,
+            },
+        )
+    };
+    assert_eq!(
+        s.renew_leases(
+            "w1",
+            std::slice::from_ref(&job.step_uuid),
+            T0 + 2 * LEASE,
+            T0 + 10
+        )
+        .await
+        .unwrap(),
+        1
+    );
+    assert_eq!(
+        s.renew_leases(
+            "w2",
+            std::slice::from_ref(&job.step_uuid),
+            T0 + 9 * LEASE,
+            T0 + 10
+        )
+        .await
+        .unwrap(),
+        0
+    );
+    assert!(
+        s.expired_attempts(T0 + LEASE, 10).await.unwrap().is_empty(),
+        "renewed"
+    );
+    assert_unchanged(s, &task, || async {
+        let (c, _) = finish_one(s, lost(&job), T0 + LEASE).await;
+        assert!(
+            matches!(&c, Completion::Rejected(r) if r.contains("renewed")),
+            "{c:?}"
+        );
+        let timeout = AttemptResult {
+            expiry: Some(Expiry::Timeout),
+            ..lost(&job)
+        };
+        let (c, _) = finish_one(s, timeout, T0 + LEASE).await;
+        assert!(
+            matches!(c, Completion::Rejected(_)),
+            "not yet timed out: {c:?}"
+        );
+    })
+    .await;
+    assert!(
+        s.rejected_completions(&task).await.unwrap().is_empty(),
+        "lost races of the engine are not late completions"
+    );
+    let x = s.expired_attempts(T0 + 2 * LEASE, 10).await.unwrap();
+    assert_eq!(x.len(), 1);
+    let (c, state) = finish_one(s, lost(&job), T0 + 2 * LEASE).await;
+    assert_eq!(c, Completion::Accepted);
+    assert_eq!(state, Some(TaskState::WaitingForRetry));
+    let a = s.get_task(&task).await.unwrap();
+    let a = a.step("a").unwrap();
+    assert_eq!(a.state, StepState::WaitingForRetry);
+    assert_eq!(a.error.as_ref().unwrap().error_type, ErrorType::WorkerLost);
+}
+
+async fn retry_waits_until_due(db: Db) {
+    let s = db.store();
+    let t = linear("conf", "retry", "work");
+    s.put_template(&t, false, T0).await.unwrap();
+    let task = create(s, &t, json!({}), T0).await;
+    let job = claim_one(s, "w1", T0).await;
+    let failure = StepFailure::new(ErrorType::RetryableError, "flaky");
+    let (c, state) = finish_one(
+        s,
+        result(
+            &job,
+            Some("w1"),
+            Resolution::Retry {
+                failure: failure.clone(),
+                next_attempt_at: T0 + 1_000,
+            },
+        ),
+        T0 + 5,
+    )
+    .await;
+    assert_eq!(c, Completion::Accepted);
+    assert_eq!(state, Some(TaskState::WaitingForRetry));
+    let view = s.get_task(&task).await.unwrap();
+    let a = view.step("a").unwrap();
+    assert_eq!(
+        (a.state, a.attempts, a.next_attempt_at),
+        (StepState::WaitingForRetry, 1, Some(T0 + 1_000))
+    );
+    assert_eq!(a.error.as_ref(), Some(&failure));
+    let tr: Vec<String> = s
+        .step_transitions(&task, Some("a"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.event)
+        .collect();
+    assert_eq!(tr[tr.len() - 2..], ["fail", "retry_decided"]);
+    assert_eq!(s.next_due().await.unwrap(), Some(T0 + 1_000));
+    assert!(
+        claim(s, "w1", 10, T0 + 2_000).await.is_empty(),
+        "not claimable before promotion"
+    );
+    assert_unchanged(s, &task, || async {
+        assert_eq!(s.promote_due_retries(ORCH, T0 + 999).await.unwrap(), 0);
+    })
+    .await;
+    assert_eq!(s.promote_due_retries(ORCH, T0 + 1_000).await.unwrap(), 1);
+    assert_eq!(
+        s.task_state(&task).await.unwrap(),
+        TaskState::StepsInProcess
+    );
+    let tt: Vec<String> = s
+        .task_transitions(&task)
+        .await
+        .unwrap()
+        .into_iter()
+        .rev()
+        .take(2)
+        .map(|t| t.event)
+        .collect();
+    assert_eq!(tt, ["steps_enqueued", "retry_ready"]);
+    assert_eq!(s.next_due().await.unwrap(), None);
+    let again = claim_one(s, "w2", T0 + 1_001).await;
+    assert_eq!((again.step_name.as_str(), again.attempt), ("a", 2));
+}
+
+async fn checkpoint_keeps_the_attempt_and_bounds_history(db: Db) {
+    let s = db.store();
+    let t = linear("conf", "cp", "work");
+    s.put_template(&t, false, T0).await.unwrap();
+    let task = create(s, &t, json!({}), T0).await;
+    let job = claim_one(s, "w1", T0).await;
+    for i in 0..25u64 {
+        let cp = Checkpoint {
+            cursor: json!(i * 10),
+            items_processed: i * 10,
+            accumulated: json!({"sum": i}),
+        };
+        let c = s
+            .checkpoint(
+                &job.step_uuid,
+                1,
+                "w1",
+                &cp,
+                T0 + LEASE + i as i64,
+                T0 + i as i64,
+            )
+            .await
+            .unwrap();
+        assert_eq!(c, Completion::Accepted);
+    }
+    let view = s.get_task(&task).await.unwrap();
+    let a = view.step("a").unwrap();
+    assert_eq!((a.state, a.attempts), (StepState::InProgress, 1));
+    assert_eq!(a.checkpoint.as_ref().unwrap().cursor, json!(240));
+    let history = s.checkpoint_history(&job.step_uuid).await.unwrap();
+    assert_eq!(history.len(), 20);
+    assert_eq!(history[0]["cursor"], json!(50));
+    assert_eq!(history[19]["cursor"], json!(240));
+    assert!(
+        s.expired_attempts(T0 + LEASE + 23, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "lease renewed by the checkpoint"
+    );
+    let cps = s.step_transitions(&task, Some("a")).await.unwrap();
+    let cps: Vec<_> = cps.iter().filter(|t| t.event == "checkpoint").collect();
+    assert_eq!(cps.len(), 25);
+    assert!(
+        cps.iter()
+            .all(|t| t.from_state.as_deref() == Some("in_progress")
+                && t.to_state == "in_progress"
+                && t.attempt == Some(1))
+    );
+    let cp = Checkpoint {
+        cursor: json!(1),
+        items_processed: 1,
+        accumulated: Value::Null,
+    };
+    assert_unchanged(s, &task, || async {
+        let c = s
+            .checkpoint(&job.step_uuid, 2, "w1", &cp, T0, T0)
+            .await
+            .unwrap();
+        assert!(matches!(c, Completion::Rejected(_)));
+        let c = s
+            .checkpoint(&job.step_uuid, 1, "w2", &cp, T0, T0)
+            .await
+            .unwrap();
+        assert!(matches!(c, Completion::Rejected(_)));
+    })
+    .await;
+    assert_eq!(s.rejected_completions(&task).await.unwrap().len(), 2);
+    // A retry after a real failure resumes from the checkpoint.
+    finish_one(
+        s,
+        result(
+            &job,
+            Some("w1"),
+            Resolution::Retry {
+                failure: StepFailure::new(ErrorType::RetryableError, "x"),
+                next_attempt_at: T0 + 100,
+            },
+        ),
+        T0 + 50,
+    )
+    .await;
+    s.promote_due_retries(ORCH, T0 + 100).await.unwrap();
+    let again = claim_one(s, "w1", T0 + 100).await;
+    assert_eq!(again.attempt, 2);
+    assert_eq!(again.checkpoint.unwrap().cursor, json!(240));
+}
+
+async fn operator_reset_only_from_error(db: Db) {
+    let s = db.store();
+    let t = linear("conf", "reset", "work");
+    s.put_template(&t, false, T0).await.unwrap();
+    let running = create(s, &t, json!({"r": 1}), T0).await;
+    assert_unchanged(s, &running, || async {
+        let e = s
+            .operator_action(
+                &running,
+                &OperatorAction::ResetStep { step: "a".into() },
+                "op",
+                "why",
+                T0,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidTransition, "{e}");
+        let e = s
+            .operator_action(&running, &OperatorAction::GiveUp, "op", "why", T0)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidTransition, "{e}");
+        let e = s
+            .operator_action(&running, &OperatorAction::ResolveManually, "op", "why", T0)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidTransition, "{e}");
+        let e = s
+            .operator_action(
+                &running,
+                &OperatorAction::ResetStep { step: "zz".into() },
+                "op",
+                "why",
+                T0,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
+    })
+    .await;
+
+    let task = blocked_task(s, T0).await;
+    let state = s
+        .operator_action(
+            &task,
+            &OperatorAction::ResetStep { step: "a".into() },
+            "alice",
+            "fixed the db",
+            T0 + 10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(state, TaskState::StepsInProcess);
+    let view = s.get_task(&task).await.unwrap();
+    let a = view.step("a").unwrap();
+    assert_eq!((a.state, a.attempts), (StepState::Enqueued, 0));
+    let tr = s.step_transitions(&task, Some("a")).await.unwrap();
+    let reset = tr.iter().find(|t| t.event == "reset").unwrap();
+    assert_eq!(
+        (reset.from_state.as_deref(), reset.to_state.as_str()),
+        (Some("error"), "pending")
+    );
+    assert_eq!(
+        (reset.actor.as_str(), reset.reason.as_deref()),
+        ("alice", Some("fixed the db"))
+    );
+    let tt: Vec<String> = s
+        .task_transitions(&task)
+        .await
+        .unwrap()
+        .into_iter()
+        .rev()
+        .take(4)
+        .map(|t| t.event)
+        .collect();
+    assert_eq!(
+        tt,
+        [
+            "steps_enqueued",
+            "ready_steps_found",
+            "operator_fixed_step",
+            "permanent_failure"
+        ]
+    );
+    let fix = s
+        .task_transitions(&task)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.event == "operator_fixed_step")
+        .unwrap();
+    assert_eq!(
+        (fix.from_state.as_deref(), fix.to_state.as_str()),
+        (Some("blocked_by_failures"), "evaluating_results")
+    );
+    assert_eq!(fix.actor, "alice");
+    let again = claim_one(s, "w1", T0 + 20).await;
+    assert_eq!(again.attempt, 1, "attempts start over after a reset");
+}
+
+async fn operator_resolve_and_complete_step_unblock_dependents(db: Db) {
+    let s = db.store();
+    let task = blocked_task(s, T0).await;
+    assert_eq!(step_state(s, &task, "b").await, StepState::Pending);
+    let state = s
+        .operator_action(
+            &task,
+            &OperatorAction::ResolveStep { step: "a".into() },
+            "bob",
+            "skip it",
+            T0 + 10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(state, TaskState::StepsInProcess);
+    assert_eq!(step_state(s, &task, "a").await, StepState::ResolvedManually);
+    assert_eq!(step_state(s, &task, "b").await, StepState::Enqueued);
+
+    let task2 = blocked_task(s, T0 + 1).await;
+    let state = s
+        .operator_action(
+            &task2,
+            &OperatorAction::CompleteStep {
+                step: "a".into(),
+                result: json!({"manual": 42}),
+            },
+            "bob",
+            "by hand",
+            T0 + 10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(state, TaskState::StepsInProcess);
+    let view = s.get_task(&task2).await.unwrap();
+    assert_eq!(view.step("a").unwrap().state, StepState::Complete);
+    assert_eq!(view.step("a").unwrap().result, Some(json!({"manual": 42})));
+    let mut jobs = claim(s, "w1", 10, T0 + 20).await;
+    jobs.retain(|j| j.task_uuid == task2);
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(
+        jobs[0].dependency_results.get("a"),
+        Some(&json!({"manual": 42}))
+    );
+    let (_, st) = finish_one(s, result(&jobs[0], Some("w1"), success(json!({}))), T0 + 30).await;
+    assert_eq!(st, Some(TaskState::Complete));
+    // A completed step cannot be resolved or completed again.
+    assert_unchanged(s, &task2, || async {
+        let e = s
+            .operator_action(
+                &task2,
+                &OperatorAction::ResolveStep { step: "a".into() },
+                "bob",
+                "x",
+                T0 + 40,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidTransition);
+    })
+    .await;
+}
+
+async fn operator_cancel_cancels_unfinished_steps(db: Db) {
+    let s = db.store();
+    let t = diamond();
+    s.put_template(&t, false, T0).await.unwrap();
+    let task = create(s, &t, json!({"c": 1}), T0).await;
+    let a = claim_one(s, "w1", T0).await;
+    let state = s
+        .operator_action(
+            &task,
+            &OperatorAction::Cancel,
+            "carol",
+            "not needed",
+            T0 + 5,
+        )
+        .await
+        .unwrap();
+    assert_eq!(state, TaskState::Cancelled);
+    let view = s.get_task(&task).await.unwrap();
+    assert_eq!(view.status, TaskState::Cancelled);
+    assert_eq!(view.completed_at, Some(T0 + 5));
+    assert!(
+        view.steps.iter().all(|s| s.state == StepState::Cancelled),
+        "{:?}",
+        view.steps
+    );
+    let last = s.task_transitions(&task).await.unwrap().pop().unwrap();
+    assert_eq!(
+        (
+            last.event.as_str(),
+            last.actor.as_str(),
+            last.reason.as_deref()
+        ),
+        ("cancel", "carol", Some("not needed"))
+    );
+    assert_unchanged(s, &task, || async {
+        let (c, _) = finish_one(s, result(&a, Some("w1"), success(json!({}))), T0 + 6).await;
+        assert!(matches!(c, Completion::Rejected(_)));
+        for action in [
+            OperatorAction::Cancel,
+            OperatorAction::GiveUp,
+            OperatorAction::ResolveManually,
+            OperatorAction::ResolveStep { step: "b".into() },
+        ] {
+            let e = s
+                .operator_action(&task, &action, "carol", "again", T0 + 7)
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidTransition, "{action:?}: {e}");
+        }
+    })
+    .await;
+    assert_eq!(s.rejected_completions(&task).await.unwrap().len(), 1);
+    assert!(claim(s, "w1", 10, T0 + 10).await.is_empty());
+}
+
+async fn operator_give_up_and_resolve_only_when_blocked(db: Db) {
+    let s = db.store();
+    let task = blocked_task(s, T0).await;
+    assert_eq!(
+        s.operator_action(&task, &OperatorAction::GiveUp, "dan", "hopeless", T0 + 9)
+            .await
+            .unwrap(),
+        TaskState::Error
+    );
+    let view = s.get_task(&task).await.unwrap();
+    assert_eq!(
+        (view.status, view.completed_at),
+        (TaskState::Error, Some(T0 + 9))
+    );
+    let task2 = blocked_task(s, T0 + 1).await;
+    assert_eq!(
+        s.operator_action(
+            &task2,
+            &OperatorAction::ResolveManually,
+            "dan",
+            "done elsewhere",
+            T0 + 9
+        )
+        .await
+        .unwrap(),
+        TaskState::ResolvedManually
+    );
+    let view = s.get_task(&task2).await.unwrap();
+    assert_eq!(
+        (view.status, view.completed_at),
+        (TaskState::ResolvedManually, Some(T0 + 9))
+    );
+    let tt = s.task_transitions(&task2).await.unwrap().pop().unwrap();
+    assert_eq!(
+        (
+            tt.from_state.as_deref(),
+            tt.to_state.as_str(),
+            tt.event.as_str()
+        ),
+        (
+            Some("blocked_by_failures"),
+            "resolved_manually",
+            "manual_resolution"
+        )
+    );
+    assert_eq!(
+        (tt.actor.as_str(), tt.reason.as_deref()),
+        ("dan", Some("done elsewhere"))
+    );
+    assert_unchanged(s, &task2, || async {
+        let e = s
+            .operator_action(
+                &task2,
+                &OperatorAction::ResetStep { step: "a".into() },
+                "dan",
+                "x",
+                T0 + 10,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidTransition);
+    })
+    .await;
+    let e = s
+        .operator_action("no-such-task", &OperatorAction::Cancel, "dan", "x", T0)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+}
+
+// ---------------------------------------------------------------- backends
+
+macro_rules! suite {
+    ($backend:ident, $open:expr, [$($test:ident),* $(,)?]) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    let open: super::Opener = $open;
+                    super::$test(open(4).await).await;
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! all_tests {
+    ($backend:ident, $open:expr) => {
+        suite!(
+            $backend,
+            $open,
+            [
+                templates_register_version_and_conflict,
+                create_task_inserts_steps_edges_transitions,
+                identity_duplicates_return_existing,
+                claim_respects_namespaces_and_callables,
+                claim_sets_attempt_lease_and_timeout,
+                claim_orders_by_priority_then_enqueued_at_and_limits,
+                concurrent_claims_take_each_step_exactly_once,
+                success_enqueues_children_in_the_same_transaction,
+                stale_completions_are_fenced_and_recorded,
+                engine_expiry_is_rejected_when_the_lease_was_renewed,
+                retry_waits_until_due,
+                checkpoint_keeps_the_attempt_and_bounds_history,
+                operator_reset_only_from_error,
+                operator_resolve_and_complete_step_unblock_dependents,
+                operator_cancel_cancels_unfinished_steps,
+                operator_give_up_and_resolve_only_when_blocked,
+            ]
+        );
+    };
+}
+
+fn sqlite_memory(handles: usize) -> Pin<Box<dyn Future<Output = Db> + Send>> {
+    Box::pin(async move {
+        let store: Arc<dyn Store> = Arc::new(
+            tasker_core::store::sqlite::SqliteStore::open(
+                "sqlite::memory:",
+                tasker_core::config::SqliteSync::Normal,
+            )
+            .await
+            .unwrap(),
+        );
+        // One in-memory database cannot be opened twice: every "handle" is the same store.
+        Db {
+            stores: vec![store; handles.max(1)],
+            _dir: None,
+        }
+    })
+}
+
+fn sqlite_file(handles: usize) -> Pin<Box<dyn Future<Output = Db> + Send>> {
+    Box::pin(async move {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("tasker.db").display());
+        let mut stores: Vec<Arc<dyn Store>> = Vec::new();
+        for _ in 0..handles.max(1) {
+            stores.push(Arc::new(
+                tasker_core::store::sqlite::SqliteStore::open(
+                    &url,
+                    tasker_core::config::SqliteSync::Normal,
+                )
+                .await
+                .unwrap(),
+            ));
+        }
+        Db {
+            stores,
+            _dir: Some(dir),
+        }
+    })
+}
+
+all_tests!(sqlite_memory_backend, super::sqlite_memory);
+all_tests!(sqlite_file_backend, super::sqlite_file);
