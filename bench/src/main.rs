@@ -40,7 +40,11 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut a = Args { latency_tasks: 200, warmup: 20, throughput_tasks: 1000 };
+    let mut a = Args {
+        latency_tasks: 200,
+        warmup: 20,
+        throughput_tasks: 1000,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = |name: &str| -> Result<usize, String> {
@@ -53,7 +57,10 @@ fn parse_args() -> Result<Args, String> {
             "--warmup" => a.warmup = value("--warmup")?,
             "--throughput-tasks" => a.throughput_tasks = value("--throughput-tasks")?.max(1),
             "-h" | "--help" => {
-                return Err("usage: tasker-bench [--latency-tasks N] [--warmup N] [--throughput-tasks N]".into());
+                return Err(
+                    "usage: tasker-bench [--latency-tasks N] [--warmup N] [--throughput-tasks N]"
+                        .into(),
+                );
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -71,11 +78,23 @@ fn ms(d: Duration) -> String {
 }
 
 async fn engine(dir: &std::path::Path) -> tasker_core::Result<Tasker> {
-    let config = Config { concurrency: 64, ..Config::from_env()? };
+    let config = Config {
+        concurrency: 64,
+        ..Config::from_env()?
+    };
     let url = format!("sqlite:{}", dir.join("bench.db").display());
-    let tasker = Tasker::open_with(&url, OpenOptions { config, ..OpenOptions::default() }).await?;
+    let tasker = Tasker::open_with(
+        &url,
+        OpenOptions {
+            config,
+            ..OpenOptions::default()
+        },
+    )
+    .await?;
     for t in [LINEAR, DIAMOND] {
-        tasker.register_template(&parse_str(t, None, "bench")?.template).await?;
+        tasker
+            .register_template(&parse_str(t, None, "bench")?.template)
+            .await?;
     }
     tasker.register_handler(
         "bench.add",
@@ -96,17 +115,33 @@ async fn engine(dir: &std::path::Path) -> tasker_core::Result<Tasker> {
     Ok(tasker)
 }
 
-async fn latency(tasker: &Tasker, name: &str, n: usize, warmup: usize, expect: fn(i64) -> i64) -> tasker_core::Result<()> {
+async fn latency(
+    tasker: &Tasker,
+    name: &str,
+    n: usize,
+    warmup: usize,
+    expect: fn(i64) -> i64,
+) -> tasker_core::Result<()> {
     let mut samples = Vec::with_capacity(n);
     for i in 0..(n + warmup) {
         let start = Instant::now();
         let task = tasker
-            .run_task(TaskRequest::new("bench", name, json!({ "x": i })), Some(Duration::from_secs(30)))
+            .run_task(
+                TaskRequest::new("bench", name, json!({ "x": i })),
+                Some(Duration::from_secs(30)),
+            )
             .await?;
         let took = start.elapsed();
-        let last = task.steps.last().and_then(|s| s.result.as_ref()).and_then(|r| r["value"].as_i64());
+        let last = task
+            .steps
+            .last()
+            .and_then(|s| s.result.as_ref())
+            .and_then(|r| r["value"].as_i64());
         if task.status != TaskState::Complete || last != Some(expect(i as i64)) {
-            return Err(tasker_core::Error::internal(format!("{name} task {} ended {} with {last:?}", task.uuid, task.status)));
+            return Err(tasker_core::Error::internal(format!(
+                "{name} task {} ended {} with {last:?}",
+                task.uuid, task.status
+            )));
         }
         if i >= warmup {
             samples.push(took);
@@ -126,7 +161,11 @@ async fn throughput(tasker: &Tasker, n: usize) -> tasker_core::Result<()> {
     let start = Instant::now();
     let mut handles = Vec::with_capacity(n);
     for i in 0..n {
-        handles.push(tasker.create_task(TaskRequest::new("bench", "linear_add", json!({ "x": i }))).await?);
+        handles.push(
+            tasker
+                .create_task(TaskRequest::new("bench", "linear_add", json!({ "x": i })))
+                .await?,
+        );
     }
     let created = start.elapsed();
     let mut failed = 0;
@@ -155,17 +194,36 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let result: tasker_core::Result<()> = rt.block_on(async {
         let dir = tempfile::tempdir().map_err(|e| tasker_core::Error::internal(e.to_string()))?;
         let tasker = engine(dir.path()).await?;
         println!(
             "embedded SQLite (WAL, synchronous={}), in-process Rust handlers, {} cores",
             std::env::var("TASKER_SQLITE_SYNC").unwrap_or_else(|_| "normal".into()),
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         );
-        latency(&tasker, "linear_add", args.latency_tasks, args.warmup, |x| x + 10).await?;
-        latency(&tasker, "diamond_add", args.latency_tasks, args.warmup, |x| 2 * x + 7).await?;
+        latency(
+            &tasker,
+            "linear_add",
+            args.latency_tasks,
+            args.warmup,
+            |x| x + 10,
+        )
+        .await?;
+        latency(
+            &tasker,
+            "diamond_add",
+            args.latency_tasks,
+            args.warmup,
+            |x| 2 * x + 7,
+        )
+        .await?;
         throughput(&tasker, args.throughput_tasks).await?;
         tasker.close();
         Ok(())

@@ -36,18 +36,26 @@ async fn linear_task_runs_to_completion() {
                 .dependency_results()
                 .values()
                 .filter_map(|v| v.get("value").and_then(|v| v.as_f64()))
-                .fold(None, |acc: Option<f64>, v| Some(acc.map_or(v, |a| a.max(v))))
+                .fold(None, |acc: Option<f64>, v| {
+                    Some(acc.map_or(v, |a| a.max(v)))
+                })
                 .or_else(|| ctx.get_input("even_number").and_then(|v| v.as_f64()))
                 .unwrap_or(0.0);
             StepOutcome::success(json!({ "value": x * x }))
         }),
     );
     let task = tasker
-        .run_task(TaskRequest::new("smoke", "linear", json!({"even_number": 2})), Some(Duration::from_secs(10)))
+        .run_task(
+            TaskRequest::new("smoke", "linear", json!({"even_number": 2})),
+            Some(Duration::from_secs(10)),
+        )
         .await
         .unwrap();
     assert_eq!(task.status, TaskState::Complete, "{task:#?}");
-    assert_eq!(task.step("d").unwrap().result, Some(json!({"value": 65536.0})));
+    assert_eq!(
+        task.step("d").unwrap().result,
+        Some(json!({"value": 65536.0}))
+    );
     let transitions = tasker.task_transitions(&task.uuid).await.unwrap();
     assert_eq!(transitions.last().unwrap().to_state, "complete");
 }
