@@ -186,6 +186,74 @@ async fn throughput(tasker: &Tasker, n: usize) -> tasker_core::Result<()> {
     Ok(())
 }
 
+/// Times the store operations of the hot path on their own (no worker running), so a latency
+/// regression can be traced to the database or to the engine around it.
+async fn store_ops(dir: &std::path::Path) -> tasker_core::Result<()> {
+    use tasker_core::store::{AttemptResult, CallableFilter, ClaimRequest, Resolution};
+    let config = Config::from_env()?;
+    let url = format!("sqlite:{}", dir.join("store-ops.db").display());
+    let tasker = Tasker::open_with(
+        &url,
+        OpenOptions {
+            config,
+            background: false,
+            ..OpenOptions::default()
+        },
+    )
+    .await?;
+    tasker
+        .register_template(&parse_str(LINEAR, None, "bench")?.template)
+        .await?;
+    let store = tasker.store().clone();
+    let n = 300;
+    let (mut create, mut claim, mut finish) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    for i in 0..n {
+        let t0 = Instant::now();
+        tasker
+            .create_task(TaskRequest::new("bench", "linear_add", json!({ "x": i })))
+            .await?;
+        create += t0.elapsed();
+        let req = ClaimRequest {
+            worker_id: "bench".into(),
+            namespaces: vec![],
+            callables: CallableFilter::Only(vec!["bench.add".into()]),
+            limit: 1,
+            lease_ms: 30_000,
+            default_timeout_ms: 300_000,
+            enqueued_before: None,
+        };
+        let t1 = Instant::now();
+        let jobs = store.claim(&req, tasker.now()).await?;
+        claim += t1.elapsed();
+        let results: Vec<AttemptResult> = jobs
+            .iter()
+            .map(|j| AttemptResult {
+                step_uuid: j.step_uuid.clone(),
+                attempt: j.attempt,
+                worker_id: Some("bench".into()),
+                expiry: None,
+                resolution: Resolution::Succeeded {
+                    result: json!({"value": 1}),
+                    metadata: json!(null),
+                },
+                started_at: Some(j.started_at),
+            })
+            .collect();
+        let t2 = Instant::now();
+        store.finish(&results, "bench", tasker.now()).await?;
+        finish += t2.elapsed();
+    }
+    let avg = |d: Duration| ms(d / n);
+    println!(
+        "store ops (mean of {n}): create_task {}  claim 1 {}  finish 1 {}",
+        avg(create),
+        avg(claim),
+        avg(finish)
+    );
+    tasker.close();
+    Ok(())
+}
+
 fn main() {
     let args = match parse_args() {
         Ok(a) => a,
@@ -208,6 +276,7 @@ fn main() {
                 .map(|n| n.get())
                 .unwrap_or(1)
         );
+        store_ops(dir.path()).await?;
         latency(
             &tasker,
             "linear_add",

@@ -6,6 +6,7 @@
 //! upgrade.
 
 mod attempts;
+mod journal;
 mod operator;
 mod read;
 mod write;
@@ -38,6 +39,8 @@ const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("sqlite/0001_init.sql"))];
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// Alive while any clone of the store is; the background checkpointer stops with it.
+    _alive: std::sync::Arc<()>,
 }
 
 impl SqliteStore {
@@ -64,7 +67,10 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true)
             .pragma("temp_store", "memory")
-            .pragma("cache_size", "-16000");
+            .pragma("cache_size", "-16000")
+            // Checkpoints fsync the database file; run inside a commit they stall the writer for
+            // milliseconds. A background task checkpoints instead (see `spawn_checkpointer`).
+            .pragma("wal_autocheckpoint", if in_memory { "1000" } else { "0" });
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -81,13 +87,47 @@ impl SqliteStore {
             SqlitePoolOptions::new()
                 .max_connections(4)
                 .acquire_timeout(Duration::from_secs(60))
-                .connect_with(options.read_only(true))
+                .connect_with(options.clone().read_only(true))
                 .await
                 .map_err(|e| open_error(url, e))?
         };
-        let store = SqliteStore { writer, reader };
+        let store = SqliteStore {
+            writer,
+            reader,
+            _alive: std::sync::Arc::new(()),
+        };
         store.migrate().await?;
+        if !in_memory {
+            store
+                .spawn_checkpointer(options)
+                .await
+                .map_err(|e| open_error(url, e))?;
+        }
         Ok(store)
+    }
+
+    /// Copies the write-ahead log into the database file in the background, off the writer's
+    /// path, for as long as the store is open. `PASSIVE` never blocks writers or readers.
+    async fn spawn_checkpointer(&self, options: SqliteConnectOptions) -> sqlx::Result<()> {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
+        let alive = std::sync::Arc::downgrade(&self._alive);
+        tokio::spawn(async move {
+            while alive.strong_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(&pool)
+                    .await
+                {
+                    tracing::warn!("background WAL checkpoint failed: {e}");
+                }
+            }
+            // The last connection to close checkpoints what is left.
+            pool.close().await;
+        });
+        Ok(())
     }
 
     async fn migrate(&self) -> Result<()> {

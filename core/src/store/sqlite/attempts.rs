@@ -4,7 +4,10 @@
 use serde_json::{Map, Value};
 use sqlx::{AssertSqlSafe, Row, SqliteConnection};
 
-use super::write::{decode, insert_step_transition, json, move_step, parse_state, settle};
+use std::collections::HashMap;
+
+use super::journal::Journal;
+use super::write::{decode, json, move_step, parse_state, settle};
 use crate::Result;
 use crate::clock::Millis;
 use crate::job::{Checkpoint, StepJob};
@@ -64,14 +67,23 @@ pub(super) async fn claim(
             binds.extend(c.iter().map(String::as_str));
         }
     }
+    // The claim is one statement. The task fields come back with each row; `started_at` is
+    // never earlier than the enqueue that made the step ready (`now` was read before this
+    // transaction waited for the write lock).
     let sql = format!(
         "UPDATE steps SET state = 'in_progress', attempts = attempts + 1, worker_id = $1,
-            lease_expires_at = $2 + $3, started_at = $2, updated_at = $2, next_attempt_at = NULL,
-            timeout_at = $2 + COALESCE(timeout_ms, $4)
+            lease_expires_at = $2 + $3, started_at = MAX($2, COALESCE(enqueued_at, $2)),
+            updated_at = $2, next_attempt_at = NULL, timeout_at = $2 + COALESCE(timeout_ms, $4)
          WHERE step_uuid IN (
             SELECT step_uuid FROM steps WHERE state = 'enqueued'{filter}
             ORDER BY priority DESC, enqueued_at LIMIT $5)
-         RETURNING step_uuid, task_uuid, name, attempts, definition, inputs, checkpoint, timeout_at"
+         RETURNING step_uuid, task_uuid, name, attempts, definition, inputs, checkpoint,
+            timeout_at, started_at,
+            (SELECT namespace FROM tasks t WHERE t.task_uuid = steps.task_uuid) AS t_namespace,
+            (SELECT name FROM tasks t WHERE t.task_uuid = steps.task_uuid) AS t_name,
+            (SELECT version FROM tasks t WHERE t.task_uuid = steps.task_uuid) AS t_version,
+            (SELECT correlation_id FROM tasks t WHERE t.task_uuid = steps.task_uuid) AS t_correlation_id,
+            (SELECT context FROM tasks t WHERE t.task_uuid = steps.task_uuid) AS t_context"
     );
     let mut q = sqlx::query(AssertSqlSafe(sql))
         .bind(&req.worker_id)
@@ -83,98 +95,89 @@ pub(super) async fn claim(
         q = q.bind(b);
     }
     let rows = q.fetch_all(&mut *tx).await?;
-    let to = step_transition(StepState::Enqueued, StepEvent::Claim)?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let step_uuids: Vec<String> = rows
+        .iter()
+        .map(|r| r.try_get("step_uuid"))
+        .collect::<std::result::Result<_, _>>()?;
+    let mut ancestors = ancestor_results(tx, &step_uuids).await?;
+    let mut j = Journal::default();
     let mut jobs = Vec::with_capacity(rows.len());
-    let mut task_cache: std::collections::HashMap<String, (String, String, String, String, Value)> =
-        std::collections::HashMap::new();
-    for row in rows {
-        let step_uuid: String = row.try_get("step_uuid")?;
+    for (row, step_uuid) in rows.into_iter().zip(step_uuids) {
         let task_uuid: String = row.try_get("task_uuid")?;
         let attempt = row.try_get::<i64, _>("attempts")? as u32;
-        insert_step_transition(
-            tx,
+        let started_at: Millis = row.try_get("started_at")?;
+        j.step_moves(
             &step_uuid,
             &task_uuid,
-            Some(StepState::Enqueued),
-            to,
-            StepEvent::Claim.as_str(),
+            StepState::Enqueued,
+            &[StepEvent::Claim],
+            Some(attempt),
             &req.worker_id,
             None,
-            Some(attempt),
-            now,
-        )
-        .await?;
-        if !task_cache.contains_key(&task_uuid) {
-            let t = sqlx::query(
-                "SELECT namespace, name, version, correlation_id, context FROM tasks WHERE task_uuid = $1",
-            )
-            .bind(&task_uuid)
-            .fetch_one(&mut *tx)
-            .await?;
-            let context: Value = decode(&t.try_get::<String, _>("context")?)?;
-            task_cache.insert(
-                task_uuid.clone(),
-                (
-                    t.try_get("namespace")?,
-                    t.try_get("name")?,
-                    t.try_get("version")?,
-                    t.try_get("correlation_id")?,
-                    context,
-                ),
-            );
-        }
-        let (namespace, task_name, task_version, correlation_id, context) = &task_cache[&task_uuid];
+            started_at,
+        )?;
         let definition: StepDefinition = decode(&row.try_get::<String, _>("definition")?)?;
         let inputs: Map<String, Value> = decode(&row.try_get::<String, _>("inputs")?)?;
         let checkpoint: Option<String> = row.try_get("checkpoint")?;
         let checkpoint: Option<Checkpoint> = checkpoint.map(|c| decode(&c)).transpose()?;
-        let dependency_results = ancestor_results(tx, &step_uuid).await?;
         jobs.push(StepJob {
-            task_uuid: task_uuid.clone(),
+            dependency_results: ancestors.remove(&step_uuid).unwrap_or_default(),
             step_uuid,
+            task_uuid,
             step_name: row.try_get("name")?,
             attempt,
             worker_id: req.worker_id.clone(),
-            namespace: namespace.clone(),
-            task_name: task_name.clone(),
-            task_version: task_version.clone(),
-            correlation_id: correlation_id.clone(),
+            namespace: row.try_get("t_namespace")?,
+            task_name: row.try_get("t_name")?,
+            task_version: row.try_get("t_version")?,
+            correlation_id: row.try_get("t_correlation_id")?,
             definition,
-            context: context.clone(),
+            context: decode(&row.try_get::<String, _>("t_context")?)?,
             inputs,
-            dependency_results,
             checkpoint,
-            started_at: now,
+            started_at,
             timeout_at: row.try_get("timeout_at")?,
         });
     }
+    j.flush(tx).await?;
     Ok(jobs)
 }
 
-/// Results of every satisfied ancestor of a step, by name.
+/// Results of every satisfied ancestor of each step, by step then ancestor name; one query for
+/// all the steps of a claim.
 pub(super) async fn ancestor_results(
     tx: &mut SqliteConnection,
-    step_uuid: &str,
-) -> Result<Map<String, Value>> {
-    let rows = sqlx::query(
-        "WITH RECURSIVE anc(id) AS (
-            SELECT from_step FROM step_edges WHERE to_step = $1
-            UNION
-            SELECT e.from_step FROM step_edges e JOIN anc ON e.to_step = anc.id)
-         SELECT s.name, s.result FROM steps s JOIN anc ON s.step_uuid = anc.id
-         WHERE s.state IN ('complete', 'resolved_manually') ORDER BY s.seq",
-    )
-    .bind(step_uuid)
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut out = Map::new();
-    for r in rows {
-        let result: Option<String> = r.try_get("result")?;
-        let v = match result {
-            Some(s) => decode(&s)?,
-            None => Value::Null,
-        };
-        out.insert(r.try_get("name")?, v);
+    step_uuids: &[String],
+) -> Result<HashMap<String, Map<String, Value>>> {
+    let mut out: HashMap<String, Map<String, Value>> = HashMap::new();
+    for chunk in step_uuids.chunks(500) {
+        let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "WITH RECURSIVE anc(target, id) AS (
+                SELECT to_step, from_step FROM step_edges WHERE to_step IN ({})
+                UNION
+                SELECT anc.target, e.from_step FROM step_edges e JOIN anc ON e.to_step = anc.id)
+             SELECT anc.target, s.name, s.result FROM anc JOIN steps s ON s.step_uuid = anc.id
+             WHERE s.state IN ('complete', 'resolved_manually') ORDER BY s.seq",
+            list.join(", ")
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for s in chunk {
+            q = q.bind(s);
+        }
+        for r in q.fetch_all(&mut *tx).await? {
+            let result: Option<String> = r.try_get("result")?;
+            let v = match result {
+                Some(s) => decode(&s)?,
+                None => Value::Null,
+            };
+            out.entry(r.try_get("target")?)
+                .or_default()
+                .insert(r.try_get("name")?, v);
+        }
     }
     Ok(out)
 }
@@ -277,142 +280,98 @@ pub(super) async fn finish(
     actor: &str,
     now: Millis,
 ) -> Result<Vec<FinishReport>> {
+    let mut j = Journal::default();
     let mut reports = Vec::with_capacity(results.len());
     let mut touched: Vec<String> = Vec::new();
     for r in results {
-        let Some(c) = current(tx, &r.step_uuid).await? else {
-            reports.push(FinishReport {
-                step_uuid: r.step_uuid.clone(),
-                task_uuid: None,
-                completion: Completion::Rejected("no such step".into()),
-                task_state: None,
-            });
+        let who = r.worker_id.as_deref().unwrap_or(actor);
+        let (events, set, payload, reason): (&[StepEvent], &str, String, Option<String>) =
+            match &r.resolution {
+                Resolution::Succeeded { result, .. } => (
+                    &[StepEvent::Succeed, StepEvent::Complete],
+                    "result = $8, completed_at = $4, next_attempt_at = NULL",
+                    json(result)?,
+                    None,
+                ),
+                Resolution::Retry { failure, .. } => (
+                    &[StepEvent::Fail, StepEvent::RetryDecided],
+                    "error = $8, next_attempt_at = $9",
+                    json(failure)?,
+                    Some(format!("{}: {}", failure.error_type, failure.message)),
+                ),
+                Resolution::Failed { failure } => (
+                    &[StepEvent::Fail, StepEvent::GiveUp],
+                    "error = $8, completed_at = $4, next_attempt_at = NULL",
+                    json(failure)?,
+                    Some(format!("{}: {}", failure.error_type, failure.message)),
+                ),
+            };
+        let next_attempt_at = match &r.resolution {
+            Resolution::Retry {
+                next_attempt_at, ..
+            } => Some(*next_attempt_at),
+            _ => None,
+        };
+        // The final state comes from the state table, checked before anything is written.
+        let to = events
+            .iter()
+            .try_fold(StepState::InProgress, |s, e| step_transition(s, *e))?;
+        // Applying and fencing are one statement: it changes the row only while this attempt
+        // is still the current one (and, for engine-made expiries, still expired).
+        let sql = format!(
+            "UPDATE steps SET state = $7, {set}, lease_expires_at = NULL, timeout_at = NULL,
+                started_at = COALESCE($3, started_at), updated_at = $4
+             WHERE step_uuid = $1 AND state = 'in_progress' AND attempts = $2
+               AND ($5 IS NULL OR worker_id = $5)
+               AND ($6 IS NULL OR ($6 = 'timeout' AND timeout_at <= $4)
+                    OR ($6 = 'lease_expired' AND lease_expires_at <= $4))
+             RETURNING task_uuid"
+        );
+        let applied: Option<String> = sqlx::query_scalar(AssertSqlSafe(sql))
+            .bind(&r.step_uuid)
+            .bind(i64::from(r.attempt))
+            .bind(r.started_at)
+            .bind(now)
+            .bind(r.worker_id.as_deref())
+            .bind(r.expiry.map(|e| match e {
+                Expiry::Timeout => "timeout",
+                Expiry::LeaseExpired => "lease_expired",
+            }))
+            .bind(to.as_str())
+            .bind(payload)
+            .bind(next_attempt_at)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(task_uuid) = applied else {
+            reports.push(reject(tx, r, now).await?);
             continue;
         };
-        let who = r.worker_id.as_deref().unwrap_or(actor);
-        if let Some(reason) = staleness(&c, r.attempt, r.worker_id.as_deref(), r.expiry, now) {
-            // Engine-made expiries that lost a race are not late completions: nothing to record.
-            if r.expiry.is_none() {
-                let outcome = serde_json::to_string(&r.resolution_summary()).ok();
-                let rejection = Rejection {
-                    step_uuid: &r.step_uuid,
-                    task_uuid: Some(&c.task_uuid),
-                    attempt: r.attempt,
-                    worker: r.worker_id.as_deref(),
-                    reason: &reason,
-                    outcome,
-                };
-                record_rejection(tx, rejection, now).await?;
-            }
-            reports.push(FinishReport {
-                step_uuid: r.step_uuid.clone(),
-                task_uuid: Some(c.task_uuid),
-                completion: Completion::Rejected(reason),
-                task_state: None,
-            });
-            continue;
-        }
-        let attempt = Some(r.attempt);
-        match &r.resolution {
-            Resolution::Succeeded { result, metadata } => {
-                move_step(
-                    tx,
-                    &r.step_uuid,
-                    &c.task_uuid,
-                    c.state,
-                    &[StepEvent::Succeed, StepEvent::Complete],
-                    attempt,
-                    who,
-                    None,
-                    now,
-                )
-                .await?;
-                let _ = metadata;
-                sqlx::query(
-                    "UPDATE steps SET result = $1, completed_at = $2, lease_expires_at = NULL,
-                        timeout_at = NULL, started_at = COALESCE($3, started_at)
-                     WHERE step_uuid = $4",
-                )
-                .bind(json(result)?)
-                .bind(now)
-                .bind(r.started_at)
-                .bind(&r.step_uuid)
-                .execute(&mut *tx)
-                .await?;
-            }
-            Resolution::Retry {
-                failure,
-                next_attempt_at,
-            } => {
-                let reason = format!("{}: {}", failure.error_type, failure.message);
-                move_step(
-                    tx,
-                    &r.step_uuid,
-                    &c.task_uuid,
-                    c.state,
-                    &[StepEvent::Fail, StepEvent::RetryDecided],
-                    attempt,
-                    who,
-                    Some(&reason),
-                    now,
-                )
-                .await?;
-                sqlx::query(
-                    "UPDATE steps SET error = $1, next_attempt_at = $2, lease_expires_at = NULL,
-                        timeout_at = NULL, started_at = COALESCE($3, started_at)
-                     WHERE step_uuid = $4",
-                )
-                .bind(json(failure)?)
-                .bind(next_attempt_at)
-                .bind(r.started_at)
-                .bind(&r.step_uuid)
-                .execute(&mut *tx)
-                .await?;
-            }
-            Resolution::Failed { failure } => {
-                let reason = format!("{}: {}", failure.error_type, failure.message);
-                move_step(
-                    tx,
-                    &r.step_uuid,
-                    &c.task_uuid,
-                    c.state,
-                    &[StepEvent::Fail, StepEvent::GiveUp],
-                    attempt,
-                    who,
-                    Some(&reason),
-                    now,
-                )
-                .await?;
-                sqlx::query(
-                    "UPDATE steps SET error = $1, completed_at = $2, lease_expires_at = NULL,
-                        timeout_at = NULL, started_at = COALESCE($3, started_at)
-                     WHERE step_uuid = $4",
-                )
-                .bind(json(failure)?)
-                .bind(now)
-                .bind(r.started_at)
-                .bind(&r.step_uuid)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        if !touched.contains(&c.task_uuid) {
-            touched.push(c.task_uuid.clone());
+        j.step_moves(
+            &r.step_uuid,
+            &task_uuid,
+            StepState::InProgress,
+            events,
+            Some(r.attempt),
+            who,
+            reason.as_deref(),
+            now,
+        )?;
+        if !touched.contains(&task_uuid) {
+            touched.push(task_uuid.clone());
         }
         reports.push(FinishReport {
             step_uuid: r.step_uuid.clone(),
-            task_uuid: Some(c.task_uuid),
+            task_uuid: Some(task_uuid),
             completion: Completion::Accepted,
             task_state: None,
         });
     }
     let mut states = Vec::with_capacity(touched.len());
     for task in &touched {
-        states.push((
-            task.clone(),
-            settle(tx, task, SettleCause::StepResult, actor, None, now).await?,
-        ));
+        let state = settle(tx, &mut j, task, SettleCause::StepResult, actor, None, now).await?;
+        states.push((task.clone(), state));
     }
+    j.flush(tx).await?;
     for rep in &mut reports {
         if rep.completion == Completion::Accepted {
             rep.task_state = states
@@ -422,6 +381,38 @@ pub(super) async fn finish(
         }
     }
     Ok(reports)
+}
+
+/// The slow path of `finish`: explains why a result did not apply and records late
+/// completions (engine-made expiries that lost a race are not late completions).
+async fn reject(tx: &mut SqliteConnection, r: &AttemptResult, now: Millis) -> Result<FinishReport> {
+    let Some(c) = current(tx, &r.step_uuid).await? else {
+        return Ok(FinishReport {
+            step_uuid: r.step_uuid.clone(),
+            task_uuid: None,
+            completion: Completion::Rejected("no such step".into()),
+            task_state: None,
+        });
+    };
+    let reason = staleness(&c, r.attempt, r.worker_id.as_deref(), r.expiry, now)
+        .unwrap_or_else(|| format!("attempt {} is not current", r.attempt));
+    if r.expiry.is_none() {
+        let rejection = Rejection {
+            step_uuid: &r.step_uuid,
+            task_uuid: Some(&c.task_uuid),
+            attempt: r.attempt,
+            worker: r.worker_id.as_deref(),
+            reason: &reason,
+            outcome: serde_json::to_string(&r.resolution_summary()).ok(),
+        };
+        record_rejection(tx, rejection, now).await?;
+    }
+    Ok(FinishReport {
+        step_uuid: r.step_uuid.clone(),
+        task_uuid: Some(c.task_uuid),
+        completion: Completion::Rejected(reason),
+        task_state: None,
+    })
 }
 
 impl AttemptResult {
@@ -471,8 +462,10 @@ pub(super) async fn checkpoint(
     if history.len() > CHECKPOINT_HISTORY {
         history.drain(..history.len() - CHECKPOINT_HISTORY);
     }
+    let mut j = Journal::default();
     move_step(
         tx,
+        &mut j,
         step_uuid,
         &c.task_uuid,
         c.state,
@@ -492,6 +485,7 @@ pub(super) async fn checkpoint(
     .bind(step_uuid)
     .execute(&mut *tx)
     .await?;
+    j.flush(tx).await?;
     Ok(Completion::Accepted)
 }
 
@@ -528,18 +522,19 @@ pub(super) async fn promote_due_retries(
     now: Millis,
 ) -> Result<u64> {
     let rows = sqlx::query(
-        "SELECT step_uuid, task_uuid FROM steps
-         WHERE state = 'waiting_for_retry' AND next_attempt_at <= $1 ORDER BY next_attempt_at",
+        "UPDATE steps SET state = 'enqueued', enqueued_at = $1, updated_at = $1
+         WHERE state = 'waiting_for_retry' AND next_attempt_at <= $1
+         RETURNING step_uuid, task_uuid",
     )
     .bind(now)
     .fetch_all(&mut *tx)
     .await?;
+    let mut j = Journal::default();
     let mut tasks: Vec<String> = Vec::new();
     for row in &rows {
         let step: String = row.try_get("step_uuid")?;
         let task: String = row.try_get("task_uuid")?;
-        move_step(
-            tx,
+        j.step_moves(
             &step,
             &task,
             StepState::WaitingForRetry,
@@ -548,19 +543,14 @@ pub(super) async fn promote_due_retries(
             actor,
             None,
             now,
-        )
-        .await?;
-        sqlx::query("UPDATE steps SET enqueued_at = $1 WHERE step_uuid = $2")
-            .bind(now)
-            .bind(&step)
-            .execute(&mut *tx)
-            .await?;
+        )?;
         if !tasks.contains(&task) {
             tasks.push(task);
         }
     }
     for task in &tasks {
-        settle(tx, task, SettleCause::RetryReady, actor, None, now).await?;
+        settle(tx, &mut j, task, SettleCause::RetryReady, actor, None, now).await?;
     }
+    j.flush(tx).await?;
     Ok(rows.len() as u64)
 }

@@ -3,7 +3,8 @@
 
 use sqlx::{Row, SqliteConnection};
 
-use super::write::{json, move_step, move_task, parse_state, settle, task_state};
+use super::journal::Journal;
+use super::write::{json, move_step, parse_state, settle, task_state};
 use crate::clock::Millis;
 use crate::orchestrator::SettleCause;
 use crate::state::{StepEvent, StepState, TaskEvent, TaskState, task_transition};
@@ -39,6 +40,21 @@ pub(super) async fn operator_action(
     reason: &str,
     now: Millis,
 ) -> Result<TaskState> {
+    let mut j = Journal::default();
+    let state = act(tx, &mut j, task_uuid, action, actor, reason, now).await?;
+    j.flush(tx).await?;
+    Ok(state)
+}
+
+async fn act(
+    tx: &mut SqliteConnection,
+    j: &mut Journal,
+    task_uuid: &str,
+    action: &OperatorAction,
+    actor: &str,
+    reason: &str,
+    now: Millis,
+) -> Result<TaskState> {
     let state = task_state(tx, task_uuid).await?;
     let reason = Some(reason);
     match action {
@@ -57,6 +73,7 @@ pub(super) async fn operator_action(
                 let s: StepState = parse_state(&row.try_get::<String, _>("state")?)?;
                 move_step(
                     tx,
+                    j,
                     &step,
                     task_uuid,
                     s,
@@ -73,41 +90,19 @@ pub(super) async fn operator_action(
                     .execute(&mut *tx)
                     .await?;
             }
-            move_task(
-                tx,
-                task_uuid,
-                state,
-                &[TaskEvent::Cancel],
-                actor,
-                reason,
-                now,
-            )
-            .await
+            j.task_moves(task_uuid, state, &[TaskEvent::Cancel], actor, reason, now)
         }
         OperatorAction::GiveUp => {
-            move_task(
-                tx,
-                task_uuid,
-                state,
-                &[TaskEvent::GiveUp],
-                actor,
-                reason,
-                now,
-            )
-            .await
+            j.task_moves(task_uuid, state, &[TaskEvent::GiveUp], actor, reason, now)
         }
-        OperatorAction::ResolveManually => {
-            move_task(
-                tx,
-                task_uuid,
-                state,
-                &[TaskEvent::ManualResolution],
-                actor,
-                reason,
-                now,
-            )
-            .await
-        }
+        OperatorAction::ResolveManually => j.task_moves(
+            task_uuid,
+            state,
+            &[TaskEvent::ManualResolution],
+            actor,
+            reason,
+            now,
+        ),
         OperatorAction::ResetStep { step }
         | OperatorAction::ResolveStep { step }
         | OperatorAction::CompleteStep { step, .. } => {
@@ -125,6 +120,7 @@ pub(super) async fn operator_action(
             };
             move_step(
                 tx,
+                j,
                 &step_uuid,
                 task_uuid,
                 s,
@@ -167,7 +163,16 @@ pub(super) async fn operator_action(
                     .await?;
                 }
             }
-            settle(tx, task_uuid, SettleCause::OperatorFix, actor, reason, now).await
+            settle(
+                tx,
+                j,
+                task_uuid,
+                SettleCause::OperatorFix,
+                actor,
+                reason,
+                now,
+            )
+            .await
         }
     }
 }

@@ -2,13 +2,13 @@
 //! and task settling. Each function runs inside a transaction opened by the caller; business
 //! decisions (retry, evaluation) come from `orchestrator` and `state`.
 
-use sqlx::{Row, SqliteConnection};
+use sqlx::{AssertSqlSafe, Row, SqliteConnection};
+
+use super::journal::Journal;
 
 use crate::clock::Millis;
 use crate::orchestrator::{SettleCause, settle_events};
-use crate::state::{
-    StepCounts, StepEvent, StepState, TaskEvent, TaskState, step_transition, task_transition,
-};
+use crate::state::{StepCounts, StepEvent, StepState, TaskEvent, TaskState};
 use crate::store::{Created, NewTask, TemplatePut};
 use crate::template::TaskTemplate;
 use crate::{Error, ErrorKind, Result};
@@ -94,16 +94,11 @@ pub(super) async fn create_task(
     }
     let t = &task.template;
     let hash = t.content_hash();
-    sqlx::query(
-        "INSERT OR IGNORE INTO template_snapshots (content_hash, definition) VALUES ($1, $2)",
-    )
-    .bind(&hash)
-    .bind(json(t.as_ref())?)
-    .execute(&mut *tx)
-    .await?;
     let r = &task.request;
+    // The snapshot and the task row go in one round trip.
     sqlx::query(
-        "INSERT INTO tasks (task_uuid, namespace, name, version, template_hash, state, context,
+        "INSERT OR IGNORE INTO template_snapshots (content_hash, definition) VALUES ($5, $17);
+         INSERT INTO tasks (task_uuid, namespace, name, version, template_hash, state, context,
             initiator, source_system, reason, tags, priority, correlation_id, parent_correlation_id,
             idempotency_key, identity_hash, created_at, updated_at, state_entered_at)
          VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16, $16)",
@@ -124,21 +119,14 @@ pub(super) async fn create_task(
     .bind(&r.idempotency_key)
     .bind(&task.identity_hash)
     .bind(now)
+    .bind(json(t.as_ref())?)
     .execute(&mut *tx)
     .await?;
-    insert_task_transition(
-        tx,
-        &task.uuid,
-        None,
-        TaskState::Pending,
-        "create",
-        actor,
-        None,
-        now,
-    )
-    .await?;
+    let mut j = Journal::default();
+    j.task_created(&task.uuid, actor, now);
     insert_steps(
         tx,
+        &mut j,
         &task.uuid,
         &t.namespace,
         r.priority,
@@ -148,15 +136,17 @@ pub(super) async fn create_task(
         now,
     )
     .await?;
-    settle(tx, &task.uuid, SettleCause::Start, actor, None, now).await?;
+    settle(tx, &mut j, &task.uuid, SettleCause::Start, actor, None, now).await?;
+    j.flush(tx).await?;
     Ok(Created::New(task.uuid.clone()))
 }
 
 /// Inserts steps in `pending` with their edges (edges name steps of `steps` or existing steps
-/// of the task).
+/// of the task), in one multi-row statement each.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn insert_steps(
     tx: &mut SqliteConnection,
+    j: &mut Journal,
     task_uuid: &str,
     namespace: &str,
     priority: i32,
@@ -165,131 +155,109 @@ pub(super) async fn insert_steps(
     actor: &str,
     now: Millis,
 ) -> Result<()> {
+    if steps.is_empty() && edges.is_empty() {
+        return Ok(());
+    }
     let base_seq: i64 =
         sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM steps WHERE task_uuid = $1")
             .bind(task_uuid)
             .fetch_one(&mut *tx)
             .await?;
-    for (i, s) in steps.iter().enumerate() {
-        let d = &s.definition;
-        sqlx::query(
+    // 9 parameters per row keeps a chunk of 500 rows far below SQLite's parameter limit.
+    for (c, chunk) in steps.chunks(500).enumerate() {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let b = 4 + i * 9;
+                format!(
+                    "(${}, $1, ${}, ${}, $2, ${}, ${}, ${}, ${}, 'pending', ${}, $3, ${}, $4, $4)",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7,
+                    b + 8,
+                    b + 9
+                )
+            })
+            .collect();
+        let sql = format!(
             "INSERT INTO steps (step_uuid, task_uuid, seq, name, namespace, callable, step_type,
                 definition, inputs, state, max_attempts, priority, timeout_ms, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12, $13, $13)",
-        )
-        .bind(&s.uuid)
-        .bind(task_uuid)
-        .bind(base_seq + 1 + i as i64)
-        .bind(&d.name)
-        .bind(namespace)
-        .bind(&d.handler.callable)
-        .bind(d.step_type.as_str())
-        .bind(json(d)?)
-        .bind(json(&s.inputs)?)
-        .bind(d.retry.max_attempts as i64)
-        .bind(priority)
-        .bind(d.timeout_seconds.map(|t| (t as i64).saturating_mul(1000)))
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        insert_step_transition(
-            tx,
-            &s.uuid,
-            task_uuid,
-            None,
-            StepState::Pending,
-            "create",
-            actor,
-            None,
-            None,
-            now,
-        )
-        .await?;
-    }
-    for (parent, child) in edges {
-        let done = sqlx::query(
-            "INSERT INTO step_edges (task_uuid, from_step, to_step)
-             SELECT $1, p.step_uuid, c.step_uuid FROM steps p, steps c
-             WHERE p.task_uuid = $1 AND p.name = $2 AND c.task_uuid = $1 AND c.name = $3",
-        )
-        .bind(task_uuid)
-        .bind(parent)
-        .bind(child)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() != 1 {
-            return Err(Error::internal(format!(
-                "edge {parent} → {child} names a missing step"
-            )));
+             VALUES {}",
+            rows.join(", ")
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql))
+            .bind(task_uuid)
+            .bind(namespace)
+            .bind(priority)
+            .bind(now);
+        for (i, s) in chunk.iter().enumerate() {
+            let d = &s.definition;
+            q = q
+                .bind(&s.uuid)
+                .bind(base_seq + 1 + (c * 500 + i) as i64)
+                .bind(&d.name)
+                .bind(&d.handler.callable)
+                .bind(d.step_type.as_str())
+                .bind(json(d)?)
+                .bind(json(&s.inputs)?)
+                .bind(d.retry.max_attempts as i64)
+                .bind(d.timeout_seconds.map(|t| (t as i64).saturating_mul(1000)));
+        }
+        q.execute(&mut *tx).await?;
+        for s in chunk {
+            j.step_created(&s.uuid, task_uuid, actor, now);
         }
     }
+    // Edge names resolve to the new steps first, then to steps the task already has.
+    let mut known: std::collections::HashMap<&str, String> = steps
+        .iter()
+        .map(|s| (s.definition.name.as_str(), s.uuid.clone()))
+        .collect();
+    let missing: Vec<&str> = edges
+        .iter()
+        .flat_map(|(p, c)| [p.as_str(), c.as_str()])
+        .filter(|n| !known.contains_key(n))
+        .collect();
+    for name in missing {
+        let uuid: Option<String> =
+            sqlx::query_scalar("SELECT step_uuid FROM steps WHERE task_uuid = $1 AND name = $2")
+                .bind(task_uuid)
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let uuid = uuid.ok_or_else(|| {
+            Error::internal(format!(
+                "an edge names step {name}, which the task does not have"
+            ))
+        })?;
+        known.insert(name, uuid);
+    }
+    for chunk in edges.chunks(1000) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|i| format!("($1, ${}, ${})", 2 + 2 * i, 3 + 2 * i))
+            .collect();
+        let sql = format!(
+            "INSERT INTO step_edges (task_uuid, from_step, to_step) VALUES {}",
+            rows.join(", ")
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(task_uuid);
+        for (p, c) in chunk {
+            q = q.bind(&known[p.as_str()]).bind(&known[c.as_str()]);
+        }
+        q.execute(&mut *tx).await?;
+    }
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn insert_task_transition(
-    tx: &mut SqliteConnection,
-    task_uuid: &str,
-    from: Option<TaskState>,
-    to: TaskState,
-    event: &str,
-    actor: &str,
-    reason: Option<&str>,
-    now: Millis,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO task_transitions (task_uuid, from_state, to_state, event, actor, reason, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(task_uuid)
-    .bind(from.map(|s| s.as_str()))
-    .bind(to.as_str())
-    .bind(event)
-    .bind(actor)
-    .bind(reason)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn insert_step_transition(
-    tx: &mut SqliteConnection,
-    step_uuid: &str,
-    task_uuid: &str,
-    from: Option<StepState>,
-    to: StepState,
-    event: &str,
-    actor: &str,
-    reason: Option<&str>,
-    attempt: Option<u32>,
-    now: Millis,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO step_transitions (step_uuid, task_uuid, from_state, to_state, event, actor,
-            reason, attempt, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(step_uuid)
-    .bind(task_uuid)
-    .bind(from.map(|s| s.as_str()))
-    .bind(to.as_str())
-    .bind(event)
-    .bind(actor)
-    .bind(reason)
-    .bind(attempt.map(i64::from))
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
-}
-
-/// Moves a step through `events` (checked against the state table), recording each transition,
-/// and stores the final state.
+/// Moves a step through `events` (checked against the state table), journaling each
+/// transition, and stores the final state.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn move_step(
     tx: &mut SqliteConnection,
+    j: &mut Journal,
     step_uuid: &str,
     task_uuid: &str,
     from: StepState,
@@ -299,72 +267,15 @@ pub(super) async fn move_step(
     reason: Option<&str>,
     now: Millis,
 ) -> Result<StepState> {
-    let mut state = from;
-    for ev in events {
-        let to = step_transition(state, *ev)?;
-        insert_step_transition(
-            tx,
-            step_uuid,
-            task_uuid,
-            Some(state),
-            to,
-            ev.as_str(),
-            actor,
-            reason,
-            attempt,
-            now,
-        )
-        .await?;
-        state = to;
-    }
+    let state = j.step_moves(
+        step_uuid, task_uuid, from, events, attempt, actor, reason, now,
+    )?;
     sqlx::query("UPDATE steps SET state = $1, updated_at = $2 WHERE step_uuid = $3")
         .bind(state.as_str())
         .bind(now)
         .bind(step_uuid)
         .execute(&mut *tx)
         .await?;
-    Ok(state)
-}
-
-/// Moves the task through `events`, recording each transition.
-pub(super) async fn move_task(
-    tx: &mut SqliteConnection,
-    task_uuid: &str,
-    from: TaskState,
-    events: &[TaskEvent],
-    actor: &str,
-    reason: Option<&str>,
-    now: Millis,
-) -> Result<TaskState> {
-    let mut state = from;
-    for ev in events {
-        let to = task_transition(state, *ev)?;
-        insert_task_transition(
-            tx,
-            task_uuid,
-            Some(state),
-            to,
-            ev.as_str(),
-            actor,
-            reason,
-            now,
-        )
-        .await?;
-        state = to;
-    }
-    if state != from {
-        sqlx::query(
-            "UPDATE tasks SET state = $1, updated_at = $2, state_entered_at = $2,
-                completed_at = CASE WHEN $3 THEN $2 ELSE completed_at END
-             WHERE task_uuid = $4",
-        )
-        .bind(state.as_str())
-        .bind(now)
-        .bind(state.is_terminal())
-        .bind(task_uuid)
-        .execute(&mut *tx)
-        .await?;
-    }
     Ok(state)
 }
 
@@ -387,34 +298,35 @@ pub(super) fn parse_state<T: std::str::FromStr>(s: &str) -> Result<T> {
 /// transitions it causes.
 pub(super) async fn settle(
     tx: &mut SqliteConnection,
+    j: &mut Journal,
     task_uuid: &str,
     cause: SettleCause,
     actor: &str,
     reason: Option<&str>,
     now: Millis,
 ) -> Result<TaskState> {
-    let current = task_state(tx, task_uuid).await?;
-    if current.is_terminal() {
-        return Ok(current);
+    if let Some(s) = j.task_state(task_uuid)
+        && s.is_terminal()
+    {
+        return Ok(s);
     }
-    let mut state = current;
-    if cause == SettleCause::Start {
-        state = move_task(tx, task_uuid, state, &[TaskEvent::Start], actor, None, now).await?;
-    }
+    // Steps of a finished task (given up, resolved) are never enqueued.
     let ready: Vec<String> = sqlx::query_scalar(
-        "SELECT s.step_uuid FROM steps s
-         WHERE s.task_uuid = $1 AND s.state = 'pending'
+        "UPDATE steps SET state = 'enqueued', enqueued_at = $2, updated_at = $2
+         WHERE task_uuid = $1 AND state = 'pending'
            AND NOT EXISTS (
              SELECT 1 FROM step_edges e JOIN steps p ON p.step_uuid = e.from_step
-             WHERE e.to_step = s.step_uuid AND p.state NOT IN ('complete', 'resolved_manually'))
-         ORDER BY s.seq",
+             WHERE e.to_step = steps.step_uuid AND p.state NOT IN ('complete', 'resolved_manually'))
+           AND (SELECT state FROM tasks WHERE task_uuid = $1)
+               NOT IN ('complete', 'error', 'cancelled', 'resolved_manually')
+         RETURNING step_uuid",
     )
     .bind(task_uuid)
+    .bind(now)
     .fetch_all(&mut *tx)
     .await?;
     for step in &ready {
-        move_step(
-            tx,
+        j.step_moves(
             step,
             task_uuid,
             StepState::Pending,
@@ -423,33 +335,42 @@ pub(super) async fn settle(
             actor,
             None,
             now,
-        )
-        .await?;
+        )?;
     }
-    if !ready.is_empty() {
-        sqlx::query(
-            "UPDATE steps SET enqueued_at = $1 WHERE task_uuid = $2 AND state = 'enqueued' AND enqueued_at IS NULL",
-        )
-        .bind(now)
-        .bind(task_uuid)
-        .execute(&mut *tx)
-        .await?;
+    let rows = sqlx::query(
+        "SELECT t.state AS task_state, s.state AS step_state, COUNT(s.step_uuid) AS n
+         FROM tasks t LEFT JOIN steps s ON s.task_uuid = t.task_uuid
+         WHERE t.task_uuid = $1 GROUP BY s.state",
+    )
+    .bind(task_uuid)
+    .fetch_all(&mut *tx)
+    .await?;
+    let Some(first) = rows.first() else {
+        return Err(Error::not_found(format!("no task {task_uuid}")));
+    };
+    let current = match j.task_state(task_uuid) {
+        Some(s) => s,
+        None => parse_state(&first.try_get::<String, _>("task_state")?)?,
+    };
+    if current.is_terminal() {
+        return Ok(current);
     }
-    let rows =
-        sqlx::query("SELECT state, COUNT(*) AS n FROM steps WHERE task_uuid = $1 GROUP BY state")
-            .bind(task_uuid)
-            .fetch_all(&mut *tx)
-            .await?;
     let mut counts = StepCounts::default();
-    for row in rows {
-        let s: StepState = parse_state(&row.try_get::<String, _>("state")?)?;
-        let n: i64 = row.try_get("n")?;
-        for _ in 0..n {
+    for row in &rows {
+        let Some(s) = row.try_get::<Option<String>, _>("step_state")? else {
+            continue;
+        };
+        let s: StepState = parse_state(&s)?;
+        for _ in 0..row.try_get::<i64, _>("n")? {
             counts.add(s);
         }
     }
+    let mut state = current;
+    if cause == SettleCause::Start {
+        state = j.task_moves(task_uuid, state, &[TaskEvent::Start], actor, None, now)?;
+    }
     let events = settle_events(state, &counts, cause);
-    move_task(tx, task_uuid, state, &events, actor, reason, now).await
+    j.task_moves(task_uuid, state, &events, actor, reason, now)
 }
 
 pub(super) fn decode<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
