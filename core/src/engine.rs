@@ -64,6 +64,10 @@ pub(crate) struct Inner {
     pub(crate) results: mpsc::UnboundedSender<Finished>,
     pub(crate) runtime: tokio::runtime::Handle,
     pub(crate) port_seq: std::sync::atomic::AtomicU64,
+    /// Bounds how many Rust handlers run at once.
+    pub(crate) permits: Arc<tokio::sync::Semaphore>,
+    /// Whether this handle runs Rust handlers (`OpenOptions::background`).
+    pub(crate) runs_handlers: bool,
 }
 
 /// Options for [`Tasker::open_with`].
@@ -142,7 +146,7 @@ impl Tasker {
         let inner = Arc::new(Inner {
             store,
             clock: options.clock,
-            config: options.config,
+            config: options.config.clone(),
             worker_id: format!("worker-{}", &crate::orchestrator::new_uuid()[24..]),
             handlers: RwLock::new(HashMap::new()),
             port_callables: RwLock::new(HashMap::new()),
@@ -155,6 +159,8 @@ impl Tasker {
             results: results_tx,
             runtime: tokio::runtime::Handle::current(),
             port_seq: std::sync::atomic::AtomicU64::new(0),
+            permits: Arc::new(tokio::sync::Semaphore::new(options.config.concurrency)),
+            runs_handlers: options.background,
         });
         crate::worker::spawn_completer(inner.clone(), results_rx);
         if options.background {
@@ -364,14 +370,21 @@ impl Tasker {
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let mut rx = self.inner.watch(uuid);
         let mut shutdown = self.inner.shutdown.subscribe();
+        // The store is asked on entry, on the polling fallback, and when a change announced in
+        // this process reaches a state the caller waits for; other announced changes need no
+        // query (the announcement carries the state).
+        let mut ask_store = true;
+        let mut state = TaskState::Pending;
         let result = loop {
-            rx.mark_unchanged();
-            let state = match self.inner.store.task_state(uuid).await {
-                Ok(s) => s,
-                Err(e) => break Err(e),
-            };
-            if done(state) {
-                break self.inner.store.get_task(uuid).await;
+            if ask_store {
+                rx.mark_unchanged();
+                state = match self.inner.store.task_state(uuid).await {
+                    Ok(s) => s,
+                    Err(e) => break Err(e),
+                };
+                if done(state) {
+                    break self.inner.store.get_task(uuid).await;
+                }
             }
             let poll = tokio::time::sleep(self.inner.config.poll_interval);
             let until = async {
@@ -381,8 +394,14 @@ impl Tasker {
                 }
             };
             tokio::select! {
-                _ = rx.changed() => {}
-                _ = poll => {}
+                _ = rx.changed() => {
+                    let announced = *rx.borrow_and_update();
+                    ask_store = done(announced);
+                    if !ask_store {
+                        state = announced;
+                    }
+                }
+                _ = poll => ask_store = true,
                 _ = shutdown.wait_for(|s| *s) => {
                     break Err(Error::new(ErrorKind::Shutdown, "the engine is closed"));
                 }

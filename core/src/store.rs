@@ -271,6 +271,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         actor: &str,
         now: Millis,
     ) -> Result<Vec<FinishReport>>;
+    /// `finish`, then a `claim`, in one transaction where the backend can: the worker that
+    /// reports a result picks up the steps that result made ready without another round trip.
+    async fn finish_and_claim(
+        &self,
+        results: &[AttemptResult],
+        actor: &str,
+        claim: &ClaimRequest,
+        now: Millis,
+    ) -> Result<(Vec<FinishReport>, Vec<StepJob>)> {
+        let reports = self.finish(results, actor, now).await?;
+        let jobs = self.claim(claim, now).await?;
+        Ok((reports, jobs))
+    }
     /// Stores a checkpoint for the current attempt and renews its lease.
     async fn checkpoint(
         &self,

@@ -11,7 +11,7 @@ pub use port::Worker;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use crate::Result;
 use crate::clock::Millis;
@@ -46,7 +46,7 @@ pub(crate) fn spawn_completer(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver
     });
 }
 
-async fn apply_batch(inner: &Inner, batch: Vec<Finished>) {
+async fn apply_batch(inner: &Arc<Inner>, batch: Vec<Finished>) {
     let now = inner.clock.now();
     let results: Vec<AttemptResult> = batch
         .iter()
@@ -73,10 +73,31 @@ async fn apply_batch(inner: &Inner, batch: Vec<Finished>) {
             }
         })
         .collect();
-    let reports = inner.store.finish(&results, &inner.worker_id, now).await;
+    // Claim ahead: take the permits for Rust handlers now, so the steps these results make
+    // ready are claimed in the same transaction and start without waking the worker loop.
+    let ahead = claim_ahead(inner);
+    let reports = match &ahead {
+        Some((req, _)) => {
+            inner
+                .store
+                .finish_and_claim(&results, &inner.worker_id, req, now)
+                .await
+        }
+        None => inner
+            .store
+            .finish(&results, &inner.worker_id, now)
+            .await
+            .map(|r| (r, Vec::new())),
+    };
     for f in &batch {
         inner.release(&f.job.step_uuid, f.job.attempt);
     }
+    let reports = reports.map(|(reports, jobs)| {
+        if let Some((_, permits)) = ahead {
+            spawn_jobs(inner, jobs, permits);
+        }
+        reports
+    });
     match reports {
         Ok(reports) => {
             let changed: Vec<_> = reports
@@ -102,6 +123,67 @@ async fn apply_batch(inner: &Inner, batch: Vec<Finished>) {
                 }
             }
         }
+    }
+}
+
+/// The claim a completer makes alongside its results, with the permits it may fill.
+fn claim_ahead(inner: &Arc<Inner>) -> Option<(ClaimRequest, Vec<OwnedSemaphorePermit>)> {
+    if !inner.runs_handlers || *inner.shutdown.borrow() {
+        return None;
+    }
+    let callables = rust_callables(inner);
+    if callables.is_empty() {
+        return None;
+    }
+    let mut permits = Vec::new();
+    while permits.len() < inner.config.claim_batch {
+        match inner.permits.clone().try_acquire_owned() {
+            Ok(p) => permits.push(p),
+            Err(_) => break,
+        }
+    }
+    if permits.is_empty() {
+        return None;
+    }
+    let req = claim_request(
+        inner,
+        &inner.worker_id,
+        Vec::new(),
+        CallableFilter::Only(callables),
+        permits.len(),
+    );
+    Some((req, permits))
+}
+
+fn rust_callables(inner: &Inner) -> Vec<String> {
+    inner
+        .handlers
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// Runs claimed jobs, each on its own task holding one permit; permits left over are freed.
+fn spawn_jobs(inner: &Arc<Inner>, jobs: Vec<StepJob>, mut permits: Vec<OwnedSemaphorePermit>) {
+    for job in jobs {
+        let Some(permit) = permits.pop() else {
+            // Claims never ask for more steps than they hold permits for.
+            tracing::error!(step = %job.step_uuid, "no permit for a claimed step; its lease will expire");
+            continue;
+        };
+        inner.hold(&job);
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let outcome = run_rust_handler(&inner, &job).await;
+            drop(permit);
+            let _ = inner.results.send(Finished {
+                job,
+                outcome,
+                reply: None,
+            });
+        });
     }
 }
 
@@ -133,75 +215,55 @@ fn claim_request(
 /// The worker loop for Rust handlers: claim as many steps as there are free permits, run each
 /// on its own task, sleep until new work, a free permit, or the polling fallback.
 async fn run_loop(inner: Arc<Inner>) {
-    let permits = Arc::new(Semaphore::new(inner.config.concurrency));
     let mut work = inner.work.subscribe();
     let mut shutdown = inner.shutdown.subscribe();
+    // Steps nobody serves are looked for on the polling cadence, not on every wake-up: the
+    // grace period they get is far longer than a poll.
+    let mut next_unknown_check = tokio::time::Instant::now();
     loop {
         if *shutdown.borrow() {
             break;
         }
         work.mark_unchanged();
+        if inner.config.fail_unknown_callables && tokio::time::Instant::now() >= next_unknown_check
+        {
+            next_unknown_check = tokio::time::Instant::now() + unknown_check_every(&inner);
+            if let Err(e) = fail_unknown_callables(&inner, inner.clock.now()).await {
+                tracing::error!("checking for unserved steps failed: {e}");
+            }
+        }
         let mut more = false;
-        match claim_and_spawn(&inner, &permits).await {
+        match claim_and_spawn(&inner).await {
             Ok(filled) => more = filled,
             Err(e) => tracing::error!("claiming steps failed: {e}"),
         }
         if more {
             continue;
         }
+        let until_check = next_unknown_check.saturating_duration_since(tokio::time::Instant::now());
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
             _ = work.changed() => {}
-            _ = tokio::time::sleep(inner.config.poll_interval) => {}
+            _ = tokio::time::sleep(inner.config.poll_interval.min(until_check.max(Duration::from_millis(1)))) => {}
         }
     }
 }
 
+fn unknown_check_every(inner: &Inner) -> Duration {
+    (inner.config.unknown_callable_grace / 4)
+        .clamp(Duration::from_millis(10), inner.config.poll_interval)
+}
+
 /// Returns true when the claim took every step it asked for (more may be waiting).
-async fn claim_and_spawn(inner: &Arc<Inner>, permits: &Arc<Semaphore>) -> Result<bool> {
-    let now = inner.clock.now();
-    if inner.config.fail_unknown_callables {
-        fail_unknown_callables(inner, now).await?;
-    }
-    let callables: Vec<String> = inner
-        .handlers
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .keys()
-        .cloned()
-        .collect();
-    let free = permits.available_permits().min(inner.config.claim_batch);
-    if free == 0 || callables.is_empty() {
+async fn claim_and_spawn(inner: &Arc<Inner>) -> Result<bool> {
+    let Some((req, permits)) = claim_ahead(inner) else {
         return Ok(false);
-    }
-    let req = claim_request(
-        inner,
-        &inner.worker_id,
-        Vec::new(),
-        CallableFilter::Only(callables),
-        free,
-    );
-    let jobs = inner.store.claim(&req, now).await?;
+    };
+    let asked = permits.len();
+    let jobs = inner.store.claim(&req, inner.clock.now()).await?;
     // A full claim means more may be ready; the next round finds out (or finds no permit).
-    let filled = jobs.len() == free;
-    for job in jobs {
-        // This loop is the only place permits are taken, and we claimed at most the free ones.
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::error!(step = %job.step_uuid, "no free permit for a claimed step; its lease will expire");
-            break;
-        };
-        inner.hold(&job);
-        let inner = inner.clone();
-        tokio::spawn(async move {
-            let outcome = run_rust_handler(&inner, &job).await;
-            drop(permit);
-            let _ = inner.results.send(Finished {
-                job,
-                outcome,
-                reply: None,
-            });
-        });
-    }
+    let filled = jobs.len() == asked;
+    spawn_jobs(inner, jobs, permits);
     Ok(filled)
 }
 

@@ -229,6 +229,20 @@ impl Store for SqliteStore {
         Ok(r)
     }
 
+    async fn finish_and_claim(
+        &self,
+        results: &[AttemptResult],
+        actor: &str,
+        claim: &ClaimRequest,
+        now: Millis,
+    ) -> Result<(Vec<FinishReport>, Vec<StepJob>)> {
+        let mut tx = self.begin().await?;
+        let reports = attempts::finish(&mut tx, results, actor, now).await?;
+        let jobs = attempts::claim(&mut tx, claim, now).await?;
+        tx.commit().await?;
+        Ok((reports, jobs))
+    }
+
     async fn checkpoint(
         &self,
         step_uuid: &str,
