@@ -72,6 +72,7 @@ impl SqliteStore {
             // milliseconds. A background task checkpoints instead (see `spawn_checkpointer`).
             .pragma("wal_autocheckpoint", if in_memory { "1000" } else { "0" });
         let writer = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(1)
             .min_connections(1)
             .idle_timeout(None)
@@ -85,6 +86,7 @@ impl SqliteStore {
             writer.clone()
         } else {
             SqlitePoolOptions::new()
+                .test_before_acquire(false)
                 .max_connections(4)
                 .acquire_timeout(Duration::from_secs(60))
                 .connect_with(options.clone().read_only(true))
@@ -110,6 +112,7 @@ impl SqliteStore {
     /// path, for as long as the store is open. `PASSIVE` never blocks writers or readers.
     async fn spawn_checkpointer(&self, options: SqliteConnectOptions) -> sqlx::Result<()> {
         let pool = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(1)
             .connect_with(options)
             .await?;

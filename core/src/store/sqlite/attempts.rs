@@ -4,8 +4,6 @@
 use serde_json::{Map, Value};
 use sqlx::{AssertSqlSafe, Row, SqliteConnection};
 
-use std::collections::HashMap;
-
 use super::journal::Journal;
 use super::write::{decode, json, move_step, parse_state, settle};
 use crate::Result;
@@ -83,7 +81,13 @@ pub(super) async fn claim(
             (SELECT name FROM tasks t WHERE t.task_uuid = steps.task_uuid) AS t_name,
             (SELECT version FROM tasks t WHERE t.task_uuid = steps.task_uuid) AS t_version,
             (SELECT correlation_id FROM tasks t WHERE t.task_uuid = steps.task_uuid) AS t_correlation_id,
-            (SELECT context FROM tasks t WHERE t.task_uuid = steps.task_uuid) AS t_context"
+            (SELECT context FROM tasks t WHERE t.task_uuid = steps.task_uuid) AS t_context,
+            (WITH RECURSIVE anc(id) AS (
+                SELECT from_step FROM step_edges WHERE to_step = steps.step_uuid
+                UNION
+                SELECT e.from_step FROM step_edges e JOIN anc ON e.to_step = anc.id)
+             SELECT json_group_object(a.name, json(a.result)) FROM steps a JOIN anc ON a.step_uuid = anc.id
+             WHERE a.state IN ('complete', 'resolved_manually')) AS dependency_results"
     );
     let mut q = sqlx::query(AssertSqlSafe(sql))
         .bind(&req.worker_id)
@@ -98,14 +102,10 @@ pub(super) async fn claim(
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    let step_uuids: Vec<String> = rows
-        .iter()
-        .map(|r| r.try_get("step_uuid"))
-        .collect::<std::result::Result<_, _>>()?;
-    let mut ancestors = ancestor_results(tx, &step_uuids).await?;
     let mut j = Journal::default();
     let mut jobs = Vec::with_capacity(rows.len());
-    for (row, step_uuid) in rows.into_iter().zip(step_uuids) {
+    for row in rows {
+        let step_uuid: String = row.try_get("step_uuid")?;
         let task_uuid: String = row.try_get("task_uuid")?;
         let attempt = row.try_get::<i64, _>("attempts")? as u32;
         let started_at: Millis = row.try_get("started_at")?;
@@ -124,7 +124,7 @@ pub(super) async fn claim(
         let checkpoint: Option<String> = row.try_get("checkpoint")?;
         let checkpoint: Option<Checkpoint> = checkpoint.map(|c| decode(&c)).transpose()?;
         jobs.push(StepJob {
-            dependency_results: ancestors.remove(&step_uuid).unwrap_or_default(),
+            dependency_results: decode(&row.try_get::<String, _>("dependency_results")?)?,
             step_uuid,
             task_uuid,
             step_name: row.try_get("name")?,
@@ -144,42 +144,6 @@ pub(super) async fn claim(
     }
     j.flush(tx).await?;
     Ok(jobs)
-}
-
-/// Results of every satisfied ancestor of each step, by step then ancestor name; one query for
-/// all the steps of a claim.
-pub(super) async fn ancestor_results(
-    tx: &mut SqliteConnection,
-    step_uuids: &[String],
-) -> Result<HashMap<String, Map<String, Value>>> {
-    let mut out: HashMap<String, Map<String, Value>> = HashMap::new();
-    for chunk in step_uuids.chunks(500) {
-        let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-        let sql = format!(
-            "WITH RECURSIVE anc(target, id) AS (
-                SELECT to_step, from_step FROM step_edges WHERE to_step IN ({})
-                UNION
-                SELECT anc.target, e.from_step FROM step_edges e JOIN anc ON e.to_step = anc.id)
-             SELECT anc.target, s.name, s.result FROM anc JOIN steps s ON s.step_uuid = anc.id
-             WHERE s.state IN ('complete', 'resolved_manually') ORDER BY s.seq",
-            list.join(", ")
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for s in chunk {
-            q = q.bind(s);
-        }
-        for r in q.fetch_all(&mut *tx).await? {
-            let result: Option<String> = r.try_get("result")?;
-            let v = match result {
-                Some(s) => decode(&s)?,
-                None => Value::Null,
-            };
-            out.entry(r.try_get("target")?)
-                .or_default()
-                .insert(r.try_get("name")?, v);
-        }
-    }
-    Ok(out)
 }
 
 struct Current {
@@ -318,13 +282,22 @@ pub(super) async fn finish(
             .try_fold(StepState::InProgress, |s, e| step_transition(s, *e))?;
         // Applying and fencing are one statement: it changes the row only while this attempt
         // is still the current one (and, for engine-made expiries, still expired).
+        // Only the guards that apply are in the statement, so each shape keeps a simple plan.
+        let worker_guard = if r.worker_id.is_some() {
+            "AND worker_id = $5"
+        } else {
+            ""
+        };
+        let expiry_guard = match r.expiry {
+            None => "",
+            Some(Expiry::Timeout) => "AND timeout_at <= $4",
+            Some(Expiry::LeaseExpired) => "AND lease_expires_at <= $4",
+        };
         let sql = format!(
             "UPDATE steps SET state = $7, {set}, lease_expires_at = NULL, timeout_at = NULL,
                 started_at = COALESCE($3, started_at), updated_at = $4
              WHERE step_uuid = $1 AND state = 'in_progress' AND attempts = $2
-               AND ($5 IS NULL OR worker_id = $5)
-               AND ($6 IS NULL OR ($6 = 'timeout' AND timeout_at <= $4)
-                    OR ($6 = 'lease_expired' AND lease_expires_at <= $4))
+               {worker_guard} {expiry_guard}
              RETURNING task_uuid"
         );
         let applied: Option<String> = sqlx::query_scalar(AssertSqlSafe(sql))
@@ -333,10 +306,7 @@ pub(super) async fn finish(
             .bind(r.started_at)
             .bind(now)
             .bind(r.worker_id.as_deref())
-            .bind(r.expiry.map(|e| match e {
-                Expiry::Timeout => "timeout",
-                Expiry::LeaseExpired => "lease_expired",
-            }))
+            .bind(None::<&str>)
             .bind(to.as_str())
             .bind(payload)
             .bind(next_attempt_at)
@@ -505,6 +475,9 @@ pub(super) async fn renew_leases(
             list.join(", ")
         );
         let mut q = sqlx::query(AssertSqlSafe(sql))
+            // Variable shapes: keep them out of the prepared-statement cache, where they would
+            // evict the hot fixed statements.
+            .persistent(false)
             .bind(lease_until)
             .bind(now)
             .bind(worker_id);
