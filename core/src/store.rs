@@ -294,11 +294,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         lease_until: Millis,
         now: Millis,
     ) -> Result<Completion>;
-    /// Extends the leases of the listed attempts held by `worker_id`.
+    /// Extends the leases of the listed `(step, attempt)`s held by `worker_id`; attempts that are
+    /// no longer current are left alone.
     async fn renew_leases(
         &self,
         worker_id: &str,
-        step_uuids: &[String],
+        attempts: &[(String, u32)],
         lease_until: Millis,
         now: Millis,
     ) -> Result<u64>;

@@ -453,12 +453,12 @@ async fn lease_renewal(inner: Arc<Inner>) {
 }
 
 pub(crate) async fn renew_held(inner: &Inner) -> Result<()> {
-    let mut by_worker: std::collections::HashMap<String, Vec<String>> = Default::default();
-    for (step, (worker, _)) in inner.held.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+    let mut by_worker: std::collections::HashMap<String, Vec<(String, u32)>> = Default::default();
+    for (step, (worker, attempt)) in inner.held.lock().unwrap_or_else(|e| e.into_inner()).iter() {
         by_worker
             .entry(worker.clone())
             .or_default()
-            .push(step.clone());
+            .push((step.clone(), *attempt));
     }
     let now = inner.clock.now();
     let until = now + inner.config.lease.as_millis() as Millis;

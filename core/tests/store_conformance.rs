@@ -552,7 +552,7 @@ steps:
     // Leases run out at now + LEASE (renewal would have pushed them).
     s.renew_leases(
         "w1",
-        std::slice::from_ref(&jobs[0].step_uuid),
+        &[(jobs[0].step_uuid.clone(), jobs[0].attempt)],
         now + 10 * LEASE,
         now,
     )
@@ -829,6 +829,68 @@ async fn stale_completions_are_fenced_and_recorded(db: Db) {
     assert!(matches!(c, Completion::Rejected(_)));
 }
 
+/// The fencing case that matters most: attempt 1's worker comes back while attempt 2 runs.
+async fn late_attempt_is_fenced_while_its_successor_runs(db: Db) {
+    let s = db.store();
+    let t = linear("conf", "successor", "work");
+    s.put_template(&t, false, T0).await.unwrap();
+    let task = create(s, &t, json!({}), T0).await;
+    let first = claim_one(s, "w1", T0).await;
+    let lost = AttemptResult {
+        step_uuid: first.step_uuid.clone(),
+        attempt: first.attempt,
+        worker_id: None,
+        expiry: Some(Expiry::LeaseExpired),
+        resolution: Resolution::Retry {
+            failure: StepFailure::new(ErrorType::WorkerLost, "lease expired"),
+            next_attempt_at: T0 + LEASE + 1,
+        },
+        started_at: None,
+    };
+    let (c, _) = finish_one(s, lost, T0 + LEASE + 1).await;
+    assert_eq!(c, Completion::Accepted);
+    assert_eq!(
+        s.promote_due_retries(ORCH, T0 + LEASE + 1).await.unwrap(),
+        1
+    );
+    let second = claim_one(s, "w2", T0 + LEASE + 2).await;
+    assert_eq!(
+        (second.step_uuid.as_str(), second.attempt),
+        (first.step_uuid.as_str(), 2)
+    );
+    assert_unchanged(s, &task, || async {
+        let late = result(&first, Some("w1"), success(json!({"late": true})));
+        let (c, state) = finish_one(s, late, T0 + LEASE + 3).await;
+        assert!(
+            matches!(&c, Completion::Rejected(r) if r.contains("attempt 1")),
+            "{c:?}"
+        );
+        assert_eq!(state, None);
+    })
+    .await;
+    let step = s.get_task(&task).await.unwrap().step("a").unwrap().clone();
+    assert_eq!(
+        (step.state, step.attempts, step.result),
+        (StepState::InProgress, 2, None)
+    );
+    let rejected = s.rejected_completions(&task).await.unwrap();
+    assert_eq!(
+        (
+            rejected.len(),
+            rejected[0].attempt,
+            rejected[0].worker_id.as_deref()
+        ),
+        (1, 1, Some("w1"))
+    );
+    let (c, _) = finish_one(
+        s,
+        result(&second, Some("w2"), success(json!({"ok": true}))),
+        T0 + LEASE + 4,
+    )
+    .await;
+    assert_eq!(c, Completion::Accepted);
+}
+
 async fn engine_expiry_is_rejected_when_the_lease_was_renewed(db: Db) {
     let s = db.store();
     let t = linear("conf", "expiry", "work");
@@ -851,7 +913,7 @@ async fn engine_expiry_is_rejected_when_the_lease_was_renewed(db: Db) {
     assert_eq!(
         s.renew_leases(
             "w1",
-            std::slice::from_ref(&job.step_uuid),
+            &[(job.step_uuid.clone(), job.attempt)],
             T0 + 2 * LEASE,
             T0 + 10
         )
@@ -859,10 +921,22 @@ async fn engine_expiry_is_rejected_when_the_lease_was_renewed(db: Db) {
         .unwrap(),
         1
     );
+    // A superseded attempt number renews nothing, even for the right worker.
+    assert_eq!(
+        s.renew_leases(
+            "w1",
+            &[(job.step_uuid.clone(), job.attempt + 1)],
+            T0 + 9 * LEASE,
+            T0 + 10
+        )
+        .await
+        .unwrap(),
+        0
+    );
     assert_eq!(
         s.renew_leases(
             "w2",
-            std::slice::from_ref(&job.step_uuid),
+            &[(job.step_uuid.clone(), job.attempt)],
             T0 + 9 * LEASE,
             T0 + 10
         )
@@ -1378,6 +1452,7 @@ macro_rules! all_tests {
                 concurrent_claims_take_each_step_exactly_once,
                 success_enqueues_children_in_the_same_transaction,
                 stale_completions_are_fenced_and_recorded,
+                late_attempt_is_fenced_while_its_successor_runs,
                 engine_expiry_is_rejected_when_the_lease_was_renewed,
                 retry_waits_until_due,
                 checkpoint_keeps_the_attempt_and_bounds_history,

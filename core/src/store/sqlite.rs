@@ -273,15 +273,15 @@ impl Store for SqliteStore {
     async fn renew_leases(
         &self,
         worker_id: &str,
-        step_uuids: &[String],
+        attempts: &[(String, u32)],
         lease_until: Millis,
         now: Millis,
     ) -> Result<u64> {
-        if step_uuids.is_empty() {
+        if attempts.is_empty() {
             return Ok(0);
         }
         let mut tx = self.begin().await?;
-        let n = attempts::renew_leases(&mut tx, worker_id, step_uuids, lease_until, now).await?;
+        let n = attempts::renew_leases(&mut tx, worker_id, attempts, lease_until, now).await?;
         tx.commit().await?;
         Ok(n)
     }

@@ -197,7 +197,7 @@ impl Worker {
                 .store
                 .renew_leases(
                     &job.worker_id,
-                    std::slice::from_ref(&job.step_uuid),
+                    &[(job.step_uuid.clone(), job.attempt)],
                     until,
                     now,
                 )

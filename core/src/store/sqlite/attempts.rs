@@ -462,16 +462,20 @@ pub(super) async fn checkpoint(
 pub(super) async fn renew_leases(
     tx: &mut SqliteConnection,
     worker_id: &str,
-    step_uuids: &[String],
+    attempts: &[(String, u32)],
     lease_until: Millis,
     now: Millis,
 ) -> Result<u64> {
     let mut n = 0;
-    for chunk in step_uuids.chunks(500) {
-        let list: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 4)).collect();
+    for chunk in attempts.chunks(500) {
+        let list: Vec<String> = (0..chunk.len())
+            .map(|i| format!("(${}, ${})", 4 + 2 * i, 5 + 2 * i))
+            .collect();
+        // Only the attempt that was handed out is renewed: a superseded one stays expired.
         let sql = format!(
             "UPDATE steps SET lease_expires_at = $1, updated_at = $2
-             WHERE worker_id = $3 AND state = 'in_progress' AND step_uuid IN ({})",
+             WHERE worker_id = $3 AND state = 'in_progress'
+               AND (step_uuid, attempts) IN (VALUES {})",
             list.join(", ")
         );
         let mut q = sqlx::query(AssertSqlSafe(sql))
@@ -481,8 +485,8 @@ pub(super) async fn renew_leases(
             .bind(lease_until)
             .bind(now)
             .bind(worker_id);
-        for s in chunk {
-            q = q.bind(s);
+        for (step, attempt) in chunk {
+            q = q.bind(step).bind(i64::from(*attempt));
         }
         n += q.execute(&mut *tx).await?.rows_affected();
     }
