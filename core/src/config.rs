@@ -82,15 +82,16 @@ impl Config {
         if let Some(env) = get("TASKER_ENV") {
             c.environment = env;
         }
+        // Bounds keep every `now + duration` far from integer overflow.
         if let Some(v) = num("TASKER_LEASE_MS")? {
-            c.lease = Duration::from_millis(v.max(100));
+            c.lease = Duration::from_millis(v.clamp(100, 24 * 3600 * 1000));
             c.lease_renew_every = c.lease / 3;
         }
         if let Some(v) = num("TASKER_LEASE_RENEW_MS")? {
-            c.lease_renew_every = Duration::from_millis(v.max(10));
+            c.lease_renew_every = Duration::from_millis(v.max(10)).min(c.lease / 2);
         }
         if let Some(v) = num("TASKER_DEFAULT_TIMEOUT_SECONDS")? {
-            c.default_step_timeout = Duration::from_secs(v.max(1));
+            c.default_step_timeout = Duration::from_secs(v.clamp(1, 7 * 24 * 3600));
         }
         if let Some(v) = num("TASKER_POLL_INTERVAL_MS")? {
             c.poll_interval = Duration::from_millis(v.max(10));

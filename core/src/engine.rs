@@ -157,7 +157,12 @@ impl Tasker {
             shutdown: watch::Sender::new(false),
             held: Mutex::new(HashMap::new()),
             results: results_tx,
-            runtime: tokio::runtime::Handle::current(),
+            runtime: tokio::runtime::Handle::try_current().map_err(|_| {
+                Error::new(
+                    ErrorKind::Internal,
+                    "Tasker::open must be called inside a tokio runtime",
+                )
+            })?,
             port_seq: std::sync::atomic::AtomicU64::new(0),
             permits: Arc::new(tokio::sync::Semaphore::new(options.config.concurrency)),
             runs_handlers: options.background,
@@ -367,7 +372,8 @@ impl Tasker {
         done: impl Fn(TaskState) -> bool,
         timeout: Option<Duration>,
     ) -> Result<Task> {
-        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        // A timeout too large to represent is no timeout at all.
+        let deadline = timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
         let mut rx = self.inner.watch(uuid);
         let mut shutdown = self.inner.shutdown.subscribe();
         // The store is asked on entry, on the polling fallback, and when a change announced in
@@ -427,6 +433,11 @@ impl Tasker {
         actor: &str,
         reason: &str,
     ) -> Result<TaskState> {
+        // An operator's result reaches dependents like a handler's: same shape and size rules.
+        if let OperatorAction::CompleteStep { result, .. } = &action {
+            crate::orchestrator::check_result(result, None, self.inner.config.max_payload_bytes)
+                .map_err(|f| Error::validation(f.message))?;
+        }
         let state = self
             .inner
             .store

@@ -121,7 +121,7 @@ pub fn decide_failure(
     };
     Resolution::Retry {
         failure,
-        next_attempt_at: now + delay as Millis,
+        next_attempt_at: now.saturating_add(i64::try_from(delay).unwrap_or(i64::MAX)),
     }
 }
 
@@ -156,7 +156,7 @@ pub fn resolve_outcome(
     )
 }
 
-fn check_result(
+pub(crate) fn check_result(
     result: &Value,
     schema: Option<&CompiledSchema>,
     max_bytes: usize,

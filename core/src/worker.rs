@@ -30,6 +30,9 @@ pub(crate) struct Finished {
 /// Most results applied in one transaction.
 const FINISH_BATCH: usize = 256;
 
+/// How often a batch of results is retried after a transient database error.
+const FINISH_RETRIES: u32 = 5;
+
 /// Applies finished attempts in batches: one transaction for everything that arrived while the
 /// previous batch was being written.
 pub(crate) fn spawn_completer(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Finished>) {
@@ -75,19 +78,39 @@ async fn apply_batch(inner: &Arc<Inner>, batch: Vec<Finished>) {
         .collect();
     // Claim ahead: take the permits for Rust handlers now, so the steps these results make
     // ready are claimed in the same transaction and start without waking the worker loop.
-    let ahead = claim_ahead(inner);
-    let reports = match &ahead {
-        Some((req, _)) => {
-            inner
+    let mut ahead = claim_ahead(inner);
+    // A transient database failure (a lock held too long by another process, say) must not
+    // throw away finished work: the batch is retried a few times before the attempts are left
+    // to expire and re-run.
+    let mut tries = 0;
+    let reports = loop {
+        let r = match &ahead {
+            Some((req, _)) => {
+                inner
+                    .store
+                    .finish_and_claim(&results, &inner.worker_id, req, now)
+                    .await
+            }
+            None => inner
                 .store
-                .finish_and_claim(&results, &inner.worker_id, req, now)
+                .finish(&results, &inner.worker_id, now)
                 .await
+                .map(|r| (r, Vec::new())),
+        };
+        match r {
+            Err(e)
+                if e.kind.is_retryable() && tries < FINISH_RETRIES && !*inner.shutdown.borrow() =>
+            {
+                tries += 1;
+                tracing::warn!(
+                    "recording {} step results failed (try {tries}): {e}",
+                    results.len()
+                );
+                ahead = None;
+                tokio::time::sleep(Duration::from_millis(50 << tries)).await;
+            }
+            other => break other,
         }
-        None => inner
-            .store
-            .finish(&results, &inner.worker_id, now)
-            .await
-            .map(|r| (r, Vec::new())),
     };
     for f in &batch {
         inner.release(&f.job.step_uuid, f.job.attempt);
@@ -176,6 +199,9 @@ fn spawn_jobs(inner: &Arc<Inner>, jobs: Vec<StepJob>, mut permits: Vec<OwnedSema
         inner.hold(&job);
         let inner = inner.clone();
         tokio::spawn(async move {
+            // The attempt's recorded start is when its handler begins, not when it was claimed.
+            let mut job = job;
+            job.started_at = inner.clock.now();
             let outcome = run_rust_handler(&inner, &job).await;
             drop(permit);
             let _ = inner.results.send(Finished {
@@ -332,13 +358,10 @@ async fn run_rust_handler(inner: &Inner, job: &StepJob) -> StepOutcome {
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "non-string panic payload".into());
-            let mut f =
-                StepFailure::new(ErrorType::HandlerError, format!("handler panicked: {msg}"));
-            f.backtrace = Some(format!(
-                "panic in handler `{}` for step `{}`",
-                job.callable(),
-                job.step_name
-            ));
+            let f = StepFailure::new(
+                ErrorType::HandlerError,
+                format!("handler `{}` panicked: {msg}", job.callable()),
+            );
             StepOutcome::Failure(f)
         }
         Ok(Err(e)) => StepOutcome::Failure(StepFailure::new(

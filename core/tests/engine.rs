@@ -914,3 +914,36 @@ async fn a_template_without_steps_completes_at_creation() {
         .collect();
     assert_eq!(events, ["create", "start", "no_steps_found"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_result_obeys_the_rules_of_a_handler_result() {
+    let t = open().await;
+    register(
+        &t,
+        &two_steps("by_hand", "perm", "ok", "{ max_attempts: 1 }"),
+    )
+    .await;
+    t.register_handler("perm", failing(u32::MAX, StepOutcome::permanent("no")).0);
+    t.register_handler("ok", ok());
+    let handle = t.create_task(req("by_hand", json!({}))).await.unwrap();
+    assert_eq!(
+        handle.wait(WAIT).await.unwrap().status,
+        TaskState::BlockedByFailures
+    );
+    let e = t
+        .complete_step(&handle.uuid, "a", json!([1, 2]), "by hand")
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Validation, "{e}");
+    assert!(e.message.contains("JSON object"), "{e}");
+    assert_eq!(
+        handle.get().await.unwrap().step("a").unwrap().state,
+        StepState::Error
+    );
+    t.complete_step(&handle.uuid, "a", json!({"value": 7}), "by hand")
+        .await
+        .unwrap();
+    let task = handle.wait(WAIT).await.unwrap();
+    assert_eq!(task.status, TaskState::Complete);
+    assert_eq!(task.step("a").unwrap().result, Some(json!({"value": 7})));
+}

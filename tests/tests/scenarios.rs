@@ -53,6 +53,9 @@ async fn all_scenarios() {
         let runner = runner.clone();
         runs.spawn(async move { runner.run(&scenario).await });
     }
+    if names.is_empty() {
+        problems.push(format!("SCENARIO={filter:?} matches no scenario"));
+    }
     let mut outcomes: Vec<Outcome> = runs.join_all().await;
     outcomes.sort_by_key(|o| names.iter().position(|n| *n == o.name));
 

@@ -74,7 +74,9 @@ pub(crate) async fn run(args: RunArgs, register: &(dyn Fn(&Tasker) + Send + Sync
                 "--timeout {s}: expected a positive number of seconds"
             )));
         }
-        Some(s) => Some(Duration::from_secs_f64(s)),
+        Some(s) => Some(Duration::try_from_secs_f64(s).map_err(|_| {
+            CliError::usage(format!("--timeout {s}: too large a number of seconds"))
+        })?),
         None => None,
     };
     let loaded = load_file(&args.template, &config.environment)

@@ -810,3 +810,24 @@ fn load_file_reads_a_template() -> std::io::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn rule_timeouts_and_backoffs_are_bounded() {
+    // Larger values would overflow the millisecond timestamps computed from them.
+    let msg = only_error(
+        &with_steps(
+            "  - { name: a, handler: { callable: A }, timeout_seconds: 18446744073709551615 }\n",
+        ),
+        Some("a"),
+        "timeout_seconds",
+    );
+    assert!(msg.contains("at most"), "{msg}");
+    let msg = only_error(
+        &with_steps(
+            "  - { name: a, handler: { callable: A }, retry: { max_backoff_ms: 9999999999999 } }\n",
+        ),
+        Some("a"),
+        "retry.max_backoff_ms",
+    );
+    assert!(msg.contains("at most"), "{msg}");
+}

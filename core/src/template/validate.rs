@@ -7,6 +7,11 @@ use super::model::{StepDefinition, StepType, TaskTemplate};
 use super::schema::CompiledSchema;
 use super::{MAX_NAMESPACE_LEN, TemplateError, TemplateErrors};
 
+/// Longest attempt timeout a template may ask for; beyond it timestamps stop being meaningful.
+pub const MAX_TIMEOUT_SECONDS: u64 = 7 * 24 * 3600;
+/// Longest retry backoff a template may ask for.
+pub const MAX_BACKOFF_MS: u64 = 24 * 3600 * 1000;
+
 const EVENT_CONDITIONS: &[&str] = &[
     "success",
     "failure",
@@ -215,6 +220,23 @@ impl Checker<'_> {
         }
         if step.timeout_seconds == Some(0) {
             self.error(at, "timeout_seconds", "must be at least 1 second");
+        }
+        if step
+            .timeout_seconds
+            .is_some_and(|t| t > MAX_TIMEOUT_SECONDS)
+        {
+            self.error(
+                at,
+                "timeout_seconds",
+                format!("must be at most {MAX_TIMEOUT_SECONDS} (7 days)"),
+            );
+        }
+        if retry.max_backoff_ms > MAX_BACKOFF_MS {
+            self.error(
+                at,
+                "retry.max_backoff_ms",
+                format!("must be at most {MAX_BACKOFF_MS} (1 day)"),
+            );
         }
         if let Some(batch) = &step.batch_config {
             if batch.batch_size == 0 {

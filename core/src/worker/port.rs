@@ -63,6 +63,18 @@ impl Worker {
         }
     }
 
+    /// Runs `f` to completion for a blocking caller. Host threads are never tokio threads;
+    /// calling from one would deadlock the runtime, so it is refused instead.
+    fn block_on<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                "the blocking dispatch-port calls cannot run on a tokio thread; use the *_async forms",
+            ));
+        }
+        self.tasker.inner.runtime.block_on(f)
+    }
+
     /// This worker's id (recorded as the actor of its claims).
     pub fn id(&self) -> &str {
         &self.id
@@ -71,10 +83,7 @@ impl Worker {
     /// Waits up to `timeout` for a job. Blocking; call it from a host thread, never from a
     /// tokio thread.
     pub fn next_step(&self, timeout: Duration) -> Result<Option<StepJob>> {
-        self.tasker
-            .inner
-            .runtime
-            .block_on(self.next_step_async(timeout))
+        self.block_on(self.next_step_async(timeout))
     }
 
     /// Async form of [`Worker::next_step`].
@@ -120,10 +129,7 @@ impl Worker {
     /// current (timed out, cancelled, lease lost). A checkpoint outcome stores the checkpoint
     /// and the job comes out of `next_step` again.
     pub fn complete(&self, job: &StepJob, outcome: StepOutcome) -> Result<Completion> {
-        self.tasker
-            .inner
-            .runtime
-            .block_on(self.complete_async(job, outcome))
+        self.block_on(self.complete_async(job, outcome))
     }
 
     /// Async form of [`Worker::complete`].
@@ -159,10 +165,7 @@ impl Worker {
             items_processed,
             accumulated,
         };
-        self.tasker
-            .inner
-            .runtime
-            .block_on(self.store_checkpoint(job, cp))
+        self.block_on(self.store_checkpoint(job, cp))
     }
 
     async fn store_checkpoint(&self, job: &StepJob, cp: Checkpoint) -> Result<Completion> {
@@ -190,7 +193,7 @@ impl Worker {
     /// the attempt is no longer held.
     pub fn heartbeat(&self, job: &StepJob) -> Result<bool> {
         let inner = &self.tasker.inner;
-        inner.runtime.block_on(async {
+        self.block_on(async {
             let now = inner.clock.now();
             let until = now + inner.config.lease.as_millis() as i64;
             let n = inner
