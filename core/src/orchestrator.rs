@@ -10,7 +10,9 @@ use crate::job::{ErrorType, StepFailure, StepJob, StepOutcome};
 use crate::state::{StepCounts, TaskEvent, TaskState, evaluate};
 use crate::store::{NewStep, NewTask, Resolution};
 use crate::task::TaskRequest;
-use crate::template::{Backoff, CompiledSchema, IdentityStrategy, RetryPolicy, TaskTemplate};
+use crate::template::{
+    Backoff, CompiledSchema, IdentityStrategy, RetryPolicy, StepType, TaskTemplate,
+};
 use crate::{Error, ErrorKind, Result};
 
 /// What prompted a task re-evaluation.
@@ -223,6 +225,7 @@ pub fn plan_task(
     request: TaskRequest,
     max_payload_bytes: usize,
 ) -> Result<NewTask> {
+    refuse_dynamic_steps(&template)?;
     if !request.context.is_object() {
         return Err(Error::validation(format!(
             "the task context must be a JSON object, got {}",
@@ -307,6 +310,39 @@ pub fn plan_task(
         steps,
         edges,
     })
+}
+
+/// Templates with dynamic steps load and register (the loader accepts the whole format), but
+/// this engine does not yet create decision branches, batch workers or child workflows. Running
+/// one would end "complete" without the steps its author meant to run, so creation refuses it.
+fn refuse_dynamic_steps(template: &TaskTemplate) -> Result<()> {
+    let dynamic: Vec<String> = template
+        .steps
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.step_type,
+                StepType::Decision
+                    | StepType::Batchable
+                    | StepType::BatchWorker
+                    | StepType::Workflow
+            )
+        })
+        .map(|s| format!("{} ({})", s.name, s.step_type.as_str()))
+        .collect();
+    if dynamic.is_empty() {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Validation,
+        format!(
+            "template {} has steps of a kind this engine cannot run yet: {}; decision points, \
+             batch processing and workflow steps are not supported in this version",
+            template.key(),
+            dynamic.join(", ")
+        ),
+    )
+    .with_details(serde_json::json!({ "unsupported_steps": dynamic })))
 }
 
 /// A new time-ordered id.

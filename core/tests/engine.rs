@@ -947,3 +947,28 @@ async fn an_operator_result_obeys_the_rules_of_a_handler_result() {
     assert_eq!(task.status, TaskState::Complete);
     assert_eq!(task.step("a").unwrap().result, Some(json!({"value": 7})));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_with_dynamic_steps_register_but_are_refused_at_creation() {
+    let t = open().await;
+    register(
+        &t,
+        r#"
+name: routed
+namespace_name: eng
+version: "1.0.0"
+steps:
+  - { name: start, handler: { callable: ok } }
+  - { name: route, type: decision, dependencies: [start], handler: { callable: ok } }
+  - { name: branch, dependencies: [route], handler: { callable: ok } }
+"#,
+    )
+    .await;
+    let e = t.create_task(req("routed", json!({}))).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Validation, "{e}");
+    assert!(
+        e.message.contains("route (decision)") && e.message.contains("not supported"),
+        "{e}"
+    );
+    assert!(t.list_tasks(&Default::default()).await.unwrap().is_empty());
+}
