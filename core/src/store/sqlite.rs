@@ -66,6 +66,9 @@ impl SqliteStore {
             })
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true)
+            // Statements of variable shape (multi-row inserts) are cached too; room for them
+            // keeps the hot fixed statements from being evicted and re-prepared.
+            .statement_cache_capacity(1024)
             .pragma("temp_store", "memory")
             .pragma("cache_size", "-16000")
             // Checkpoints fsync the database file; run inside a commit they stall the writer for

@@ -68,13 +68,16 @@ pub(super) async fn claim(
     // The claim is one statement. The task fields come back with each row; `started_at` is
     // never earlier than the enqueue that made the step ready (`now` was read before this
     // transaction waited for the write lock).
+    // The limit is a number we computed, inlined rather than bound: SQLite plans around a bound
+    // LIMIT's value and then re-prepares the statement whenever that value changes.
+    let limit = req.limit;
     let sql = format!(
         "UPDATE steps SET state = 'in_progress', attempts = attempts + 1, worker_id = $1,
             lease_expires_at = $2 + $3, started_at = MAX($2, COALESCE(enqueued_at, $2)),
             updated_at = $2, next_attempt_at = NULL, timeout_at = $2 + COALESCE(timeout_ms, $4)
          WHERE step_uuid IN (
             SELECT step_uuid FROM steps WHERE state = 'enqueued'{filter}
-            ORDER BY priority DESC, enqueued_at LIMIT $5)
+            ORDER BY priority DESC, enqueued_at LIMIT {limit})
          RETURNING step_uuid, task_uuid, name, attempts, definition, inputs, checkpoint,
             timeout_at, started_at,
             (SELECT namespace FROM tasks t WHERE t.task_uuid = steps.task_uuid) AS t_namespace,
@@ -94,7 +97,8 @@ pub(super) async fn claim(
         .bind(now)
         .bind(req.lease_ms)
         .bind(req.default_timeout_ms)
-        .bind(req.limit as i64);
+        // $5 is unused: the limit is inlined above.
+        .bind(None::<i64>);
     for b in binds {
         q = q.bind(b);
     }
@@ -479,9 +483,6 @@ pub(super) async fn renew_leases(
             list.join(", ")
         );
         let mut q = sqlx::query(AssertSqlSafe(sql))
-            // Variable shapes: keep them out of the prepared-statement cache, where they would
-            // evict the hot fixed statements.
-            .persistent(false)
             .bind(lease_until)
             .bind(now)
             .bind(worker_id);

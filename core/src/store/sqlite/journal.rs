@@ -296,10 +296,7 @@ impl Batch {
             return Ok(());
         }
         let sql = std::mem::take(&mut self.sql);
-        let mut q = sqlx::query(AssertSqlSafe(sql))
-            // Variable shapes: keep them out of the prepared-statement cache, where they would
-            // evict the hot fixed statements.
-            .persistent(false);
+        let mut q = sqlx::query(AssertSqlSafe(sql));
         for p in std::mem::take(&mut self.params) {
             q = match p {
                 Param::Text(v) => q.bind(v),

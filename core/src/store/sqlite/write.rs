@@ -189,9 +189,6 @@ pub(super) async fn insert_steps(
             rows.join(", ")
         );
         let mut q = sqlx::query(AssertSqlSafe(sql))
-            // Variable shapes: keep them out of the prepared-statement cache, where they would
-            // evict the hot fixed statements.
-            .persistent(false)
             .bind(task_uuid)
             .bind(namespace)
             .bind(priority)
@@ -246,11 +243,7 @@ pub(super) async fn insert_steps(
             "INSERT INTO step_edges (task_uuid, from_step, to_step) VALUES {}",
             rows.join(", ")
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql))
-            // Variable shapes: keep them out of the prepared-statement cache, where they would
-            // evict the hot fixed statements.
-            .persistent(false)
-            .bind(task_uuid);
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(task_uuid);
         for (p, c) in chunk {
             q = q.bind(&known[p.as_str()]).bind(&known[c.as_str()]);
         }
