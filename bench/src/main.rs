@@ -78,10 +78,7 @@ fn ms(d: Duration) -> String {
 }
 
 async fn engine(dir: &std::path::Path) -> tasker_core::Result<Tasker> {
-    let config = Config {
-        concurrency: 64,
-        ..Config::from_env()?
-    };
+    let config = Config::from_env()?;
     let url = format!("sqlite:{}", dir.join("bench.db").display());
     let tasker = Tasker::open_with(
         &url,
@@ -158,14 +155,21 @@ async fn latency(
 }
 
 async fn throughput(tasker: &Tasker, n: usize) -> tasker_core::Result<()> {
+    // All tasks are submitted at once, as concurrent callers would; the engine commits
+    // concurrent creations in groups.
     let start = Instant::now();
-    let mut handles = Vec::with_capacity(n);
+    let mut submits = tokio::task::JoinSet::new();
     for i in 0..n {
-        handles.push(
+        let tasker = tasker.clone();
+        submits.spawn(async move {
             tasker
                 .create_task(TaskRequest::new("bench", "linear_add", json!({ "x": i })))
-                .await?,
-        );
+                .await
+        });
+    }
+    let mut handles = Vec::with_capacity(n);
+    for h in submits.join_all().await {
+        handles.push(h?);
     }
     let created = start.elapsed();
     let mut failed = 0;

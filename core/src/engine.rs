@@ -62,6 +62,8 @@ pub(crate) struct Inner {
     /// Attempts handed out by this process: step uuid -> (worker id, attempt).
     pub(crate) held: Mutex<HashMap<String, (String, u32)>>,
     pub(crate) results: mpsc::UnboundedSender<Finished>,
+    /// Task creations on their way to the creator, which commits them in groups.
+    pub(crate) creations: mpsc::UnboundedSender<crate::worker::Creation>,
     pub(crate) runtime: tokio::runtime::Handle,
     pub(crate) port_seq: std::sync::atomic::AtomicU64,
     /// Bounds how many Rust handlers run at once.
@@ -143,6 +145,7 @@ impl Tasker {
     pub async fn open_with(url: &str, options: OpenOptions) -> Result<Tasker> {
         let store = crate::store::open(url, &options.config).await?;
         let (results_tx, results_rx) = mpsc::unbounded_channel();
+        let (creations_tx, creations_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             store,
             clock: options.clock,
@@ -157,6 +160,7 @@ impl Tasker {
             shutdown: watch::Sender::new(false),
             held: Mutex::new(HashMap::new()),
             results: results_tx,
+            creations: creations_tx,
             runtime: tokio::runtime::Handle::try_current().map_err(|_| {
                 Error::new(
                     ErrorKind::Internal,
@@ -168,6 +172,7 @@ impl Tasker {
             runs_handlers: options.background,
         });
         crate::worker::spawn_completer(inner.clone(), results_rx);
+        crate::worker::spawn_creator(inner.clone(), creations_rx);
         if options.background {
             crate::worker::spawn_background(&inner);
         }
@@ -295,12 +300,14 @@ impl Tasker {
             request,
             self.inner.config.max_payload_bytes,
         )?;
-        let created = self
-            .inner
-            .store
-            .create_task(&plan, &self.inner.worker_id, self.now())
-            .await?;
-        self.inner.work.send_modify(|g| *g += 1);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner
+            .creations
+            .send((plan, tx))
+            .map_err(|_| Error::new(ErrorKind::Shutdown, "the engine is closed"))?;
+        let created = rx
+            .await
+            .map_err(|_| Error::new(ErrorKind::Shutdown, "the engine is closed"))??;
         Ok(match created {
             Created::New(uuid) => TaskHandle {
                 uuid,

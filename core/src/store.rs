@@ -262,6 +262,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Inserts a task with its steps, starts it and enqueues its first steps — or returns the
     /// existing task with the same identity.
     async fn create_task(&self, task: &NewTask, actor: &str, now: Millis) -> Result<Created>;
+    /// `create_task` for many tasks, in one transaction where the backend can. All or none are
+    /// created; on an error the caller may retry them one by one.
+    async fn create_tasks(
+        &self,
+        tasks: &[NewTask],
+        actor: &str,
+        now: Millis,
+    ) -> Result<Vec<Created>> {
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(self.create_task(t, actor, now).await?);
+        }
+        Ok(out)
+    }
     /// Claims ready steps in one statement and builds their jobs.
     async fn claim(&self, req: &ClaimRequest, now: Millis) -> Result<Vec<StepJob>>;
     /// Applies finished attempts, enqueues what became ready and re-evaluates their tasks.

@@ -213,6 +213,54 @@ fn spawn_jobs(inner: &Arc<Inner>, jobs: Vec<StepJob>, mut permits: Vec<OwnedSema
     }
 }
 
+/// A planned task and where to send what became of it.
+pub(crate) type Creation = (
+    crate::store::NewTask,
+    oneshot::Sender<Result<crate::store::Created>>,
+);
+
+/// Commits task creations in groups: every creation that arrives while a transaction is being
+/// written goes into the next one, so many concurrent callers share commits.
+pub(crate) fn spawn_creator(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Creation>) {
+    tokio::spawn(async move {
+        let mut shutdown = inner.shutdown.subscribe();
+        let mut batch: Vec<Creation> = Vec::with_capacity(FINISH_BATCH);
+        loop {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, FINISH_BATCH) => if n == 0 { break },
+                _ = shutdown.wait_for(|s| *s) => break,
+            }
+            let batch = std::mem::take(&mut batch);
+            let (tasks, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            let now = inner.clock.now();
+            match inner
+                .store
+                .create_tasks(&tasks, &inner.worker_id, now)
+                .await
+            {
+                Ok(created) => {
+                    for (reply, c) in replies.into_iter().zip(created) {
+                        let _ = reply.send(Ok(c));
+                    }
+                }
+                // One bad creation must not fail the others: retry them one by one.
+                Err(_) if tasks.len() > 1 => {
+                    for (task, reply) in tasks.iter().zip(replies) {
+                        let r = inner.store.create_task(task, &inner.worker_id, now).await;
+                        let _ = reply.send(r);
+                    }
+                }
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            }
+            inner.work.send_modify(|g| *g += 1);
+        }
+    });
+}
+
 /// Starts the in-process worker loop, the sweeper and lease renewal.
 pub(crate) fn spawn_background(inner: &Arc<Inner>) {
     tokio::spawn(run_loop(inner.clone()));

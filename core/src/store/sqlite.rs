@@ -216,6 +216,21 @@ impl Store for SqliteStore {
         Ok(r)
     }
 
+    async fn create_tasks(
+        &self,
+        tasks: &[NewTask],
+        actor: &str,
+        now: Millis,
+    ) -> Result<Vec<Created>> {
+        let mut tx = self.begin().await?;
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(write::create_task(&mut tx, t, actor, now).await?);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
     async fn claim(&self, req: &ClaimRequest, now: Millis) -> Result<Vec<StepJob>> {
         let mut tx = self.begin().await?;
         let jobs = attempts::claim(&mut tx, req, now).await?;

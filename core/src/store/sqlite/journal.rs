@@ -171,8 +171,9 @@ impl Journal {
     }
 }
 
-/// One multi-statement SQL text with its parameters (`$N` numbering is global across the
-/// statements of one text).
+/// One multi-statement SQL text with its parameters. Parameters are anonymous (`?`), each used
+/// once, in order: binding a named parameter makes SQLite search the statement's names, which
+/// turns large multi-row inserts quadratic.
 #[derive(Default)]
 struct Batch {
     sql: String,
@@ -191,7 +192,7 @@ impl Batch {
         let mut out = Vec::with_capacity(values.len());
         for v in values {
             self.params.push(v);
-            out.push(format!("${}", self.params.len()));
+            out.push("?");
         }
         out.join(", ")
     }
@@ -269,24 +270,20 @@ impl Batch {
         state: TaskState,
         at: Millis,
     ) -> Result<()> {
-        self.make_room(tx, 4).await?;
+        self.make_room(tx, 6).await?;
         self.close_inserts();
-        let terminal = state.is_terminal();
-        let p = self.placeholders(vec![
+        let completed_at = state.is_terminal().then_some(at);
+        self.placeholders(vec![
             Param::Text(Some(state.as_str().to_string())),
             Param::Int(Some(at)),
-            Param::Int(Some(i64::from(terminal))),
+            Param::Int(Some(at)),
+            Param::Int(completed_at),
             Param::Text(Some(task)),
         ]);
-        let p: Vec<&str> = p.split(", ").collect();
-        self.sql.push_str(&format!(
-            "UPDATE tasks SET state = {s}, updated_at = {at}, state_entered_at = {at}, \
-             completed_at = CASE WHEN {t} THEN {at} ELSE completed_at END WHERE task_uuid = {id};\n",
-            s = p[0],
-            at = p[1],
-            t = p[2],
-            id = p[3],
-        ));
+        self.sql.push_str(
+            "UPDATE tasks SET state = ?, updated_at = ?, state_entered_at = ?, \
+             completed_at = COALESCE(?, completed_at) WHERE task_uuid = ?;\n",
+        );
         Ok(())
     }
 
