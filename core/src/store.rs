@@ -262,19 +262,25 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Inserts a task with its steps, starts it and enqueues its first steps — or returns the
     /// existing task with the same identity.
     async fn create_task(&self, task: &NewTask, actor: &str, now: Millis) -> Result<Created>;
-    /// `create_task` for many tasks, in one transaction where the backend can. All or none are
-    /// created; on an error the caller may retry them one by one.
+    /// `create_task` for many tasks, then an optional claim (so a worker in the same process
+    /// starts the first steps without another round trip), in one transaction where the
+    /// backend can. All or none are created; on an error the caller may retry them one by one.
     async fn create_tasks(
         &self,
         tasks: &[NewTask],
         actor: &str,
+        claim: Option<&ClaimRequest>,
         now: Millis,
-    ) -> Result<Vec<Created>> {
+    ) -> Result<(Vec<Created>, Vec<StepJob>)> {
         let mut out = Vec::with_capacity(tasks.len());
         for t in tasks {
             out.push(self.create_task(t, actor, now).await?);
         }
-        Ok(out)
+        let jobs = match claim {
+            Some(req) => self.claim(req, now).await?,
+            None => Vec::new(),
+        };
+        Ok((out, jobs))
     }
     /// Claims ready steps in one statement and builds their jobs.
     async fn claim(&self, req: &ClaimRequest, now: Millis) -> Result<Vec<StepJob>>;

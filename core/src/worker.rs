@@ -233,12 +233,17 @@ pub(crate) fn spawn_creator(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<C
             let batch = std::mem::take(&mut batch);
             let (tasks, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
             let now = inner.clock.now();
+            let ahead = claim_ahead(&inner);
+            let req = ahead.as_ref().map(|(req, _)| req);
             match inner
                 .store
-                .create_tasks(&tasks, &inner.worker_id, now)
+                .create_tasks(&tasks, &inner.worker_id, req, now)
                 .await
             {
-                Ok(created) => {
+                Ok((created, jobs)) => {
+                    if let Some((_, permits)) = ahead {
+                        spawn_jobs(&inner, jobs, permits);
+                    }
                     for (reply, c) in replies.into_iter().zip(created) {
                         let _ = reply.send(Ok(c));
                     }

@@ -7,6 +7,8 @@
 
 mod attempts;
 mod journal;
+
+use journal::Journal;
 mod operator;
 mod read;
 mod write;
@@ -211,7 +213,9 @@ impl Store for SqliteStore {
 
     async fn create_task(&self, task: &NewTask, actor: &str, now: Millis) -> Result<Created> {
         let mut tx = self.begin().await?;
-        let r = write::create_task(&mut tx, task, actor, now).await?;
+        let mut j = Journal::default();
+        let r = write::create_task(&mut tx, &mut j, task, actor, now).await?;
+        j.flush(&mut tx).await?;
         tx.commit().await?;
         Ok(r)
     }
@@ -220,20 +224,29 @@ impl Store for SqliteStore {
         &self,
         tasks: &[NewTask],
         actor: &str,
+        claim: Option<&ClaimRequest>,
         now: Millis,
-    ) -> Result<Vec<Created>> {
+    ) -> Result<(Vec<Created>, Vec<StepJob>)> {
         let mut tx = self.begin().await?;
+        let mut j = Journal::default();
         let mut out = Vec::with_capacity(tasks.len());
         for t in tasks {
-            out.push(write::create_task(&mut tx, t, actor, now).await?);
+            out.push(write::create_task(&mut tx, &mut j, t, actor, now).await?);
         }
+        let jobs = match claim {
+            Some(req) => attempts::claim(&mut tx, &mut j, req, now).await?,
+            None => Vec::new(),
+        };
+        j.flush(&mut tx).await?;
         tx.commit().await?;
-        Ok(out)
+        Ok((out, jobs))
     }
 
     async fn claim(&self, req: &ClaimRequest, now: Millis) -> Result<Vec<StepJob>> {
         let mut tx = self.begin().await?;
-        let jobs = attempts::claim(&mut tx, req, now).await?;
+        let mut j = Journal::default();
+        let jobs = attempts::claim(&mut tx, &mut j, req, now).await?;
+        j.flush(&mut tx).await?;
         tx.commit().await?;
         Ok(jobs)
     }
@@ -245,7 +258,9 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<Vec<FinishReport>> {
         let mut tx = self.begin().await?;
-        let r = attempts::finish(&mut tx, results, actor, now).await?;
+        let mut j = Journal::default();
+        let r = attempts::finish(&mut tx, &mut j, results, actor, now).await?;
+        j.flush(&mut tx).await?;
         tx.commit().await?;
         Ok(r)
     }
@@ -258,8 +273,10 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<(Vec<FinishReport>, Vec<StepJob>)> {
         let mut tx = self.begin().await?;
-        let reports = attempts::finish(&mut tx, results, actor, now).await?;
-        let jobs = attempts::claim(&mut tx, claim, now).await?;
+        let mut j = Journal::default();
+        let reports = attempts::finish(&mut tx, &mut j, results, actor, now).await?;
+        let jobs = attempts::claim(&mut tx, &mut j, claim, now).await?;
+        j.flush(&mut tx).await?;
         tx.commit().await?;
         Ok((reports, jobs))
     }

@@ -19,8 +19,10 @@ use crate::template::StepDefinition;
 /// How many checkpoints a step keeps (SPEC §7).
 const CHECKPOINT_HISTORY: usize = 20;
 
+/// Claims ready steps; their transitions go into `j`, which the caller flushes.
 pub(super) async fn claim(
     tx: &mut SqliteConnection,
+    j: &mut Journal,
     req: &ClaimRequest,
     now: Millis,
 ) -> Result<Vec<StepJob>> {
@@ -106,7 +108,7 @@ pub(super) async fn claim(
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    let mut j = Journal::default();
+
     let mut jobs = Vec::with_capacity(rows.len());
     for row in rows {
         let step_uuid: String = row.try_get("step_uuid")?;
@@ -146,7 +148,6 @@ pub(super) async fn claim(
             timeout_at: row.try_get("timeout_at")?,
         });
     }
-    j.flush(tx).await?;
     Ok(jobs)
 }
 
@@ -242,13 +243,14 @@ async fn record_rejection(tx: &mut SqliteConnection, r: Rejection<'_>, now: Mill
     Ok(())
 }
 
+/// Applies finished attempts; their transitions go into `j`, which the caller flushes.
 pub(super) async fn finish(
     tx: &mut SqliteConnection,
+    j: &mut Journal,
     results: &[AttemptResult],
     actor: &str,
     now: Millis,
 ) -> Result<Vec<FinishReport>> {
-    let mut j = Journal::default();
     let mut reports = Vec::with_capacity(results.len());
     let mut touched: Vec<String> = Vec::new();
     for r in results {
@@ -342,10 +344,9 @@ pub(super) async fn finish(
     }
     let mut states = Vec::with_capacity(touched.len());
     for task in &touched {
-        let state = settle(tx, &mut j, task, SettleCause::StepResult, actor, None, now).await?;
+        let state = settle(tx, j, task, SettleCause::StepResult, actor, None, now).await?;
         states.push((task.clone(), state));
     }
-    j.flush(tx).await?;
     for rep in &mut reports {
         if rep.completion == Completion::Accepted {
             rep.task_state = states

@@ -73,8 +73,10 @@ pub(super) async fn put_template(
     Ok(outcome)
 }
 
+/// Creates one task; its transitions go into `j`, which the caller flushes.
 pub(super) async fn create_task(
     tx: &mut SqliteConnection,
+    j: &mut Journal,
     task: &NewTask,
     actor: &str,
     now: Millis,
@@ -122,11 +124,10 @@ pub(super) async fn create_task(
     .bind(json(t.as_ref())?)
     .execute(&mut *tx)
     .await?;
-    let mut j = Journal::default();
     j.task_created(&task.uuid, actor, now);
     insert_steps(
         tx,
-        &mut j,
+        j,
         &task.uuid,
         &t.namespace,
         r.priority,
@@ -136,8 +137,7 @@ pub(super) async fn create_task(
         now,
     )
     .await?;
-    settle(tx, &mut j, &task.uuid, SettleCause::Start, actor, None, now).await?;
-    j.flush(tx).await?;
+    settle(tx, j, &task.uuid, SettleCause::Start, actor, None, now).await?;
     Ok(Created::New(task.uuid.clone()))
 }
 
