@@ -551,11 +551,11 @@ impl Inner {
         }
     }
 
-    /// Wakes whoever may care about changed tasks: workers (new steps), the sweeper (new
-    /// retry times) and waiters.
+    /// Wakes whoever may care about changed tasks: workers (new steps) and waiters. The
+    /// sweeper is woken separately, only when a retry time was set: waking it on every change
+    /// would cost a write transaction per batch of results.
     pub(crate) fn after_change(&self, tasks: &[(String, TaskState)]) {
         self.work.send_modify(|g| *g += 1);
-        self.sweep.notify_one();
         let w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
         for (uuid, state) in tasks {
             if let Some(tx) = w.get(uuid) {

@@ -128,6 +128,12 @@ async fn apply_batch(inner: &Arc<Inner>, batch: Vec<Finished>) {
                 .filter_map(|r| Some((r.task_uuid.clone()?, r.task_state?)))
                 .collect();
             inner.after_change(&changed);
+            if results
+                .iter()
+                .any(|r| matches!(r.resolution, Resolution::Retry { .. }))
+            {
+                inner.sweep.notify_one();
+            }
             for (f, r) in batch.into_iter().zip(reports) {
                 if let Completion::Rejected(reason) = &r.completion {
                     tracing::warn!(step = %f.job.step_uuid, attempt = f.job.attempt, "completion rejected: {reason}");
@@ -546,7 +552,3 @@ pub(crate) async fn renew_held(inner: &Inner) -> Result<()> {
     }
     Ok(())
 }
-
-/// Keeps `Resolution` reachable for port code paths.
-#[allow(dead_code)]
-fn _resolution_is_used(_: Resolution) {}
