@@ -391,12 +391,22 @@ impl Tasker {
         let result = loop {
             if ask_store {
                 rx.mark_unchanged();
-                state = match self.inner.store.task_state(uuid).await {
-                    Ok(s) => s,
-                    Err(e) => break Err(e),
-                };
+                // After an announcement that the wait is over, read the whole task at once;
+                // otherwise the cheap state read decides.
                 if done(state) {
-                    break self.inner.store.get_task(uuid).await;
+                    match self.inner.store.get_task(uuid).await {
+                        Ok(task) if done(task.status) => break Ok(task),
+                        Ok(task) => state = task.status,
+                        Err(e) => break Err(e),
+                    }
+                } else {
+                    state = match self.inner.store.task_state(uuid).await {
+                        Ok(s) => s,
+                        Err(e) => break Err(e),
+                    };
+                    if done(state) {
+                        break self.inner.store.get_task(uuid).await;
+                    }
                 }
             }
             let poll = tokio::time::sleep(self.inner.config.poll_interval);
@@ -408,11 +418,8 @@ impl Tasker {
             };
             tokio::select! {
                 _ = rx.changed() => {
-                    let announced = *rx.borrow_and_update();
-                    ask_store = done(announced);
-                    if !ask_store {
-                        state = announced;
-                    }
+                    state = *rx.borrow_and_update();
+                    ask_store = done(state);
                 }
                 _ = poll => ask_store = true,
                 _ = shutdown.wait_for(|s| *s) => {
