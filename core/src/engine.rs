@@ -11,7 +11,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use crate::clock::{Clock, Millis, SystemClock};
 use crate::config::Config;
 use crate::job::StepJob;
-use crate::orchestrator::plan_task;
+use crate::orchestrator::PreparedTemplate;
 use crate::state::TaskState;
 use crate::store::{Created, OperatorAction, Store, TemplatePut};
 use crate::task::{Task, TaskFilter, TaskRequest, TaskSummary, Transition};
@@ -54,6 +54,8 @@ pub(crate) struct Inner {
     /// Callables served by dispatch-port workers of this process.
     pub(crate) port_callables: RwLock<HashMap<String, usize>>,
     pub(crate) schemas: Mutex<HashMap<String, Arc<CompiledSchema>>>,
+    /// Templates recently read for task creation, by (namespace, name, version asked for).
+    pub(crate) templates: Mutex<HashMap<TemplateKey, (Arc<PreparedTemplate>, std::time::Instant)>>,
     /// Bumped whenever steps may have become claimable.
     pub(crate) work: watch::Sender<u64>,
     pub(crate) sweep: Notify,
@@ -154,6 +156,7 @@ impl Tasker {
             handlers: RwLock::new(HashMap::new()),
             port_callables: RwLock::new(HashMap::new()),
             schemas: Mutex::new(HashMap::new()),
+            templates: Mutex::new(HashMap::new()),
             work: watch::Sender::new(0),
             sweep: Notify::new(),
             watchers: Mutex::new(HashMap::new()),
@@ -235,7 +238,9 @@ impl Tasker {
     /// Validates and registers a template built in code.
     pub async fn register_template(&self, t: &TaskTemplate) -> Result<TemplatePut> {
         crate::template::validate(t, None)?;
-        self.inner.store.put_template(t, false, self.now()).await
+        let put = self.inner.store.put_template(t, false, self.now()).await;
+        self.inner.forget_templates();
+        put
     }
 
     /// Loads and registers every template in a file or directory (YAML, recursively). Every
@@ -274,29 +279,26 @@ impl Tasker {
             return Err(crate::template::TemplateErrors(errors).into());
         }
         for t in &loaded {
-            self.inner.store.put_template(t, false, self.now()).await?;
+            let put = self.inner.store.put_template(t, false, self.now()).await;
+            self.inner.forget_templates();
+            put?;
         }
         Ok(loaded)
     }
 
     /// Creates a task, or returns the existing one with the same identity (`replayed`).
     pub async fn create_task(&self, request: TaskRequest) -> Result<TaskHandle> {
-        let template = self
+        let prepared = self
             .inner
-            .store
-            .get_template(
+            .template(
                 &request.namespace,
                 &request.name,
                 request.version.as_deref(),
             )
             .await?;
-        let schema = match &template.input_schema {
-            Some(s) => Some(self.inner.schema(s)?),
-            None => None,
-        };
-        let plan = plan_task(
-            Arc::new(template),
-            schema.as_deref(),
+        let plan = crate::orchestrator::plan_prepared(
+            &prepared,
+            None,
             request,
             self.inner.config.max_payload_bytes,
         )?;
@@ -529,7 +531,51 @@ impl Tasker {
     }
 }
 
+type TemplateKey = (String, String, Option<String>);
+
+/// How long a template read for task creation is reused. Registrations through this handle
+/// clear the cache at once; a forced replacement by another process is seen within this time.
+const TEMPLATE_CACHE_TTL: Duration = Duration::from_secs(1);
+
 impl Inner {
+    /// The template a new task of `namespace/name[/version]` runs, prepared once and reused
+    /// briefly: creating a task must not re-read, re-parse and re-hash its template each time.
+    pub(crate) async fn template(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Arc<PreparedTemplate>> {
+        let key = (
+            namespace.to_string(),
+            name.to_string(),
+            version.map(str::to_string),
+        );
+        if let Some((p, at)) = self
+            .templates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            && at.elapsed() < TEMPLATE_CACHE_TTL
+        {
+            return Ok(p.clone());
+        }
+        let t = self.store.get_template(namespace, name, version).await?;
+        let prepared = Arc::new(PreparedTemplate::new(t)?);
+        self.templates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, (prepared.clone(), std::time::Instant::now()));
+        Ok(prepared)
+    }
+
+    fn forget_templates(&self) {
+        self.templates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     pub(crate) fn schema(&self, schema: &serde_json::Value) -> Result<Arc<CompiledSchema>> {
         let key = schema.to_string();
         let mut cache = self.schemas.lock().unwrap_or_else(|e| e.into_inner());

@@ -218,6 +218,40 @@ pub fn json_kind(v: &Value) -> &'static str {
     }
 }
 
+/// A registered template with what every task of it needs, computed once: its content hash,
+/// its JSON snapshot and its compiled input schema.
+#[derive(Debug, Clone)]
+pub struct PreparedTemplate {
+    /// The template.
+    pub template: std::sync::Arc<TaskTemplate>,
+    /// Its content hash.
+    pub hash: String,
+    /// Its JSON form.
+    pub json: std::sync::Arc<str>,
+    /// Its compiled `input_schema`.
+    pub input_schema: Option<std::sync::Arc<CompiledSchema>>,
+}
+
+impl PreparedTemplate {
+    /// Prepares `template` (compiling its input schema).
+    pub fn new(template: TaskTemplate) -> Result<Self> {
+        let input_schema = match &template.input_schema {
+            Some(s) => Some(std::sync::Arc::new(CompiledSchema::compile(s).map_err(
+                |e| Error::new(ErrorKind::Template, format!("invalid input_schema: {e}")),
+            )?)),
+            None => None,
+        };
+        let json = serde_json::to_string(&template)
+            .map_err(|e| Error::internal(format!("cannot encode template: {e}")))?;
+        Ok(PreparedTemplate {
+            hash: template.content_hash(),
+            json: json.into(),
+            template: std::sync::Arc::new(template),
+            input_schema,
+        })
+    }
+}
+
 /// Checks a request against its template and builds the task to insert.
 pub fn plan_task(
     template: std::sync::Arc<TaskTemplate>,
@@ -225,6 +259,27 @@ pub fn plan_task(
     request: TaskRequest,
     max_payload_bytes: usize,
 ) -> Result<NewTask> {
+    let json = serde_json::to_string(template.as_ref())
+        .map_err(|e| Error::internal(format!("cannot encode template: {e}")))?;
+    let prepared = PreparedTemplate {
+        hash: template.content_hash(),
+        json: json.into(),
+        template,
+        input_schema: None,
+    };
+    plan_prepared(&prepared, input_schema, request, max_payload_bytes)
+}
+
+/// [`plan_task`] for a prepared template (its own input schema is used when `input_schema` is
+/// `None`).
+pub fn plan_prepared(
+    prepared: &PreparedTemplate,
+    input_schema: Option<&CompiledSchema>,
+    request: TaskRequest,
+    max_payload_bytes: usize,
+) -> Result<NewTask> {
+    let template = prepared.template.clone();
+    let input_schema = input_schema.or(prepared.input_schema.as_deref());
     refuse_dynamic_steps(&template)?;
     if !request.context.is_object() {
         return Err(Error::validation(format!(
@@ -304,6 +359,8 @@ pub fn plan_task(
         uuid: new_uuid(),
         correlation_id: request.correlation_id.clone().unwrap_or_else(new_uuid),
         template,
+        template_hash: prepared.hash.clone(),
+        template_json: prepared.json.clone(),
         request,
         identity_hash,
         identity_from_key,

@@ -34,6 +34,10 @@ pub struct NewTask {
     pub uuid: String,
     /// The template it runs (its snapshot is stored with the task).
     pub template: std::sync::Arc<TaskTemplate>,
+    /// `template.content_hash()`, computed once per template rather than once per task.
+    pub template_hash: String,
+    /// `template` as JSON, for the stored snapshot.
+    pub template_json: std::sync::Arc<str>,
     /// The creation request (context already validated).
     pub request: crate::task::TaskRequest,
     /// Correlation id (generated when the request had none).

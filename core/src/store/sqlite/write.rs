@@ -95,7 +95,7 @@ pub(super) async fn create_task(
         }
     }
     let t = &task.template;
-    let hash = t.content_hash();
+    let hash = &task.template_hash;
     let r = &task.request;
     // The snapshot and the task row go in one round trip.
     sqlx::query(
@@ -109,7 +109,7 @@ pub(super) async fn create_task(
     .bind(&t.namespace)
     .bind(&t.name)
     .bind(&t.version)
-    .bind(&hash)
+    .bind(hash)
     .bind(json(&r.context)?)
     .bind(&r.initiator)
     .bind(&r.source_system)
@@ -121,7 +121,7 @@ pub(super) async fn create_task(
     .bind(&r.idempotency_key)
     .bind(&task.identity_hash)
     .bind(now)
-    .bind(json(t.as_ref())?)
+    .bind(task.template_json.as_ref())
     .execute(&mut *tx)
     .await?;
     j.task_created(&task.uuid, actor, now);
