@@ -315,19 +315,8 @@ pub(crate) fn json_object_arg(raw: &str, what: &str) -> CliResult<Value> {
     } else {
         Err(CliError::usage(format!(
             "{what}: the task context must be a JSON object ({{...}}), got {}",
-            json_kind(&v)
+            crate::orchestrator::json_kind(&v)
         )))
-    }
-}
-
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

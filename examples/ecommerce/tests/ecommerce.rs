@@ -167,10 +167,7 @@ async fn payment_and_inventory_run_in_parallel() {
     );
 
     // The DAG's ordering around the parallel pair, read from the order in which the task's
-    // transitions were recorded (the order `step_transitions` lists them in). Their
-    // `created_at` is not used here: the engine samples a claim's time before it waits for
-    // the database, so a claim can carry a timestamp a millisecond older than the completion
-    // of the parent that made the step ready.
+    // transitions were recorded (the order `step_transitions` lists them in).
     let transitions = tasker.step_transitions(&task.uuid, None).await.unwrap();
     let seq = |step: &str, event: &str| {
         transitions
@@ -324,8 +321,7 @@ async fn gateway_errors_are_retried_with_backoff_until_exhausted() {
     // Exponential backoff from 100 ms: 100 ms after attempt 1, 200 ms after attempt 2, each
     // with ±15 % jitter. The wait runs from the retry decision to the moment the step is
     // enqueued again (`retry_ready`), which the engine records only once `next_attempt_at`
-    // has passed. (The next `claim` comes after it, but its timestamp is sampled before the
-    // claim waits for the database, so it is not a reliable end of the wait.)
+    // has passed.
     let ready: Vec<&Transition> = transitions
         .iter()
         .filter(|t| t.event == "retry_ready")
