@@ -311,7 +311,10 @@ pub(super) async fn settle(
         return Ok(s);
     }
     // Steps of a finished task (given up, resolved) are never enqueued.
-    let ready: Vec<String> = sqlx::query_scalar(
+    // Enqueueing the ready steps and counting the task's steps by state are one round trip: a
+    // two-statement query whose rows are told apart by their width (one column: an enqueued
+    // step; three: a count).
+    let all = sqlx::query(
         "UPDATE steps SET state = 'enqueued', enqueued_at = $2, updated_at = $2
          WHERE task_uuid = $1 AND state = 'pending'
            AND NOT EXISTS (
@@ -319,15 +322,20 @@ pub(super) async fn settle(
              WHERE e.to_step = steps.step_uuid AND p.state NOT IN ('complete', 'resolved_manually'))
            AND (SELECT state FROM tasks WHERE task_uuid = $1)
                NOT IN ('complete', 'error', 'cancelled', 'resolved_manually')
-         RETURNING step_uuid",
+         RETURNING step_uuid;
+         SELECT t.state AS task_state, s.state AS step_state, COUNT(s.step_uuid) AS n
+         FROM tasks t LEFT JOIN steps s ON s.task_uuid = t.task_uuid
+         WHERE t.task_uuid = $1 GROUP BY s.state",
     )
     .bind(task_uuid)
     .bind(now)
     .fetch_all(&mut *tx)
     .await?;
-    for step in &ready {
+    let (ready, rows): (Vec<_>, Vec<_>) = all.into_iter().partition(|r| r.len() == 1);
+    for row in &ready {
+        let step: String = row.try_get(0)?;
         j.step_moves(
-            step,
+            &step,
             task_uuid,
             StepState::Pending,
             &[StepEvent::Enqueue],
@@ -337,14 +345,6 @@ pub(super) async fn settle(
             now,
         )?;
     }
-    let rows = sqlx::query(
-        "SELECT t.state AS task_state, s.state AS step_state, COUNT(s.step_uuid) AS n
-         FROM tasks t LEFT JOIN steps s ON s.task_uuid = t.task_uuid
-         WHERE t.task_uuid = $1 GROUP BY s.state",
-    )
-    .bind(task_uuid)
-    .fetch_all(&mut *tx)
-    .await?;
     let Some(first) = rows.first() else {
         return Err(Error::not_found(format!("no task {task_uuid}")));
     };
