@@ -82,11 +82,9 @@ pub(super) async fn claim(
             ORDER BY priority DESC, enqueued_at LIMIT {limit})
          RETURNING step_uuid, task_uuid, name, attempts, definition, inputs, checkpoint,
             timeout_at, started_at,
-            (SELECT namespace FROM tasks t WHERE t.task_uuid = steps.task_uuid) AS t_namespace,
-            (SELECT name FROM tasks t WHERE t.task_uuid = steps.task_uuid) AS t_name,
-            (SELECT version FROM tasks t WHERE t.task_uuid = steps.task_uuid) AS t_version,
-            (SELECT correlation_id FROM tasks t WHERE t.task_uuid = steps.task_uuid) AS t_correlation_id,
-            (SELECT context FROM tasks t WHERE t.task_uuid = steps.task_uuid) AS t_context,
+            namespace,
+            (SELECT json_array(name, version, correlation_id, json(context))
+             FROM tasks t WHERE t.task_uuid = steps.task_uuid) AS task,
             (WITH RECURSIVE anc(id) AS (
                 SELECT from_step FROM step_edges WHERE to_step = steps.step_uuid
                 UNION
@@ -125,6 +123,8 @@ pub(super) async fn claim(
             None,
             started_at,
         )?;
+        let (task_name, task_version, correlation_id, context): (String, String, String, Value) =
+            decode(&row.try_get::<String, _>("task")?)?;
         let definition: StepDefinition = decode(&row.try_get::<String, _>("definition")?)?;
         let inputs: Map<String, Value> = decode(&row.try_get::<String, _>("inputs")?)?;
         let checkpoint: Option<String> = row.try_get("checkpoint")?;
@@ -136,12 +136,12 @@ pub(super) async fn claim(
             step_name: row.try_get("name")?,
             attempt,
             worker_id: req.worker_id.clone(),
-            namespace: row.try_get("t_namespace")?,
-            task_name: row.try_get("t_name")?,
-            task_version: row.try_get("t_version")?,
-            correlation_id: row.try_get("t_correlation_id")?,
+            namespace: row.try_get("namespace")?,
+            task_name,
+            task_version,
+            correlation_id,
             definition,
-            context: decode(&row.try_get::<String, _>("t_context")?)?,
+            context,
             inputs,
             checkpoint,
             started_at,
