@@ -5,12 +5,12 @@ use serde_json::{Map, Value};
 use sqlx::{AssertSqlSafe, Row, SqliteConnection};
 
 use super::journal::Journal;
-use super::write::{decode, json, move_step, parse_state, settle};
+use super::write::{decode, json, move_step, parse_state, settle_many};
 use crate::Result;
 use crate::clock::Millis;
 use crate::job::{Checkpoint, StepJob};
 use crate::orchestrator::SettleCause;
-use crate::state::{StepEvent, StepState, step_transition};
+use crate::state::{StepEvent, StepState, TaskState, step_transition};
 use crate::store::{
     AttemptResult, CallableFilter, ClaimRequest, Completion, Expiry, FinishReport, Resolution,
 };
@@ -342,11 +342,8 @@ pub(super) async fn finish(
             task_state: None,
         });
     }
-    let mut states = Vec::with_capacity(touched.len());
-    for task in &touched {
-        let state = settle(tx, j, task, SettleCause::StepResult, actor, None, now).await?;
-        states.push((task.clone(), state));
-    }
+    let settled = settle_many(tx, j, &touched, SettleCause::StepResult, actor, None, now).await?;
+    let states: Vec<(String, TaskState)> = touched.into_iter().zip(settled).collect();
     for rep in &mut reports {
         if rep.completion == Completion::Accepted {
             rep.task_state = states
@@ -527,9 +524,7 @@ pub(super) async fn promote_due_retries(
             tasks.push(task);
         }
     }
-    for task in &tasks {
-        settle(tx, &mut j, task, SettleCause::RetryReady, actor, None, now).await?;
-    }
+    settle_many(tx, &mut j, &tasks, SettleCause::RetryReady, actor, None, now).await?;
     j.flush(tx).await?;
     Ok(rows.len() as u64)
 }

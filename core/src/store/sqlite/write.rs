@@ -2,6 +2,8 @@
 //! and task settling. Each function runs inside a transaction opened by the caller; business
 //! decisions (retry, evaluation) come from `orchestrator` and `state`.
 
+use std::collections::HashMap;
+
 use sqlx::{AssertSqlSafe, Row, SqliteConnection};
 
 use super::journal::Journal;
@@ -305,72 +307,108 @@ pub(super) async fn settle(
     reason: Option<&str>,
     now: Millis,
 ) -> Result<TaskState> {
-    if let Some(s) = j.task_state(task_uuid)
-        && s.is_terminal()
-    {
-        return Ok(s);
-    }
-    // Steps of a finished task (given up, resolved) are never enqueued.
-    // Enqueueing the ready steps and counting the task's steps by state are one round trip: a
-    // two-statement query whose rows are told apart by their width (one column: an enqueued
-    // step; three: a count).
-    let all = sqlx::query(
-        "UPDATE steps SET state = 'enqueued', enqueued_at = $2, updated_at = $2
-         WHERE task_uuid = $1 AND state = 'pending'
-           AND NOT EXISTS (
-             SELECT 1 FROM step_edges e JOIN steps p ON p.step_uuid = e.from_step
-             WHERE e.to_step = steps.step_uuid AND p.state NOT IN ('complete', 'resolved_manually'))
-           AND (SELECT state FROM tasks WHERE task_uuid = $1)
-               NOT IN ('complete', 'error', 'cancelled', 'resolved_manually')
-         RETURNING step_uuid;
-         SELECT t.state AS task_state, s.state AS step_state, COUNT(s.step_uuid) AS n
-         FROM tasks t LEFT JOIN steps s ON s.task_uuid = t.task_uuid
-         WHERE t.task_uuid = $1 GROUP BY s.state",
-    )
-    .bind(task_uuid)
-    .bind(now)
-    .fetch_all(&mut *tx)
-    .await?;
-    let (ready, rows): (Vec<_>, Vec<_>) = all.into_iter().partition(|r| r.len() == 1);
-    for row in &ready {
-        let step: String = row.try_get(0)?;
-        j.step_moves(
-            &step,
-            task_uuid,
-            StepState::Pending,
-            &[StepEvent::Enqueue],
-            None,
-            actor,
-            None,
-            now,
-        )?;
-    }
-    let Some(first) = rows.first() else {
-        return Err(Error::not_found(format!("no task {task_uuid}")));
-    };
-    let current = match j.task_state(task_uuid) {
-        Some(s) => s,
-        None => parse_state(&first.try_get::<String, _>("task_state")?)?,
-    };
-    if current.is_terminal() {
-        return Ok(current);
-    }
-    let mut counts = StepCounts::default();
-    for row in &rows {
-        let Some(s) = row.try_get::<Option<String>, _>("step_state")? else {
-            continue;
-        };
-        let s: StepState = parse_state(&s)?;
-        for _ in 0..row.try_get::<i64, _>("n")? {
-            counts.add(s);
+    let states = settle_many(tx, j, &[task_uuid.to_string()], cause, actor, reason, now).await?;
+    Ok(states[0])
+}
+
+/// Tasks settled per round trip at most.
+const SETTLE_CHUNK: usize = 64;
+
+/// [`settle`] for several tasks, in one round trip per chunk: for each task, the update that
+/// enqueues its ready steps and the count of its steps by state, as one multi-statement query
+/// whose rows are told apart by their width (two columns: an enqueued step; four: a count).
+pub(super) async fn settle_many(
+    tx: &mut SqliteConnection,
+    j: &mut Journal,
+    tasks: &[String],
+    cause: SettleCause,
+    actor: &str,
+    reason: Option<&str>,
+    now: Millis,
+) -> Result<Vec<TaskState>> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for chunk in tasks.chunks(SETTLE_CHUNK) {
+        // A task this operation already finished keeps its state; its steps are not enqueued.
+        let open: Vec<&String> = chunk
+            .iter()
+            .filter(|t| !j.task_state(t).is_some_and(|s| s.is_terminal()))
+            .collect();
+        let mut sql = String::new();
+        for _ in &open {
+            sql.push_str(
+                "UPDATE steps SET state = 'enqueued', enqueued_at = ?, updated_at = ?
+                 WHERE task_uuid = ? AND state = 'pending'
+                   AND NOT EXISTS (
+                     SELECT 1 FROM step_edges e JOIN steps p ON p.step_uuid = e.from_step
+                     WHERE e.to_step = steps.step_uuid
+                       AND p.state NOT IN ('complete', 'resolved_manually'))
+                   AND (SELECT state FROM tasks WHERE task_uuid = ?)
+                       NOT IN ('complete', 'error', 'cancelled', 'resolved_manually')
+                 RETURNING step_uuid, task_uuid;
+                 SELECT t.task_uuid, t.state AS task_state, s.state AS step_state,
+                        COUNT(s.step_uuid) AS n
+                 FROM tasks t LEFT JOIN steps s ON s.task_uuid = t.task_uuid
+                 WHERE t.task_uuid = ? GROUP BY s.state;\n",
+            );
+        }
+        let mut ready: Vec<(String, String)> = Vec::new();
+        let mut counts: HashMap<String, (Option<TaskState>, StepCounts)> = HashMap::new();
+        if !open.is_empty() {
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for t in &open {
+                q = q.bind(now).bind(now).bind(*t).bind(*t).bind(*t);
+            }
+            for row in q.fetch_all(&mut *tx).await? {
+                if row.len() == 2 {
+                    ready.push((row.try_get(0)?, row.try_get(1)?));
+                    continue;
+                }
+                let entry = counts.entry(row.try_get(0)?).or_default();
+                entry.0 = Some(parse_state(&row.try_get::<String, _>(1)?)?);
+                if let Some(s) = row.try_get::<Option<String>, _>(2)? {
+                    let s: StepState = parse_state(&s)?;
+                    for _ in 0..row.try_get::<i64, _>(3)? {
+                        entry.1.add(s);
+                    }
+                }
+            }
+        }
+        for (step, task) in &ready {
+            j.step_moves(
+                step,
+                task,
+                StepState::Pending,
+                &[StepEvent::Enqueue],
+                None,
+                actor,
+                None,
+                now,
+            )?;
+        }
+        for task_uuid in chunk {
+            if let Some(s) = j.task_state(task_uuid)
+                && s.is_terminal()
+            {
+                out.push(s);
+                continue;
+            }
+            let Some((Some(db_state), step_counts)) = counts.get(task_uuid.as_str()) else {
+                return Err(Error::not_found(format!("no task {task_uuid}")));
+            };
+            let current = j.task_state(task_uuid).unwrap_or(*db_state);
+            if current.is_terminal() {
+                out.push(current);
+                continue;
+            }
+            let mut state = current;
+            if cause == SettleCause::Start {
+                state = j.task_moves(task_uuid, state, &[TaskEvent::Start], actor, None, now)?;
+            }
+            let events = settle_events(state, step_counts, cause);
+            out.push(j.task_moves(task_uuid, state, &events, actor, reason, now)?);
         }
     }
-    let mut state = current;
-    if cause == SettleCause::Start {
-        state = j.task_moves(task_uuid, state, &[TaskEvent::Start], actor, None, now)?;
-    }
-    let events = settle_events(state, &counts, cause);
-    j.task_moves(task_uuid, state, &events, actor, reason, now)
+    Ok(out)
 }
 
 pub(super) fn decode<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
