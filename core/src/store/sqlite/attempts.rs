@@ -31,7 +31,7 @@ pub(super) async fn claim(
     }
     let mut filter = String::new();
     let mut binds: Vec<&str> = Vec::new();
-    let mut next = 6;
+    let mut next = 5;
     let mut in_list = |filter: &mut String, column: &str, negate: bool, values: &[String]| {
         let list: Vec<String> = values
             .iter()
@@ -67,11 +67,11 @@ pub(super) async fn claim(
             binds.extend(c.iter().map(String::as_str));
         }
     }
-    // The claim is one statement. The task fields come back with each row; `started_at` is
-    // never earlier than the enqueue that made the step ready (`now` was read before this
-    // transaction waited for the write lock).
-    // The limit is a number we computed, inlined rather than bound: SQLite plans around a bound
-    // LIMIT's value and then re-prepares the statement whenever that value changes.
+    // The claim is one statement. The task fields and the ancestors' results come back with
+    // each row; `started_at` is never earlier than the enqueue that made the step ready (`now`
+    // was read before this transaction waited for the write lock). The limit is a number we
+    // computed, inlined rather than bound: SQLite plans around a bound LIMIT's value and then
+    // re-prepares the statement whenever that value changes.
     let limit = req.limit;
     let sql = format!(
         "UPDATE steps SET state = 'in_progress', attempts = attempts + 1, worker_id = $1,
@@ -96,9 +96,7 @@ pub(super) async fn claim(
         .bind(&req.worker_id)
         .bind(now)
         .bind(req.lease_ms)
-        .bind(req.default_timeout_ms)
-        // $5 is unused: the limit is inlined above.
-        .bind(None::<i64>);
+        .bind(req.default_timeout_ms);
     for b in binds {
         q = q.bind(b);
     }
@@ -259,19 +257,19 @@ pub(super) async fn finish(
             match &r.resolution {
                 Resolution::Succeeded { result, .. } => (
                     &[StepEvent::Succeed, StepEvent::Complete],
-                    "result = $8, completed_at = $4, next_attempt_at = NULL",
+                    "result = $7, completed_at = $4, next_attempt_at = NULL",
                     json(result)?,
                     None,
                 ),
                 Resolution::Retry { failure, .. } => (
                     &[StepEvent::Fail, StepEvent::RetryDecided],
-                    "error = $8, next_attempt_at = $9",
+                    "error = $7, next_attempt_at = $8",
                     json(failure)?,
                     Some(format!("{}: {}", failure.error_type, failure.message)),
                 ),
                 Resolution::Failed { failure } => (
                     &[StepEvent::Fail, StepEvent::GiveUp],
-                    "error = $8, completed_at = $4, next_attempt_at = NULL",
+                    "error = $7, completed_at = $4, next_attempt_at = NULL",
                     json(failure)?,
                     Some(format!("{}: {}", failure.error_type, failure.message)),
                 ),
@@ -300,7 +298,7 @@ pub(super) async fn finish(
             Some(Expiry::LeaseExpired) => "AND lease_expires_at <= $4",
         };
         let sql = format!(
-            "UPDATE steps SET state = $7, {set}, lease_expires_at = NULL, timeout_at = NULL,
+            "UPDATE steps SET state = $6, {set}, lease_expires_at = NULL, timeout_at = NULL,
                 started_at = COALESCE($3, started_at), updated_at = $4
              WHERE step_uuid = $1 AND state = 'in_progress' AND attempts = $2
                {worker_guard} {expiry_guard}
@@ -312,7 +310,6 @@ pub(super) async fn finish(
             .bind(r.started_at)
             .bind(now)
             .bind(r.worker_id.as_deref())
-            .bind(None::<&str>)
             .bind(to.as_str())
             .bind(payload)
             .bind(next_attempt_at)
