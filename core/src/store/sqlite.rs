@@ -125,10 +125,7 @@ impl SqliteStore {
         tokio::spawn(async move {
             while alive.strong_count() > 0 {
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                    .execute(&pool)
-                    .await
-                {
+                if let Err(e) = checkpoint(&pool).await {
                     tracing::warn!("background WAL checkpoint failed: {e}");
                 }
             }
@@ -175,6 +172,28 @@ impl SqliteStore {
     async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
+}
+
+/// WAL frames (4 KiB pages; 64 MiB) beyond which the checkpointer restarts the log.
+const WAL_RESTART_FRAMES: i64 = 16_384;
+
+/// One background checkpoint. A passive checkpoint copies the log into the database without
+/// blocking anyone, but under a steady stream of writes the log is never found fully copied at
+/// the start of a write, so it is never rewound and grows without bound (and every page lookup
+/// in it slows down). Once it is long, a `RESTART` checkpoint makes the next writer start the
+/// log over; writers wait for it (milliseconds) through their busy timeout.
+async fn checkpoint(pool: &SqlitePool) -> sqlx::Result<()> {
+    use sqlx::Row;
+    let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+        .fetch_one(pool)
+        .await?;
+    let frames: i64 = row.try_get(1)?;
+    if frames > WAL_RESTART_FRAMES {
+        sqlx::query("PRAGMA wal_checkpoint(RESTART)")
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
 }
 
 fn open_error(url: &str, e: sqlx::Error) -> Error {

@@ -521,7 +521,16 @@ pub(super) async fn promote_due_retries(
             tasks.push(task);
         }
     }
-    settle_many(tx, &mut j, &tasks, SettleCause::RetryReady, actor, None, now).await?;
+    settle_many(
+        tx,
+        &mut j,
+        &tasks,
+        SettleCause::RetryReady,
+        actor,
+        None,
+        now,
+    )
+    .await?;
     j.flush(tx).await?;
     Ok(rows.len() as u64)
 }
