@@ -15,6 +15,24 @@
 //! Output for people goes to stdout as tables; progress, warnings and errors go to stderr, so
 //! `--format json` leaves exactly one JSON document on stdout.
 
+/// `println!` for command output: a reader that goes away (`tasker-ctl task list | head`)
+/// ends the command quietly instead of panicking.
+macro_rules! outln {
+    () => {
+        $crate::cli::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` counterpart of [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!($($arg)*))
+    };
+}
+
 mod run;
 mod table;
 mod task_cmd;
@@ -324,8 +342,23 @@ pub(crate) fn json_object_arg(raw: &str, what: &str) -> CliResult<Value> {
 pub(crate) fn print_json(v: &impl serde::Serialize) -> CliResult<()> {
     let text = serde_json::to_string_pretty(v)
         .map_err(|e| CliError::failed(format!("cannot serialize the output: {e}")))?;
-    println!("{text}");
+    outln!("{text}");
     Ok(())
+}
+
+/// Writes command output; when stdout is a closed pipe the process ends as a shell would end
+/// it (status 141, SIGPIPE's), without a panic.
+pub(crate) fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout.write_fmt(args).and_then(|()| stdout.flush());
+    if let Err(e) = written {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
 }
 
 #[cfg(test)]

@@ -663,3 +663,29 @@ fn a_killed_run_is_resumed_by_running_the_same_command_again() {
         "a second task was created"
     );
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_command_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    // Far more output than a pipe holds, so the command meets the closed pipe whatever the
+    // timing: it blocks on the full pipe until the reader is gone.
+    let mut yaml = String::from("name: big\nnamespace_name: cli\nversion: \"1.0.0\"\nsteps:\n");
+    for i in 0..2000 {
+        yaml.push_str(&format!(
+            "  - {{ name: step_{i}, handler: {{ callable: kit.echo }} }}\n"
+        ));
+    }
+    let template = dir.path().join("big.yaml");
+    std::fs::write(&template, yaml).unwrap();
+    let template = template.to_string_lossy().to_string();
+    let mut child = command(dir.path(), &["template", "convert", &template])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+}

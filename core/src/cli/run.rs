@@ -228,11 +228,14 @@ fn report(task: &Task, format: Format) -> CliResult<()> {
     let took = task
         .completed_at
         .map(|c| format!(" in {}", human_duration(c - task.created_at)));
-    println!(
+    outln!(
         "task {}  {}/{} {}",
-        task.uuid, task.namespace, task.name, task.version
+        task.uuid,
+        task.namespace,
+        task.name,
+        task.version
     );
-    println!(
+    outln!(
         "status: {}{}{}",
         paint(task.status.as_str(), task_color(task.status), colors),
         took.unwrap_or_default(),
@@ -242,12 +245,12 @@ fn report(task: &Task, format: Format) -> CliResult<()> {
             ""
         }
     );
-    println!();
+    outln!();
     summary_table(&task.steps).print();
-    println!();
-    println!("results:");
+    outln!();
+    outln!("results:");
     for s in &task.steps {
-        println!("  {}", step_outcome(s, colors));
+        outln!("  {}", step_outcome(s, colors));
     }
     Ok(())
 }

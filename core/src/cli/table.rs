@@ -160,7 +160,7 @@ impl Table {
     /// Prints the table on stdout.
     pub(crate) fn print(&self) {
         for line in self.lines(stdout_colors()) {
-            println!("{line}");
+            outln!("{line}");
         }
     }
 }

@@ -257,7 +257,7 @@ async fn create(a: CreateArgs) -> CliResult {
             if handle.replayed {
                 eprintln!("a task with the same identity exists: {}", handle.uuid);
             }
-            println!("{}", handle.uuid);
+            outln!("{}", handle.uuid);
         }
     }
     Ok(EXIT_OK)
@@ -309,12 +309,12 @@ async fn get(a: UuidArgs) -> CliResult {
         table::truncate(&task.context.to_string(), 300),
     ]);
     t.print();
-    println!();
+    outln!();
     summary_table(&task.steps).print();
-    println!();
-    println!("results:");
+    outln!();
+    outln!("results:");
     for s in &task.steps {
-        println!("  {}", step_outcome(s, colors));
+        outln!("  {}", step_outcome(s, colors));
     }
     Ok(EXIT_OK)
 }
@@ -486,8 +486,8 @@ async fn audit(a: AuditArgs) -> CliResult {
     }
     t.print();
     if !rejected.is_empty() {
-        println!();
-        println!("rejected late completions:");
+        outln!();
+        outln!("rejected late completions:");
         let mut r = Table::new(&["at", "step", "attempt", "worker", "reason"]);
         for x in &rejected {
             r.row(vec![
@@ -518,7 +518,7 @@ async fn act(uuid: String, action: OperatorAction, who: Who, db: DbArgs) -> CliR
         }
         Format::Table => {
             let colors = table::stdout_colors();
-            println!(
+            outln!(
                 "task {uuid}: {}",
                 paint(state.as_str(), task_color(state), colors)
             );
@@ -532,7 +532,7 @@ async fn act(uuid: String, action: OperatorAction, who: Who, db: DbArgs) -> CliR
                     .iter()
                     .find(|s| &s.name == step || &s.uuid == step)
                 {
-                    println!(
+                    outln!(
                         "step {}: {}",
                         s.name,
                         paint(s.state.as_str(), step_color(s.state), colors)

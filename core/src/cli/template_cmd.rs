@@ -160,10 +160,10 @@ fn validate(a: ValidateArgs) -> CliResult {
     } else {
         for c in &checked {
             if c.errors.is_empty() {
-                println!("ok     {} ({})", c.file, c.key.as_deref().unwrap_or("?"));
+                outln!("ok     {} ({})", c.file, c.key.as_deref().unwrap_or("?"));
             } else {
                 let n = c.errors.len();
-                println!(
+                outln!(
                     "error  {} ({n} error{})",
                     c.file,
                     if n == 1 { "" } else { "s" }
@@ -181,19 +181,19 @@ fn validate(a: ValidateArgs) -> CliResult {
                 } else {
                     format!("field `{}`: ", e.field)
                 };
-                println!(
+                outln!(
                     "  error: {}: {step}{field}{}",
                     e.file.as_deref().unwrap_or(&c.file),
                     e.message
                 );
             }
             for w in &c.warnings {
-                println!("  warning: {w}");
+                outln!("  warning: {w}");
             }
         }
         let warnings: usize = checked.iter().map(|c| c.warnings.len()).sum();
         let errors: usize = checked.iter().map(|c| c.errors.len()).sum();
-        println!(
+        outln!(
             "{} file(s) checked: {} valid, {failed} invalid; {errors} error(s), {warnings} warning(s)",
             checked.len(),
             checked.len() - failed
@@ -214,7 +214,7 @@ fn convert(a: ConvertArgs) -> CliResult {
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }
-    print!("{}", to_yaml(&loaded.template));
+    out!("{}", to_yaml(&loaded.template));
     Ok(EXIT_OK)
 }
 
