@@ -233,21 +233,27 @@ pub struct PreparedTemplate {
 }
 
 impl PreparedTemplate {
-    /// Prepares `template` (compiling its input schema).
+    /// Prepares `template`, compiling its input schema.
     pub fn new(template: TaskTemplate) -> Result<Self> {
-        let input_schema = match &template.input_schema {
-            Some(s) => Some(std::sync::Arc::new(CompiledSchema::compile(s).map_err(
-                |e| Error::new(ErrorKind::Template, format!("invalid input_schema: {e}")),
-            )?)),
-            None => None,
-        };
-        let json = serde_json::to_string(&template)
+        let mut prepared = Self::snapshot(std::sync::Arc::new(template))?;
+        if let Some(s) = &prepared.template.input_schema {
+            let compiled = CompiledSchema::compile(s).map_err(|e| {
+                Error::new(ErrorKind::Template, format!("invalid input_schema: {e}"))
+            })?;
+            prepared.input_schema = Some(std::sync::Arc::new(compiled));
+        }
+        Ok(prepared)
+    }
+
+    /// Hash and JSON of `template`, without compiling its schema.
+    fn snapshot(template: std::sync::Arc<TaskTemplate>) -> Result<Self> {
+        let json = serde_json::to_string(template.as_ref())
             .map_err(|e| Error::internal(format!("cannot encode template: {e}")))?;
         Ok(PreparedTemplate {
             hash: template.content_hash(),
             json: json.into(),
-            template: std::sync::Arc::new(template),
-            input_schema,
+            template,
+            input_schema: None,
         })
     }
 }
@@ -259,14 +265,7 @@ pub fn plan_task(
     request: TaskRequest,
     max_payload_bytes: usize,
 ) -> Result<NewTask> {
-    let json = serde_json::to_string(template.as_ref())
-        .map_err(|e| Error::internal(format!("cannot encode template: {e}")))?;
-    let prepared = PreparedTemplate {
-        hash: template.content_hash(),
-        json: json.into(),
-        template,
-        input_schema: None,
-    };
+    let prepared = PreparedTemplate::snapshot(template)?;
     plan_prepared(&prepared, input_schema, request, max_payload_bytes)
 }
 

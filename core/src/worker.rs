@@ -11,6 +11,7 @@ pub use port::Worker;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use crate::Result;
@@ -49,11 +50,13 @@ pub(crate) fn spawn_completer(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver
     });
 }
 
-async fn apply_batch(inner: &Arc<Inner>, batch: Vec<Finished>) {
+async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
     let now = inner.clock.now();
     let results: Vec<AttemptResult> = batch
-        .iter()
+        .iter_mut()
         .map(|f| {
+            // The outcome is consumed here; results can be large, so it is moved, not cloned.
+            let outcome = std::mem::replace(&mut f.outcome, StepOutcome::success(Value::Null));
             let schema = f
                 .job
                 .definition
@@ -67,7 +70,7 @@ async fn apply_batch(inner: &Arc<Inner>, batch: Vec<Finished>) {
                 expiry: None,
                 resolution: resolve_outcome(
                     &f.job,
-                    f.outcome.clone(),
+                    outcome,
                     schema.as_deref(),
                     inner.config.max_payload_bytes,
                     now,
