@@ -459,7 +459,7 @@ impl Tasker {
             .store
             .operator_action(uuid, &action, actor, reason, self.now())
             .await?;
-        self.inner.after_change(&[(uuid.to_string(), state)]);
+        self.inner.after_change(&[(uuid.to_string(), state)], true);
         Ok(state)
     }
 
@@ -604,17 +604,29 @@ impl Inner {
         }
     }
 
-    /// Wakes whoever may care about changed tasks: workers (new steps) and waiters. The
-    /// sweeper is woken separately, only when a retry time was set: waking it on every change
-    /// would cost a write transaction per batch of results.
-    pub(crate) fn after_change(&self, tasks: &[(String, TaskState)]) {
-        self.work.send_modify(|g| *g += 1);
+    /// Wakes whoever may care about changed tasks: waiters, and workers (new steps) unless
+    /// `wake_workers` is false because the caller knows nothing was left for them. The sweeper
+    /// is woken separately, only when a retry time was set: waking it on every change would
+    /// cost a write transaction per batch of results.
+    pub(crate) fn after_change(&self, tasks: &[(String, TaskState)], wake_workers: bool) {
+        if wake_workers {
+            self.work.send_modify(|g| *g += 1);
+        }
         let w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
         for (uuid, state) in tasks {
             if let Some(tx) = w.get(uuid) {
                 tx.send_replace(*state);
             }
         }
+    }
+
+    /// Whether any dispatch-port worker of this process is serving callables.
+    pub(crate) fn has_port_workers(&self) -> bool {
+        !self
+            .port_callables
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 
     pub(crate) fn known_callables(&self) -> Vec<String> {

@@ -118,8 +118,13 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
     for f in &batch {
         inner.release(&f.job.step_uuid, f.job.attempt);
     }
+    // Whether the worker loop must look for steps: not when this transaction's claim already
+    // took every ready step a Rust handler serves (it got fewer than it asked for) and no
+    // dispatch-port worker waits for others. Waking it anyway costs a write transaction.
+    let mut wake_workers = true;
     let reports = reports.map(|(reports, jobs)| {
-        if let Some((_, permits)) = ahead {
+        if let Some((req, permits)) = ahead {
+            wake_workers = jobs.len() >= req.limit || inner.has_port_workers();
             spawn_jobs(inner, jobs, permits);
         }
         reports
@@ -130,7 +135,7 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
                 .iter()
                 .filter_map(|r| Some((r.task_uuid.clone()?, r.task_state?)))
                 .collect();
-            inner.after_change(&changed);
+            inner.after_change(&changed, wake_workers);
             if results
                 .iter()
                 .any(|r| matches!(r.resolution, Resolution::Retry { .. }))
@@ -177,6 +182,10 @@ fn claim_ahead(inner: &Arc<Inner>) -> Option<(ClaimRequest, Vec<OwnedSemaphorePe
     if permits.is_empty() {
         return None;
     }
+    // Claims ask for a power of two steps: the limit is part of the claim statement's text,
+    // so a handful of texts stay prepared instead of one per possible count.
+    let keep = 1 << permits.len().ilog2();
+    permits.truncate(keep);
     let req = claim_request(
         inner,
         &inner.worker_id,
@@ -244,13 +253,16 @@ pub(crate) fn spawn_creator(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<C
             let now = inner.clock.now();
             let ahead = claim_ahead(&inner);
             let req = ahead.as_ref().map(|(req, _)| req);
+            // As in the completer: a claim that came back short took everything ready.
+            let mut wake_workers = true;
             match inner
                 .store
                 .create_tasks(&tasks, &inner.worker_id, req, now)
                 .await
             {
                 Ok((created, jobs)) => {
-                    if let Some((_, permits)) = ahead {
+                    if let Some((req, permits)) = ahead {
+                        wake_workers = jobs.len() >= req.limit || inner.has_port_workers();
                         spawn_jobs(&inner, jobs, permits);
                     }
                     for (reply, c) in replies.into_iter().zip(created) {
@@ -270,7 +282,9 @@ pub(crate) fn spawn_creator(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<C
                     }
                 }
             }
-            inner.work.send_modify(|g| *g += 1);
+            if wake_workers {
+                inner.work.send_modify(|g| *g += 1);
+            }
         }
     });
 }
@@ -410,11 +424,12 @@ async fn run_rust_handler(inner: &Inner, job: &StepJob) -> StepOutcome {
     };
     let ctx = StepContext::new(job.clone());
     let timeout = Duration::from_millis((job.timeout_at - job.started_at).max(1) as u64);
-    let mut task = tokio::spawn(async move { handler.call(&ctx).await });
-    match tokio::time::timeout(timeout, &mut task).await {
+    // The handler runs on this task (no task of its own to spawn and join); a panic is caught
+    // at each poll, and on timeout the future is dropped, which cancels it at its next await.
+    let call = CatchUnwind(Box::pin(async move { handler.call(&ctx).await }));
+    match tokio::time::timeout(timeout, call).await {
         Ok(Ok(outcome)) => outcome,
-        Ok(Err(e)) if e.is_panic() => {
-            let panic = e.into_panic();
+        Ok(Err(panic)) => {
             let msg = panic
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
@@ -426,20 +441,32 @@ async fn run_rust_handler(inner: &Inner, job: &StepJob) -> StepOutcome {
             );
             StepOutcome::Failure(f)
         }
-        Ok(Err(e)) => StepOutcome::Failure(StepFailure::new(
-            ErrorType::HandlerError,
-            format!("handler task failed: {e}"),
+        Err(_) => StepOutcome::Failure(StepFailure::new(
+            ErrorType::Timeout,
+            format!(
+                "step `{}` ran past its timeout of {} ms",
+                job.step_name,
+                timeout.as_millis()
+            ),
         )),
-        Err(_) => {
-            task.abort();
-            StepOutcome::Failure(StepFailure::new(
-                ErrorType::Timeout,
-                format!(
-                    "step `{}` ran past its timeout of {} ms",
-                    job.step_name,
-                    timeout.as_millis()
-                ),
-            ))
+    }
+}
+
+/// A future whose panics become an `Err` with the panic payload.
+struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = &mut self.get_mut().0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
         }
     }
 }
@@ -492,9 +519,9 @@ pub(crate) async fn sweep_once(inner: &Inner) -> Result<()> {
             .iter()
             .filter_map(|r| Some((r.task_uuid.clone()?, r.task_state?)))
             .collect();
-        inner.after_change(&changed);
+        inner.after_change(&changed, true);
     } else if promoted > 0 {
-        inner.after_change(&[]);
+        inner.after_change(&[], true);
     }
     Ok(())
 }

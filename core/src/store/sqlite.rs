@@ -6,9 +6,12 @@
 //! upgrade.
 
 mod attempts;
+mod finish;
 mod journal;
+mod txn;
 
 use journal::Journal;
+use txn::Txn;
 mod operator;
 mod read;
 mod write;
@@ -172,6 +175,36 @@ impl SqliteStore {
     async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
+
+    /// The hot path: results applied, their tasks settled and the next steps claimed in one
+    /// transaction of two round trips (see `finish.rs`).
+    async fn finish_with(
+        &self,
+        results: &[AttemptResult],
+        actor: &str,
+        claim: Option<&ClaimRequest>,
+        now: Millis,
+    ) -> Result<(Vec<FinishReport>, Vec<StepJob>)> {
+        let mut t = Txn::acquire(&self.writer).await?;
+        let mut j = Journal::default();
+        let r = async {
+            let out =
+                finish::finish(t.conn(), &mut j, results, actor, claim, Txn::BEGIN, now).await?;
+            j.flush_then(t.conn(), Txn::COMMIT).await?;
+            Ok(out)
+        }
+        .await;
+        match r {
+            Ok(out) => {
+                t.committed();
+                Ok(out)
+            }
+            Err(e) => {
+                t.rollback().await;
+                Err(e)
+            }
+        }
+    }
 }
 
 /// WAL frames (4 KiB pages; 64 MiB) beyond which the checkpointer restarts the log.
@@ -276,12 +309,7 @@ impl Store for SqliteStore {
         actor: &str,
         now: Millis,
     ) -> Result<Vec<FinishReport>> {
-        let mut tx = self.begin().await?;
-        let mut j = Journal::default();
-        let r = attempts::finish(&mut tx, &mut j, results, actor, now).await?;
-        j.flush(&mut tx).await?;
-        tx.commit().await?;
-        Ok(r)
+        Ok(self.finish_with(results, actor, None, now).await?.0)
     }
 
     async fn finish_and_claim(
@@ -291,13 +319,7 @@ impl Store for SqliteStore {
         claim: &ClaimRequest,
         now: Millis,
     ) -> Result<(Vec<FinishReport>, Vec<StepJob>)> {
-        let mut tx = self.begin().await?;
-        let mut j = Journal::default();
-        let reports = attempts::finish(&mut tx, &mut j, results, actor, now).await?;
-        let jobs = attempts::claim(&mut tx, &mut j, claim, now).await?;
-        j.flush(&mut tx).await?;
-        tx.commit().await?;
-        Ok((reports, jobs))
+        self.finish_with(results, actor, Some(claim), now).await
     }
 
     async fn checkpoint(

@@ -155,6 +155,12 @@ impl Journal {
 
     /// Writes everything buffered, in order.
     pub(super) async fn flush(&mut self, tx: &mut SqliteConnection) -> Result<()> {
+        self.flush_then(tx, "").await
+    }
+
+    /// [`Journal::flush`], with `tail` (a statement without parameters, such as `COMMIT`) run
+    /// in the same round trip as the last rows.
+    pub(super) async fn flush_then(&mut self, tx: &mut SqliteConnection, tail: &str) -> Result<()> {
         let mut batch = Batch::default();
         for r in std::mem::take(&mut self.steps) {
             batch.step(tx, r).await?;
@@ -167,6 +173,8 @@ impl Journal {
         for (task, state, at) in std::mem::take(&mut self.task_states) {
             batch.task_state(tx, task, state, at).await?;
         }
+        batch.close_inserts();
+        batch.sql.push_str(tail);
         batch.run(tx).await
     }
 }
@@ -182,9 +190,24 @@ struct Batch {
     open: Option<&'static str>,
 }
 
-enum Param {
+/// A bind parameter of a statement built at run time.
+pub(super) enum Param {
     Text(Option<String>),
     Int(Option<i64>),
+}
+
+/// Binds `params`, in order, to a query built at run time.
+pub(super) fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    params: Vec<Param>,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    for p in params {
+        q = match p {
+            Param::Text(v) => q.bind(v),
+            Param::Int(v) => q.bind(v),
+        };
+    }
+    q
 }
 
 impl Batch {
@@ -293,13 +316,10 @@ impl Batch {
             return Ok(());
         }
         let sql = std::mem::take(&mut self.sql);
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for p in std::mem::take(&mut self.params) {
-            q = match p {
-                Param::Text(v) => q.bind(v),
-                Param::Int(v) => q.bind(v),
-            };
-        }
+        let q = bind_all(
+            sqlx::query(AssertSqlSafe(sql)),
+            std::mem::take(&mut self.params),
+        );
         q.execute(&mut *tx).await?;
         Ok(())
     }

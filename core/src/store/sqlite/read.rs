@@ -3,6 +3,7 @@
 use serde_json::Value;
 use sqlx::{AssertSqlSafe, Row, SqlitePool};
 
+use super::txn::Txn;
 use crate::clock::Millis;
 use crate::job::{Checkpoint, StepFailure};
 use crate::state::{StepState, TaskState};
@@ -149,27 +150,48 @@ pub(super) async fn task_state(pool: &SqlitePool, task_uuid: &str) -> Result<Tas
 }
 
 pub(super) async fn get_task(pool: &SqlitePool, task_uuid: &str) -> Result<Task> {
-    let t = sqlx::query("SELECT * FROM tasks WHERE task_uuid = $1")
+    // The task, its steps and its edges: one round trip, one snapshot.
+    let mut t = Txn::acquire(pool).await?;
+    let sql = format!(
+        "{}SELECT 't' AS k, * FROM tasks WHERE task_uuid = ?;
+         SELECT 's' AS k, step_uuid, name, step_type, callable, state, attempts, max_attempts,
+                result, error, checkpoint, started_at, completed_at, next_attempt_at, worker_id
+         FROM steps WHERE task_uuid = ? ORDER BY seq;
+         SELECT 'e' AS k, p.name AS parent, c.step_uuid AS child FROM steps c
+         JOIN step_edges e ON e.to_step = c.step_uuid JOIN steps p ON p.step_uuid = e.from_step
+         WHERE c.task_uuid = ? ORDER BY p.seq;
+         {}",
+        Txn::BEGIN_READ,
+        Txn::COMMIT
+    );
+    // The edges are reached through the task's steps (indexed by task), not
+    // `step_edges.task_uuid` (not indexed): filtering the edges themselves would scan every
+    // edge ever created.
+    let rows = sqlx::query(AssertSqlSafe(sql))
         .bind(task_uuid)
-        .fetch_optional(pool)
-        .await?
-        .ok_or_else(|| Error::not_found(format!("no task {task_uuid}")))?;
-    let step_rows = sqlx::query(
-        "SELECT step_uuid, name, step_type, callable, state, attempts, max_attempts, result, error,
-                checkpoint, started_at, completed_at, next_attempt_at, worker_id
-         FROM steps WHERE task_uuid = $1 ORDER BY seq",
-    )
-    .bind(task_uuid)
-    .fetch_all(pool)
-    .await?;
-    let edges = sqlx::query(
-        "SELECT p.name AS parent, c.step_uuid AS child FROM step_edges e
-         JOIN steps p ON p.step_uuid = e.from_step JOIN steps c ON c.step_uuid = e.to_step
-         WHERE e.task_uuid = $1 ORDER BY p.seq",
-    )
-    .bind(task_uuid)
-    .fetch_all(pool)
-    .await?;
+        .bind(task_uuid)
+        .bind(task_uuid)
+        .fetch_all(t.conn())
+        .await;
+    let rows = match rows {
+        Ok(rows) => {
+            t.committed();
+            rows
+        }
+        Err(e) => {
+            t.rollback().await;
+            return Err(e.into());
+        }
+    };
+    let (mut task_row, mut step_rows, mut edges) = (None, Vec::new(), Vec::new());
+    for row in rows {
+        match row.try_get::<String, _>("k")?.as_str() {
+            "t" => task_row = Some(row),
+            "s" => step_rows.push(row),
+            _ => edges.push(row),
+        }
+    }
+    let t = task_row.ok_or_else(|| Error::not_found(format!("no task {task_uuid}")))?;
     let mut steps = Vec::with_capacity(step_rows.len());
     for r in step_rows {
         let uuid: String = r.try_get("step_uuid")?;

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use sqlx::sqlite::SqliteRow;
 use sqlx::{AssertSqlSafe, Row, SqliteConnection};
 
 use super::journal::Journal;
@@ -352,7 +353,7 @@ pub(super) async fn settle_many(
             );
         }
         let mut ready: Vec<(String, String)> = Vec::new();
-        let mut counts: HashMap<String, (Option<TaskState>, StepCounts)> = HashMap::new();
+        let mut counts = Tallies::new();
         if !open.is_empty() {
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for t in &open {
@@ -363,14 +364,7 @@ pub(super) async fn settle_many(
                     ready.push((row.try_get(0)?, row.try_get(1)?));
                     continue;
                 }
-                let entry = counts.entry(row.try_get(0)?).or_default();
-                entry.0 = Some(parse_state(&row.try_get::<String, _>(1)?)?);
-                if let Some(s) = row.try_get::<Option<String>, _>(2)? {
-                    let s: StepState = parse_state(&s)?;
-                    for _ in 0..row.try_get::<i64, _>(3)? {
-                        entry.1.add(s);
-                    }
-                }
+                add_count_row(&mut counts, &row, 0)?;
             }
         }
         for (step, task) in &ready {
@@ -392,23 +386,55 @@ pub(super) async fn settle_many(
                 out.push(s);
                 continue;
             }
-            let Some((Some(db_state), step_counts)) = counts.get(task_uuid.as_str()) else {
-                return Err(Error::not_found(format!("no task {task_uuid}")));
-            };
-            let current = j.task_state(task_uuid).unwrap_or(*db_state);
-            if current.is_terminal() {
-                out.push(current);
-                continue;
-            }
-            let mut state = current;
-            if cause == SettleCause::Start {
-                state = j.task_moves(task_uuid, state, &[TaskEvent::Start], actor, None, now)?;
-            }
-            let events = settle_events(state, step_counts, cause);
-            out.push(j.task_moves(task_uuid, state, &events, actor, reason, now)?);
+            out.push(settle_task(
+                j, &counts, task_uuid, cause, actor, reason, now,
+            )?);
         }
     }
     Ok(out)
+}
+
+/// Each task's state and the tally of its steps by state, as read by a settle.
+pub(super) type Tallies = HashMap<String, (Option<TaskState>, StepCounts)>;
+
+/// Adds one row of a tally query — task uuid, task state, step state (or NULL for a task
+/// without steps), count — whose columns start at `first`.
+pub(super) fn add_count_row(tallies: &mut Tallies, row: &SqliteRow, first: usize) -> Result<()> {
+    let entry = tallies.entry(row.try_get(first)?).or_default();
+    entry.0 = Some(parse_state(&row.try_get::<String, _>(first + 1)?)?);
+    if let Some(s) = row.try_get::<Option<String>, _>(first + 2)? {
+        let s: StepState = parse_state(&s)?;
+        for _ in 0..row.try_get::<i64, _>(first + 3)? {
+            entry.1.add(s);
+        }
+    }
+    Ok(())
+}
+
+/// Moves a task to its next resting state from its tally (read after its ready steps were
+/// enqueued), recording the transitions in `j`.
+pub(super) fn settle_task(
+    j: &mut Journal,
+    tallies: &Tallies,
+    task_uuid: &str,
+    cause: SettleCause,
+    actor: &str,
+    reason: Option<&str>,
+    now: Millis,
+) -> Result<TaskState> {
+    let Some((Some(db_state), step_counts)) = tallies.get(task_uuid) else {
+        return Err(Error::not_found(format!("no task {task_uuid}")));
+    };
+    let current = j.task_state(task_uuid).unwrap_or(*db_state);
+    if current.is_terminal() {
+        return Ok(current);
+    }
+    let mut state = current;
+    if cause == SettleCause::Start {
+        state = j.task_moves(task_uuid, state, &[TaskEvent::Start], actor, None, now)?;
+    }
+    let events = settle_events(state, step_counts, cause);
+    j.task_moves(task_uuid, state, &events, actor, reason, now)
 }
 
 pub(super) fn decode<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {

@@ -1,0 +1,301 @@
+//! Applying finished attempts in SQLite, with the claim of what they made ready, in two round
+//! trips to the connection thread whatever the number of results:
+//!
+//! 1. `BEGIN IMMEDIATE`, one fenced `UPDATE` per result, the `UPDATE` that enqueues the steps
+//!    of the results' tasks that became ready, the tally of those tasks' steps, and the claim;
+//! 2. the journal's audit rows and task-state changes, and `COMMIT`.
+//!
+//! Between them the engine decides, in Rust, each task's next state from its tally. Round
+//! trips, not SQLite's own work, are the hot path's cost (see `journal.rs`), which is why the
+//! statements travel together and their rows are told apart by a leading tag column.
+
+use sqlx::{AssertSqlSafe, Row, SqliteConnection};
+
+use super::attempts::{
+    Rejection, claim_statement, claimed_job, current, record_rejection, staleness,
+};
+use super::journal::{Journal, Param, bind_all};
+use super::write::{Tallies, add_count_row, json, settle_task};
+use crate::clock::Millis;
+use crate::job::StepJob;
+use crate::orchestrator::SettleCause;
+use crate::state::{StepEvent, StepState, step_transition};
+use crate::store::{AttemptResult, ClaimRequest, Completion, Expiry, FinishReport, Resolution};
+use crate::{Error, Result};
+
+/// One result, applied and fenced in one statement: the row changes only while the attempt is
+/// still the current one (held by the reporting worker, when one reports; still expired, for
+/// engine-made expiries). Every result uses this one shape, unused parts bound to NULL, so the
+/// statement text depends only on how many results there are.
+const FINISH_ONE: &str = "UPDATE steps SET state = ?, result = COALESCE(?, result),
+        error = COALESCE(?, error), completed_at = COALESCE(?, completed_at),
+        next_attempt_at = ?, lease_expires_at = NULL, timeout_at = NULL,
+        started_at = COALESCE(?, started_at), updated_at = ?
+     WHERE step_uuid = ? AND state = 'in_progress' AND attempts = ?
+       AND (? IS NULL OR worker_id = ?)
+       AND (? IS NULL OR timeout_at <= ?)
+       AND (? IS NULL OR lease_expires_at <= ?)
+     RETURNING 'f', ?, task_uuid;\n";
+
+/// Parameters of [`FINISH_ONE`].
+const FINISH_PARAMS: usize = 16;
+
+/// The statements that run with the results: what became ready is enqueued, then each
+/// affected task's steps are tallied. `{steps}` is the list of the results' step placeholders.
+const SETTLE: &str = "UPDATE steps SET state = 'enqueued', enqueued_at = ?, updated_at = ?
+     WHERE task_uuid IN (SELECT task_uuid FROM steps WHERE step_uuid IN ({steps}))
+       AND state = 'pending'
+       AND NOT EXISTS (
+         SELECT 1 FROM step_edges e JOIN steps p ON p.step_uuid = e.from_step
+         WHERE e.to_step = steps.step_uuid AND p.state NOT IN ('complete', 'resolved_manually'))
+       AND (SELECT state FROM tasks t WHERE t.task_uuid = steps.task_uuid)
+           NOT IN ('complete', 'error', 'cancelled', 'resolved_manually')
+     RETURNING 'e', step_uuid, task_uuid;
+     SELECT 'c', t.task_uuid, t.state, s.state, COUNT(s.step_uuid)
+     FROM tasks t LEFT JOIN steps s ON s.task_uuid = t.task_uuid
+     WHERE t.task_uuid IN (SELECT task_uuid FROM steps WHERE step_uuid IN ({steps}))
+     GROUP BY t.task_uuid, s.state;\n";
+
+/// Applies `results`, settles their tasks and runs `claim`; transitions go into `j`, which the
+/// caller flushes. `prefix` (e.g. `BEGIN IMMEDIATE;`) is run first, in the same round trip.
+///
+/// The number of statements is rounded up to a power of two with updates that match nothing,
+/// so that a few statement texts serve every batch size and stay prepared.
+pub(super) async fn finish(
+    tx: &mut SqliteConnection,
+    j: &mut Journal,
+    results: &[AttemptResult],
+    actor: &str,
+    claim: Option<&ClaimRequest>,
+    prefix: &str,
+    now: Millis,
+) -> Result<(Vec<FinishReport>, Vec<StepJob>)> {
+    let mut sql = String::from(prefix);
+    let mut params: Vec<Param> = Vec::new();
+    let mut targets = Vec::with_capacity(results.len());
+    let slots = if results.is_empty() {
+        0
+    } else {
+        results.len().next_power_of_two()
+    };
+    for i in 0..slots {
+        sql.push_str(FINISH_ONE);
+        match results.get(i) {
+            Some(r) => {
+                let (events, p) = finish_params(r, i, now)?;
+                params.extend(p);
+                targets.push(events);
+            }
+            None => params.extend((0..FINISH_PARAMS).map(|_| Param::Int(None))),
+        }
+    }
+    if slots > 0 {
+        let marks = vec!["?"; slots].join(", ");
+        sql.push_str(&SETTLE.replace("{steps}", &marks));
+        let steps = || (0..slots).map(|i| Param::Text(results.get(i).map(|r| r.step_uuid.clone())));
+        params.push(Param::Int(Some(now)));
+        params.push(Param::Int(Some(now)));
+        params.extend(steps());
+        params.extend(steps());
+    }
+    if let Some(req) = claim
+        && let Some((claim_sql, claim_params)) = claim_statement(req, now, "'j', ")
+    {
+        sql.push_str(&claim_sql);
+        params.extend(claim_params);
+    }
+    let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), params)
+        .fetch_all(&mut *tx)
+        .await?;
+
+    // Rows come in statement order: applied results, enqueued steps, tallies, claimed jobs;
+    // journaling them in that order keeps the audit trail in causal order.
+    let mut applied: Vec<Option<String>> = vec![None; results.len()];
+    let mut tallies = Tallies::new();
+    let mut jobs = Vec::new();
+    for row in &rows {
+        let tag: String = row.try_get(0)?;
+        match tag.as_str() {
+            "f" => {
+                let i = row.try_get::<i64, _>(1)? as usize;
+                let task_uuid: String = row.try_get(2)?;
+                let (Some(r), Some(events)) = (results.get(i), targets.get(i)) else {
+                    return Err(Error::internal(format!(
+                        "finish returned unknown result {i}"
+                    )));
+                };
+                let (events, reason) = events;
+                j.step_moves(
+                    &r.step_uuid,
+                    &task_uuid,
+                    StepState::InProgress,
+                    events,
+                    Some(r.attempt),
+                    r.worker_id.as_deref().unwrap_or(actor),
+                    reason.as_deref(),
+                    now,
+                )?;
+                applied[i] = Some(task_uuid);
+            }
+            "e" => {
+                let step: String = row.try_get(1)?;
+                let task: String = row.try_get(2)?;
+                j.step_moves(
+                    &step,
+                    &task,
+                    StepState::Pending,
+                    &[StepEvent::Enqueue],
+                    None,
+                    actor,
+                    None,
+                    now,
+                )?;
+            }
+            "c" => add_count_row(&mut tallies, row, 1)?,
+            "j" => {
+                let req = claim.ok_or_else(|| Error::internal("claim rows without a claim"))?;
+                jobs.push(claimed_job(row, j, req)?);
+            }
+            other => return Err(Error::internal(format!("unexpected row tag {other:?}"))),
+        }
+    }
+
+    // Each task with an applied result moves on; its state goes into every report of it.
+    let mut settled: Vec<(String, crate::state::TaskState)> = Vec::new();
+    for task_uuid in applied.iter().flatten() {
+        if !settled.iter().any(|(t, _)| t == task_uuid) {
+            let state = settle_task(
+                j,
+                &tallies,
+                task_uuid,
+                SettleCause::StepResult,
+                actor,
+                None,
+                now,
+            )?;
+            settled.push((task_uuid.clone(), state));
+        }
+    }
+    let mut reports = Vec::with_capacity(results.len());
+    for (r, applied) in results.iter().zip(applied) {
+        reports.push(match applied {
+            Some(task_uuid) => FinishReport {
+                step_uuid: r.step_uuid.clone(),
+                task_state: settled
+                    .iter()
+                    .find(|(t, _)| *t == task_uuid)
+                    .map(|(_, s)| *s),
+                task_uuid: Some(task_uuid),
+                completion: Completion::Accepted,
+            },
+            None => reject(tx, r, now).await?,
+        });
+    }
+    Ok((reports, jobs))
+}
+
+/// The events a result takes its step through (from `in_progress`), the reason recorded with
+/// them, and the parameters of [`FINISH_ONE`] for it, as result number `index`.
+#[allow(clippy::type_complexity)]
+fn finish_params(
+    r: &AttemptResult,
+    index: usize,
+    now: Millis,
+) -> Result<((&'static [StepEvent], Option<String>), Vec<Param>)> {
+    let (events, result, error, completed_at, next_attempt_at, reason): (
+        &'static [StepEvent],
+        Option<String>,
+        Option<String>,
+        Option<Millis>,
+        Option<Millis>,
+        Option<String>,
+    ) = match &r.resolution {
+        Resolution::Succeeded { result, .. } => (
+            &[StepEvent::Succeed, StepEvent::Complete],
+            Some(json(result)?),
+            None,
+            Some(now),
+            None,
+            None,
+        ),
+        Resolution::Retry {
+            failure,
+            next_attempt_at,
+            ..
+        } => (
+            &[StepEvent::Fail, StepEvent::RetryDecided],
+            None,
+            Some(json(failure)?),
+            None,
+            Some(*next_attempt_at),
+            Some(format!("{}: {}", failure.error_type, failure.message)),
+        ),
+        Resolution::Failed { failure } => (
+            &[StepEvent::Fail, StepEvent::GiveUp],
+            None,
+            Some(json(failure)?),
+            Some(now),
+            None,
+            Some(format!("{}: {}", failure.error_type, failure.message)),
+        ),
+    };
+    // The final state comes from the state table, checked before anything is written.
+    let to = events
+        .iter()
+        .try_fold(StepState::InProgress, |s, e| step_transition(s, *e))?;
+    let timeout_guard = (r.expiry == Some(Expiry::Timeout)).then_some(now);
+    let lease_guard = (r.expiry == Some(Expiry::LeaseExpired)).then_some(now);
+    let worker = r.worker_id.clone();
+    let params = vec![
+        Param::Text(Some(to.as_str().to_string())),
+        Param::Text(result),
+        Param::Text(error),
+        Param::Int(completed_at),
+        Param::Int(next_attempt_at),
+        Param::Int(r.started_at),
+        Param::Int(Some(now)),
+        Param::Text(Some(r.step_uuid.clone())),
+        Param::Int(Some(i64::from(r.attempt))),
+        Param::Text(worker.clone()),
+        Param::Text(worker),
+        Param::Int(timeout_guard),
+        Param::Int(timeout_guard),
+        Param::Int(lease_guard),
+        Param::Int(lease_guard),
+        Param::Int(Some(index as i64)),
+    ];
+    debug_assert_eq!(params.len(), FINISH_PARAMS);
+    Ok(((events, reason), params))
+}
+
+/// The slow path of `finish`: explains why a result did not apply and records late
+/// completions (engine-made expiries that lost a race are not late completions).
+async fn reject(tx: &mut SqliteConnection, r: &AttemptResult, now: Millis) -> Result<FinishReport> {
+    let Some(c) = current(tx, &r.step_uuid).await? else {
+        return Ok(FinishReport {
+            step_uuid: r.step_uuid.clone(),
+            task_uuid: None,
+            completion: Completion::Rejected("no such step".into()),
+            task_state: None,
+        });
+    };
+    let reason = staleness(&c, r.attempt, r.worker_id.as_deref(), r.expiry, now)
+        .unwrap_or_else(|| format!("attempt {} is not current", r.attempt));
+    if r.expiry.is_none() {
+        let rejection = Rejection {
+            step_uuid: &r.step_uuid,
+            task_uuid: Some(&c.task_uuid),
+            attempt: r.attempt,
+            worker: r.worker_id.as_deref(),
+            reason: &reason,
+            outcome: serde_json::to_string(&r.resolution_summary()).ok(),
+        };
+        record_rejection(tx, rejection, now).await?;
+    }
+    Ok(FinishReport {
+        step_uuid: r.step_uuid.clone(),
+        task_uuid: Some(c.task_uuid),
+        completion: Completion::Rejected(reason),
+        task_state: None,
+    })
+}
