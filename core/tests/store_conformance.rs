@@ -413,6 +413,140 @@ async fn identity_duplicates_return_existing(db: Db) {
     );
 }
 
+/// A group of creations in one call: each existing identity, and each repeat of an identity
+/// earlier in the group, comes back as the task that holds it; only new tasks get rows.
+async fn group_creation_resolves_identities_within_the_group(db: Db) {
+    let s = db.store();
+    let t = diamond();
+    s.put_template(&t, false, T0).await.unwrap();
+    let old = create_keyed(s, &t, json!({"n": 0}), "k-old").await;
+    let keyed = |ctx: Value, key: &str| plan(&t, request(&t, ctx).idempotency_key(key));
+    let group = [
+        keyed(json!({"n": 1}), "k-new"),
+        keyed(json!({"n": 2}), "k-old"),
+        keyed(json!({"n": 3}), "k-new"),
+        plan(&t, request(&t, json!({"strict": true}))),
+        plan(&t, request(&t, json!({"strict": true}))),
+    ];
+    let (created, jobs) = s
+        .create_tasks(&group, ORCH, Some(&claim_req("w1", &[], any(), 8)), T0)
+        .await
+        .unwrap();
+    let first = group[0].uuid.clone();
+    let strict = group[3].uuid.clone();
+    assert_eq!(
+        created,
+        [
+            Created::New(first.clone()),
+            Created::Existing {
+                uuid: old.clone(),
+                by_key: true
+            },
+            Created::Existing {
+                uuid: first.clone(),
+                by_key: true
+            },
+            Created::New(strict.clone()),
+            Created::Existing {
+                uuid: strict.clone(),
+                by_key: false
+            },
+        ]
+    );
+    // The claim in the same call took the first step of each new task, and only those
+    // (the old task's first step is enqueued too and comes next: it is older).
+    let mut claimed: Vec<(&str, &str)> = jobs
+        .iter()
+        .map(|j| (j.task_uuid.as_str(), j.step_name.as_str()))
+        .collect();
+    claimed.sort();
+    let mut expected = vec![
+        (old.as_str(), "a"),
+        (first.as_str(), "a"),
+        (strict.as_str(), "a"),
+    ];
+    expected.sort();
+    assert_eq!(claimed, expected);
+    for uuid in [&first, &strict] {
+        let task = s.get_task(uuid).await.unwrap();
+        assert_eq!(task.status, TaskState::StepsInProcess);
+        assert_eq!(task.steps.len(), 4);
+        assert_eq!(task.step("d").unwrap().dependencies, ["b", "c"]);
+        let events: Vec<String> = s
+            .task_transitions(uuid)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.event)
+            .collect();
+        assert_eq!(
+            events,
+            ["create", "start", "ready_steps_found", "steps_enqueued"]
+        );
+    }
+    let (repeat, _) = s
+        .create_tasks(&group[..1], ORCH, None, T0 + 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        repeat,
+        [Created::Existing {
+            uuid: first,
+            by_key: true
+        }],
+        "the group's tasks were committed with their identities"
+    );
+}
+
+/// One `finish_and_claim` with an accepted success, an accepted permanent failure and a
+/// stale result: each gets its own report, and the claim sees what the success made ready.
+async fn group_finish_reports_each_result_and_claims_what_became_ready(db: Db) {
+    let s = db.store();
+    let t = diamond();
+    s.put_template(&t, false, T0).await.unwrap();
+    let t1 = create(s, &t, json!({"t": 1}), T0).await;
+    let t2 = create(s, &t, json!({"t": 2}), T0).await;
+    let jobs = claim(s, "w1", 2, T0 + 1).await;
+    assert_eq!(jobs.len(), 2);
+    let (j1, j2) = if jobs[0].task_uuid == t1 {
+        (&jobs[0], &jobs[1])
+    } else {
+        (&jobs[1], &jobs[0])
+    };
+    let mut stale = result(j1, Some("w1"), success(json!({"late": true})));
+    stale.attempt = 7;
+    let results = [
+        result(j1, Some("w1"), success(json!({"v": 1}))),
+        result(j2, Some("w1"), failed("no")),
+        stale,
+    ];
+    let (reports, claimed) = s
+        .finish_and_claim(&results, ORCH, &claim_req("w1", &[], any(), 4), T0 + 2)
+        .await
+        .unwrap();
+    assert_eq!(reports.len(), 3);
+    assert_eq!(reports[0].completion, Completion::Accepted);
+    assert_eq!(reports[0].task_state, Some(TaskState::StepsInProcess));
+    assert_eq!(reports[1].completion, Completion::Accepted);
+    assert_eq!(reports[1].task_state, Some(TaskState::BlockedByFailures));
+    assert!(
+        matches!(&reports[2].completion, Completion::Rejected(r) if r.contains("not in_progress")),
+        "{:?}",
+        reports[2].completion
+    );
+    let mut names: Vec<&str> = claimed.iter().map(|j| j.step_name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["b", "c"]);
+    assert!(claimed.iter().all(|j| j.task_uuid == t1));
+    let view = s.get_task(&t1).await.unwrap();
+    assert_eq!(view.step("a").unwrap().result, Some(json!({"v": 1})));
+    assert_eq!(
+        s.get_task(&t2).await.unwrap().step("a").unwrap().state,
+        StepState::Error
+    );
+    assert_eq!(s.rejected_completions(&t1).await.unwrap().len(), 1);
+}
+
 async fn create_keyed(s: &Arc<dyn Store>, t: &TaskTemplate, ctx: Value, key: &str) -> String {
     match s
         .create_task(&plan(t, request(t, ctx).idempotency_key(key)), ORCH, T0)
@@ -1446,6 +1580,8 @@ macro_rules! all_tests {
                 templates_register_version_and_conflict,
                 create_task_inserts_steps_edges_transitions,
                 identity_duplicates_return_existing,
+                group_creation_resolves_identities_within_the_group,
+                group_finish_reports_each_result_and_claims_what_became_ready,
                 claim_respects_namespaces_and_callables,
                 claim_sets_attempt_lease_and_timeout,
                 claim_orders_by_priority_then_enqueued_at_and_limits,

@@ -6,6 +6,7 @@
 //! upgrade.
 
 mod attempts;
+mod create;
 mod finish;
 mod journal;
 mod txn;
@@ -176,6 +177,26 @@ impl SqliteStore {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
 
+    /// Task creation in one transaction of two or three round trips (see `create.rs`).
+    async fn create_with(
+        &self,
+        tasks: &[NewTask],
+        actor: &str,
+        claim: Option<&ClaimRequest>,
+        now: Millis,
+    ) -> Result<(Vec<Created>, Vec<StepJob>)> {
+        let mut t = Txn::acquire(&self.writer).await?;
+        let mut j = Journal::default();
+        let r = async {
+            let out = create::create_tasks(t.conn(), &mut j, tasks, actor, claim, Txn::BEGIN, now)
+                .await?;
+            j.flush_then(t.conn(), Txn::COMMIT).await?;
+            Ok(out)
+        }
+        .await;
+        t.finish(r).await
+    }
+
     /// The hot path: results applied, their tasks settled and the next steps claimed in one
     /// transaction of two round trips (see `finish.rs`).
     async fn finish_with(
@@ -194,16 +215,7 @@ impl SqliteStore {
             Ok(out)
         }
         .await;
-        match r {
-            Ok(out) => {
-                t.committed();
-                Ok(out)
-            }
-            Err(e) => {
-                t.rollback().await;
-                Err(e)
-            }
-        }
+        t.finish(r).await
     }
 }
 
@@ -264,12 +276,12 @@ impl Store for SqliteStore {
     }
 
     async fn create_task(&self, task: &NewTask, actor: &str, now: Millis) -> Result<Created> {
-        let mut tx = self.begin().await?;
-        let mut j = Journal::default();
-        let r = write::create_task(&mut tx, &mut j, task, actor, now).await?;
-        j.flush(&mut tx).await?;
-        tx.commit().await?;
-        Ok(r)
+        let (mut created, _) = self
+            .create_with(std::slice::from_ref(task), actor, None, now)
+            .await?;
+        created
+            .pop()
+            .ok_or_else(|| Error::internal("creation returned nothing"))
     }
 
     async fn create_tasks(
@@ -279,19 +291,7 @@ impl Store for SqliteStore {
         claim: Option<&ClaimRequest>,
         now: Millis,
     ) -> Result<(Vec<Created>, Vec<StepJob>)> {
-        let mut tx = self.begin().await?;
-        let mut j = Journal::default();
-        let mut out = Vec::with_capacity(tasks.len());
-        for t in tasks {
-            out.push(write::create_task(&mut tx, &mut j, t, actor, now).await?);
-        }
-        let jobs = match claim {
-            Some(req) => attempts::claim(&mut tx, &mut j, req, now).await?,
-            None => Vec::new(),
-        };
-        j.flush(&mut tx).await?;
-        tx.commit().await?;
-        Ok((out, jobs))
+        self.create_with(tasks, actor, claim, now).await
     }
 
     async fn claim(&self, req: &ClaimRequest, now: Millis) -> Result<Vec<StepJob>> {

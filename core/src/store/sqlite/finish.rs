@@ -15,7 +15,7 @@ use super::attempts::{
     Rejection, claim_statement, claimed_job, current, record_rejection, staleness,
 };
 use super::journal::{Journal, Param, bind_all};
-use super::write::{Tallies, add_count_row, json, settle_task};
+use super::write::{SETTLE, Tallies, add_count_row, json, settle_task};
 use crate::clock::Millis;
 use crate::job::StepJob;
 use crate::orchestrator::SettleCause;
@@ -40,21 +40,9 @@ const FINISH_ONE: &str = "UPDATE steps SET state = ?, result = COALESCE(?, resul
 /// Parameters of [`FINISH_ONE`].
 const FINISH_PARAMS: usize = 16;
 
-/// The statements that run with the results: what became ready is enqueued, then each
-/// affected task's steps are tallied. `{steps}` is the list of the results' step placeholders.
-const SETTLE: &str = "UPDATE steps SET state = 'enqueued', enqueued_at = ?, updated_at = ?
-     WHERE task_uuid IN (SELECT task_uuid FROM steps WHERE step_uuid IN ({steps}))
-       AND state = 'pending'
-       AND NOT EXISTS (
-         SELECT 1 FROM step_edges e JOIN steps p ON p.step_uuid = e.from_step
-         WHERE e.to_step = steps.step_uuid AND p.state NOT IN ('complete', 'resolved_manually'))
-       AND (SELECT state FROM tasks t WHERE t.task_uuid = steps.task_uuid)
-           NOT IN ('complete', 'error', 'cancelled', 'resolved_manually')
-     RETURNING 'e', step_uuid, task_uuid;
-     SELECT 'c', t.task_uuid, t.state, s.state, COUNT(s.step_uuid)
-     FROM tasks t LEFT JOIN steps s ON s.task_uuid = t.task_uuid
-     WHERE t.task_uuid IN (SELECT task_uuid FROM steps WHERE step_uuid IN ({steps}))
-     GROUP BY t.task_uuid, s.state;\n";
+/// The tasks a settle after results looks at: those of the results' steps (a JSON array).
+const RESULT_TASKS: &str =
+    "SELECT task_uuid FROM steps WHERE step_uuid IN (SELECT value FROM json_each(?))";
 
 /// Applies `results`, settles their tasks and runs `claim`; transitions go into `j`, which the
 /// caller flushes. `prefix` (e.g. `BEGIN IMMEDIATE;`) is run first, in the same round trip.
@@ -90,13 +78,15 @@ pub(super) async fn finish(
         }
     }
     if slots > 0 {
-        let marks = vec!["?"; slots].join(", ");
-        sql.push_str(&SETTLE.replace("{steps}", &marks));
-        let steps = || (0..slots).map(|i| Param::Text(results.get(i).map(|r| r.step_uuid.clone())));
-        params.push(Param::Int(Some(now)));
-        params.push(Param::Int(Some(now)));
-        params.extend(steps());
-        params.extend(steps());
+        sql.push_str(&SETTLE.replace("{tasks}", RESULT_TASKS));
+        let steps: Vec<&str> = results.iter().map(|r| r.step_uuid.as_str()).collect();
+        let steps = json(&steps)?;
+        params.extend([
+            Param::Int(Some(now)),
+            Param::Int(Some(now)),
+            Param::Text(Some(steps.clone())),
+            Param::Text(Some(steps)),
+        ]);
     }
     if let Some(req) = claim
         && let Some((claim_sql, claim_params)) = claim_statement(req, now, "'j', ")

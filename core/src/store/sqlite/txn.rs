@@ -37,6 +37,21 @@ impl Txn {
         self.finished = true;
     }
 
+    /// Settles the transaction by the outcome of the work done in it: committed (the work
+    /// ran the commit) or rolled back.
+    pub(super) async fn finish<T>(self, r: Result<T>) -> Result<T> {
+        match r {
+            Ok(v) => {
+                self.committed();
+                Ok(v)
+            }
+            Err(e) => {
+                self.rollback().await;
+                Err(e)
+            }
+        }
+    }
+
     /// Rolls back whatever part ran. When that fails for another reason than there being no
     /// transaction (it failed to begin, or SQLite already rolled it back), the connection is
     /// closed on drop.

@@ -12,7 +12,7 @@ use super::journal::Journal;
 use crate::clock::Millis;
 use crate::orchestrator::{SettleCause, settle_events};
 use crate::state::{StepCounts, StepEvent, StepState, TaskEvent, TaskState};
-use crate::store::{Created, NewTask, TemplatePut};
+use crate::store::TemplatePut;
 use crate::template::TaskTemplate;
 use crate::{Error, ErrorKind, Result};
 
@@ -76,185 +76,6 @@ pub(super) async fn put_template(
     Ok(outcome)
 }
 
-/// Creates one task; its transitions go into `j`, which the caller flushes.
-pub(super) async fn create_task(
-    tx: &mut SqliteConnection,
-    j: &mut Journal,
-    task: &NewTask,
-    actor: &str,
-    now: Millis,
-) -> Result<Created> {
-    if let Some(identity) = &task.identity_hash {
-        let existing: Option<String> =
-            sqlx::query_scalar("SELECT task_uuid FROM tasks WHERE identity_hash = $1")
-                .bind(identity)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if let Some(uuid) = existing {
-            return Ok(Created::Existing {
-                uuid,
-                by_key: task.identity_from_key,
-            });
-        }
-    }
-    let t = &task.template;
-    let hash = &task.template_hash;
-    let r = &task.request;
-    // The snapshot and the task row go in one round trip.
-    sqlx::query(
-        "INSERT OR IGNORE INTO template_snapshots (content_hash, definition) VALUES ($5, $17);
-         INSERT INTO tasks (task_uuid, namespace, name, version, template_hash, state, context,
-            initiator, source_system, reason, tags, priority, correlation_id, parent_correlation_id,
-            idempotency_key, identity_hash, created_at, updated_at, state_entered_at)
-         VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16, $16)",
-    )
-    .bind(&task.uuid)
-    .bind(&t.namespace)
-    .bind(&t.name)
-    .bind(&t.version)
-    .bind(hash)
-    .bind(json(&r.context)?)
-    .bind(&r.initiator)
-    .bind(&r.source_system)
-    .bind(&r.reason)
-    .bind(json(&r.tags)?)
-    .bind(r.priority)
-    .bind(&task.correlation_id)
-    .bind(&r.parent_correlation_id)
-    .bind(&r.idempotency_key)
-    .bind(&task.identity_hash)
-    .bind(now)
-    .bind(task.template_json.as_ref())
-    .execute(&mut *tx)
-    .await?;
-    j.task_created(&task.uuid, actor, now);
-    insert_steps(
-        tx,
-        j,
-        &task.uuid,
-        &t.namespace,
-        r.priority,
-        &task.steps,
-        &task.edges,
-        actor,
-        now,
-    )
-    .await?;
-    settle(tx, j, &task.uuid, SettleCause::Start, actor, None, now).await?;
-    Ok(Created::New(task.uuid.clone()))
-}
-
-/// Inserts steps in `pending` with their edges (edges name steps of `steps` or existing steps
-/// of the task), in one multi-row statement each.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn insert_steps(
-    tx: &mut SqliteConnection,
-    j: &mut Journal,
-    task_uuid: &str,
-    namespace: &str,
-    priority: i32,
-    steps: &[crate::store::NewStep],
-    edges: &[(String, String)],
-    actor: &str,
-    now: Millis,
-) -> Result<()> {
-    if steps.is_empty() && edges.is_empty() {
-        return Ok(());
-    }
-    let base_seq: i64 =
-        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM steps WHERE task_uuid = $1")
-            .bind(task_uuid)
-            .fetch_one(&mut *tx)
-            .await?;
-    // 9 parameters per row keeps a chunk of 500 rows far below SQLite's parameter limit.
-    for (c, chunk) in steps.chunks(500).enumerate() {
-        let rows: Vec<String> = (0..chunk.len())
-            .map(|i| {
-                let b = 4 + i * 9;
-                format!(
-                    "(${}, $1, ${}, ${}, $2, ${}, ${}, ${}, ${}, 'pending', ${}, $3, ${}, $4, $4)",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7,
-                    b + 8,
-                    b + 9
-                )
-            })
-            .collect();
-        let sql = format!(
-            "INSERT INTO steps (step_uuid, task_uuid, seq, name, namespace, callable, step_type,
-                definition, inputs, state, max_attempts, priority, timeout_ms, created_at, updated_at)
-             VALUES {}",
-            rows.join(", ")
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql))
-            .bind(task_uuid)
-            .bind(namespace)
-            .bind(priority)
-            .bind(now);
-        for (i, s) in chunk.iter().enumerate() {
-            let d = &s.definition;
-            q = q
-                .bind(&s.uuid)
-                .bind(base_seq + 1 + (c * 500 + i) as i64)
-                .bind(&d.name)
-                .bind(&d.handler.callable)
-                .bind(d.step_type.as_str())
-                .bind(json(d)?)
-                .bind(json(&s.inputs)?)
-                .bind(d.retry.max_attempts as i64)
-                .bind(d.timeout_seconds.map(|t| (t as i64).saturating_mul(1000)));
-        }
-        q.execute(&mut *tx).await?;
-        for s in chunk {
-            j.step_created(&s.uuid, task_uuid, actor, now);
-        }
-    }
-    // Edge names resolve to the new steps first, then to steps the task already has.
-    let mut known: std::collections::HashMap<&str, String> = steps
-        .iter()
-        .map(|s| (s.definition.name.as_str(), s.uuid.clone()))
-        .collect();
-    let missing: Vec<&str> = edges
-        .iter()
-        .flat_map(|(p, c)| [p.as_str(), c.as_str()])
-        .filter(|n| !known.contains_key(n))
-        .collect();
-    for name in missing {
-        let uuid: Option<String> =
-            sqlx::query_scalar("SELECT step_uuid FROM steps WHERE task_uuid = $1 AND name = $2")
-                .bind(task_uuid)
-                .bind(name)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let uuid = uuid.ok_or_else(|| {
-            Error::internal(format!(
-                "an edge names step {name}, which the task does not have"
-            ))
-        })?;
-        known.insert(name, uuid);
-    }
-    for chunk in edges.chunks(1000) {
-        let rows: Vec<String> = (0..chunk.len())
-            .map(|i| format!("($1, ${}, ${})", 2 + 2 * i, 3 + 2 * i))
-            .collect();
-        let sql = format!(
-            "INSERT INTO step_edges (task_uuid, from_step, to_step) VALUES {}",
-            rows.join(", ")
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(task_uuid);
-        for (p, c) in chunk {
-            q = q.bind(&known[p.as_str()]).bind(&known[c.as_str()]);
-        }
-        q.execute(&mut *tx).await?;
-    }
-    Ok(())
-}
-
 /// Moves a step through `events` (checked against the state table), journaling each
 /// transition, and stores the final state.
 #[allow(clippy::too_many_arguments)]
@@ -311,6 +132,24 @@ pub(super) async fn settle(
     let states = settle_many(tx, j, &[task_uuid.to_string()], cause, actor, reason, now).await?;
     Ok(states[0])
 }
+
+/// The statements of a settle run alongside other work: the `pending` steps of the tasks that
+/// `{tasks}` (a subquery) selects whose parents are all satisfied are enqueued (rows tagged
+/// `e`), then those tasks' steps are tallied by state (rows tagged `c`). Parameters: `now`
+/// twice, then one for each of the two copies of `{tasks}`.
+pub(super) const SETTLE: &str =
+    "UPDATE steps SET state = 'enqueued', enqueued_at = ?, updated_at = ?
+     WHERE task_uuid IN ({tasks}) AND state = 'pending'
+       AND NOT EXISTS (
+         SELECT 1 FROM step_edges e JOIN steps p ON p.step_uuid = e.from_step
+         WHERE e.to_step = steps.step_uuid AND p.state NOT IN ('complete', 'resolved_manually'))
+       AND (SELECT state FROM tasks t WHERE t.task_uuid = steps.task_uuid)
+           NOT IN ('complete', 'error', 'cancelled', 'resolved_manually')
+     RETURNING 'e', step_uuid, task_uuid;
+     SELECT 'c', t.task_uuid, t.state, s.state, COUNT(s.step_uuid)
+     FROM tasks t LEFT JOIN steps s ON s.task_uuid = t.task_uuid
+     WHERE t.task_uuid IN ({tasks})
+     GROUP BY t.task_uuid, s.state;\n";
 
 /// Tasks settled per round trip at most.
 const SETTLE_CHUNK: usize = 64;

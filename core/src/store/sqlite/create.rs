@@ -1,0 +1,254 @@
+//! Creating tasks in SQLite. A whole group of creations — identity checks, task rows, steps,
+//! edges, the first settle of each task and the claim of their first steps — costs two or
+//! three round trips to the connection thread, and the statements' texts never change: rows
+//! travel as one JSON array per table, unpacked by `json_each`, so they stay prepared.
+//! Text columns that hold JSON travel as JSON strings (`->>` returns them byte for byte).
+
+use std::collections::HashMap;
+
+use serde_json::{Value, json};
+use sqlx::{AssertSqlSafe, Row, SqliteConnection};
+
+use super::attempts::{claim_statement, claimed_job};
+use super::journal::{Journal, Param, bind_all};
+use super::write::{SETTLE, Tallies, add_count_row, json as to_json, settle_task};
+use crate::clock::Millis;
+use crate::job::StepJob;
+use crate::orchestrator::SettleCause;
+use crate::state::{StepEvent, StepState};
+use crate::store::{ClaimRequest, Created, NewTask};
+use crate::{Error, Result};
+
+const IDENTITIES: &str = "SELECT identity_hash, task_uuid FROM tasks
+     WHERE identity_hash IN (SELECT value FROM json_each(?));\n";
+
+const INSERT_SNAPSHOTS: &str = "INSERT OR IGNORE INTO template_snapshots (content_hash, definition)
+     SELECT value->>0, value->>1 FROM json_each(?);\n";
+
+const INSERT_TASKS: &str = "INSERT INTO tasks (task_uuid, namespace, name, version, template_hash,
+        state, context, initiator, source_system, reason, tags, priority, correlation_id,
+        parent_correlation_id, idempotency_key, identity_hash, created_at, updated_at,
+        state_entered_at)
+     SELECT value->>0, value->>1, value->>2, value->>3, value->>4, 'pending', value->>5,
+        value->>6, value->>7, value->>8, value->>9, value->>10, value->>11, value->>12,
+        value->>13, value->>14, ?, ?, ?
+     FROM json_each(?);\n";
+
+const INSERT_STEPS: &str =
+    "INSERT INTO steps (step_uuid, task_uuid, seq, name, namespace, callable,
+        step_type, definition, inputs, state, max_attempts, priority, timeout_ms, created_at,
+        updated_at)
+     SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6,
+        value->>7, value->>8, 'pending', value->>9, value->>10, value->>11, ?, ?
+     FROM json_each(?);\n";
+
+const INSERT_EDGES: &str = "INSERT INTO step_edges (task_uuid, from_step, to_step)
+     SELECT value->>0, value->>1, value->>2 FROM json_each(?);\n";
+
+/// The tasks a settle in creation looks at: the new ones, listed in a JSON array.
+const NEW_TASKS: &str = "SELECT value FROM json_each(?)";
+
+/// Creates `tasks` (those whose identity exists, or repeats one earlier in the group, come
+/// back as [`Created::Existing`]) and runs `claim`; transitions go into `j`, which the caller
+/// flushes. `prefix` (e.g. `BEGIN IMMEDIATE;`) runs first, in the same round trip.
+pub(super) async fn create_tasks(
+    tx: &mut SqliteConnection,
+    j: &mut Journal,
+    tasks: &[NewTask],
+    actor: &str,
+    claim: Option<&ClaimRequest>,
+    prefix: &str,
+    now: Millis,
+) -> Result<(Vec<Created>, Vec<StepJob>)> {
+    let mut sql = String::from(prefix);
+
+    // Identity: tasks that already exist (read inside the transaction, so it holds).
+    let hashes: Vec<&str> = tasks
+        .iter()
+        .filter_map(|t| t.identity_hash.as_deref())
+        .collect();
+    let mut known: HashMap<String, String> = HashMap::new();
+    if !hashes.is_empty() {
+        sql.push_str(IDENTITIES);
+        let rows = sqlx::query(AssertSqlSafe(std::mem::take(&mut sql)))
+            .bind(to_json(&hashes)?)
+            .fetch_all(&mut *tx)
+            .await?;
+        for r in rows {
+            known.insert(r.try_get(0)?, r.try_get(1)?);
+        }
+    }
+    let mut created = Vec::with_capacity(tasks.len());
+    let mut new: Vec<&NewTask> = Vec::new();
+    for t in tasks {
+        if let Some(h) = &t.identity_hash {
+            if let Some(uuid) = known.get(h) {
+                created.push(Created::Existing {
+                    uuid: uuid.clone(),
+                    by_key: t.identity_from_key,
+                });
+                continue;
+            }
+            // A later creation in this group with the same identity gets this task.
+            known.insert(h.clone(), t.uuid.clone());
+        }
+        created.push(Created::New(t.uuid.clone()));
+        new.push(t);
+    }
+
+    let mut params: Vec<Param> = Vec::new();
+    if !new.is_empty() {
+        let rows = Rows::of(&new)?;
+        sql.push_str(INSERT_SNAPSHOTS);
+        params.push(Param::Text(Some(to_json(&rows.snapshots)?)));
+        sql.push_str(INSERT_TASKS);
+        params.extend([
+            Param::Int(Some(now)),
+            Param::Int(Some(now)),
+            Param::Int(Some(now)),
+        ]);
+        params.push(Param::Text(Some(to_json(&rows.tasks)?)));
+        sql.push_str(INSERT_STEPS);
+        params.extend([Param::Int(Some(now)), Param::Int(Some(now))]);
+        params.push(Param::Text(Some(to_json(&rows.steps)?)));
+        if !rows.edges.is_empty() {
+            sql.push_str(INSERT_EDGES);
+            params.push(Param::Text(Some(to_json(&rows.edges)?)));
+        }
+        let uuids: Vec<&str> = new.iter().map(|t| t.uuid.as_str()).collect();
+        let uuids = to_json(&uuids)?;
+        sql.push_str(&SETTLE.replace("{tasks}", NEW_TASKS));
+        params.extend([
+            Param::Int(Some(now)),
+            Param::Int(Some(now)),
+            Param::Text(Some(uuids.clone())),
+            Param::Text(Some(uuids)),
+        ]);
+    }
+    if let Some(req) = claim
+        && let Some((claim_sql, claim_params)) = claim_statement(req, now, "'j', ")
+    {
+        sql.push_str(&claim_sql);
+        params.extend(claim_params);
+    }
+    if sql.is_empty() {
+        return Ok((created, Vec::new()));
+    }
+    let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), params)
+        .fetch_all(&mut *tx)
+        .await?;
+
+    // The journal in causal order: creations, then enqueues, then claims.
+    for t in &new {
+        j.task_created(&t.uuid, actor, now);
+        for s in &t.steps {
+            j.step_created(&s.uuid, &t.uuid, actor, now);
+        }
+    }
+    let mut tallies = Tallies::new();
+    let mut jobs = Vec::new();
+    for row in &rows {
+        match row.try_get::<String, _>(0)?.as_str() {
+            "e" => {
+                let step: String = row.try_get(1)?;
+                let task: String = row.try_get(2)?;
+                j.step_moves(
+                    &step,
+                    &task,
+                    StepState::Pending,
+                    &[StepEvent::Enqueue],
+                    None,
+                    actor,
+                    None,
+                    now,
+                )?;
+            }
+            "c" => add_count_row(&mut tallies, row, 1)?,
+            "j" => {
+                let req = claim.ok_or_else(|| Error::internal("claim rows without a claim"))?;
+                jobs.push(claimed_job(row, j, req)?);
+            }
+            other => return Err(Error::internal(format!("unexpected row tag {other:?}"))),
+        }
+    }
+    for t in &new {
+        settle_task(j, &tallies, &t.uuid, SettleCause::Start, actor, None, now)?;
+    }
+    Ok((created, jobs))
+}
+
+/// The rows to insert for a group of new tasks, one JSON array per table.
+struct Rows {
+    snapshots: Vec<Value>,
+    tasks: Vec<Value>,
+    steps: Vec<Value>,
+    edges: Vec<Value>,
+}
+
+impl Rows {
+    fn of(new: &[&NewTask]) -> Result<Rows> {
+        let mut rows = Rows {
+            snapshots: Vec::new(),
+            tasks: Vec::with_capacity(new.len()),
+            steps: Vec::new(),
+            edges: Vec::new(),
+        };
+        let mut snapshots: Vec<&str> = Vec::new();
+        for t in new {
+            let tpl = &t.template;
+            let r = &t.request;
+            if !snapshots.contains(&t.template_hash.as_str()) {
+                snapshots.push(&t.template_hash);
+                rows.snapshots
+                    .push(json!([t.template_hash, t.template_json.as_ref()]));
+            }
+            rows.tasks.push(json!([
+                t.uuid,
+                tpl.namespace,
+                tpl.name,
+                tpl.version,
+                t.template_hash,
+                to_json(&r.context)?,
+                r.initiator,
+                r.source_system,
+                r.reason,
+                to_json(&r.tags)?,
+                r.priority,
+                t.correlation_id,
+                r.parent_correlation_id,
+                r.idempotency_key,
+                t.identity_hash,
+            ]));
+            let mut uuids: HashMap<&str, &str> = HashMap::with_capacity(t.steps.len());
+            for (i, s) in t.steps.iter().enumerate() {
+                let d = &s.definition;
+                uuids.insert(d.name.as_str(), s.uuid.as_str());
+                rows.steps.push(json!([
+                    s.uuid,
+                    t.uuid,
+                    i + 1,
+                    d.name,
+                    tpl.namespace,
+                    d.handler.callable,
+                    d.step_type.as_str(),
+                    to_json(d)?,
+                    to_json(&s.inputs)?,
+                    d.retry.max_attempts,
+                    r.priority,
+                    d.timeout_seconds.map(|t| (t as i64).saturating_mul(1000)),
+                ]));
+            }
+            for (parent, child) in &t.edges {
+                let (Some(p), Some(c)) = (uuids.get(parent.as_str()), uuids.get(child.as_str()))
+                else {
+                    return Err(Error::internal(format!(
+                        "task {} has an edge {parent} -> {child} between steps it does not create",
+                        t.uuid
+                    )));
+                };
+                rows.edges.push(json!([t.uuid, p, c]));
+            }
+        }
+        Ok(rows)
+    }
+}
