@@ -34,6 +34,7 @@ steps:
 "#;
 
 struct Args {
+    runtimes: Vec<Flavor>,
     latency_tasks: usize,
     warmup: usize,
     throughput_tasks: usize,
@@ -41,6 +42,7 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
+        runtimes: vec![Flavor::Multi, Flavor::Current],
         latency_tasks: 200,
         warmup: 20,
         throughput_tasks: 1000,
@@ -56,9 +58,17 @@ fn parse_args() -> Result<Args, String> {
             "--latency-tasks" => a.latency_tasks = value("--latency-tasks")?.max(1),
             "--warmup" => a.warmup = value("--warmup")?,
             "--throughput-tasks" => a.throughput_tasks = value("--throughput-tasks")?.max(1),
+            "--runtime" => {
+                a.runtimes = match it.next().as_deref() {
+                    Some("multi") => vec![Flavor::Multi],
+                    Some("current") => vec![Flavor::Current],
+                    Some("both") => vec![Flavor::Multi, Flavor::Current],
+                    _ => return Err("--runtime takes multi, current or both".into()),
+                }
+            }
             "-h" | "--help" => {
                 return Err(
-                    "usage: tasker-bench [--latency-tasks N] [--warmup N] [--throughput-tasks N]"
+                    "usage: tasker-bench [--runtime multi|current|both] [--latency-tasks N] [--warmup N] [--throughput-tasks N]"
                         .into(),
                 );
             }
@@ -258,29 +268,44 @@ async fn store_ops(dir: &std::path::Path) -> tasker_core::Result<()> {
     Ok(())
 }
 
-fn main() {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
+/// The tokio runtime the engine runs in: the embedding application's choice.
+#[derive(Clone, Copy, PartialEq)]
+enum Flavor {
+    /// Worker threads, one per core (`#[tokio::main]`'s default; `tasker-ctl` uses it).
+    Multi,
+    /// Everything on one thread (`#[tokio::main(flavor = "current_thread")]`).
+    Current,
+}
+
+impl Flavor {
+    fn name(self) -> &'static str {
+        match self {
+            Flavor::Multi => "multi-thread",
+            Flavor::Current => "current-thread",
         }
+    }
+}
+
+fn run(flavor: Flavor, args: &Args, store_ops_too: bool) -> tasker_core::Result<()> {
+    let mut builder = match flavor {
+        Flavor::Multi => tokio::runtime::Builder::new_multi_thread(),
+        Flavor::Current => tokio::runtime::Builder::new_current_thread(),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let result: tasker_core::Result<()> = rt.block_on(async {
+    let rt = builder.enable_all().build().expect("tokio runtime");
+    rt.block_on(async {
         let dir = tempfile::tempdir().map_err(|e| tasker_core::Error::internal(e.to_string()))?;
         let tasker = engine(dir.path()).await?;
         println!(
-            "embedded SQLite (WAL, synchronous={}), in-process Rust handlers, {} cores",
+            "embedded SQLite (WAL, synchronous={}), in-process Rust handlers, {} cores, {} tokio runtime",
             std::env::var("TASKER_SQLITE_SYNC").unwrap_or_else(|_| "normal".into()),
             std::thread::available_parallelism()
                 .map(|n| n.get())
-                .unwrap_or(1)
+                .unwrap_or(1),
+            flavor.name(),
         );
-        store_ops(dir.path()).await?;
+        if store_ops_too {
+            store_ops(dir.path()).await?;
+        }
         latency(
             &tasker,
             "linear_add",
@@ -300,9 +325,24 @@ fn main() {
         throughput(&tasker, args.throughput_tasks).await?;
         tasker.close();
         Ok(())
-    });
-    if let Err(e) = result {
-        eprintln!("benchmark failed: {e}");
-        std::process::exit(1);
+    })
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    for (i, flavor) in args.runtimes.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        if let Err(e) = run(*flavor, &args, i == 0) {
+            eprintln!("benchmark failed: {e}");
+            std::process::exit(1);
+        }
     }
 }
