@@ -251,6 +251,7 @@ async fn store_ops(dir: &std::path::Path) -> tasker_core::Result<()> {
                     metadata: json!(null),
                 },
                 started_at: Some(j.started_at),
+                expansion: None,
             })
             .collect();
         let t2 = Instant::now();

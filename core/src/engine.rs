@@ -54,6 +54,8 @@ pub(crate) struct Inner {
     /// Callables served by dispatch-port workers of this process.
     pub(crate) port_callables: RwLock<HashMap<String, usize>>,
     pub(crate) schemas: Mutex<HashMap<String, Arc<CompiledSchema>>>,
+    /// Template snapshots that tasks run, by content hash (immutable, so kept).
+    pub(crate) snapshots: Mutex<HashMap<String, Arc<TaskTemplate>>>,
     /// Templates recently read for task creation, by (namespace, name, version asked for).
     pub(crate) templates: Mutex<HashMap<TemplateKey, (Arc<PreparedTemplate>, std::time::Instant)>>,
     /// Bumped whenever steps may have become claimable.
@@ -156,6 +158,7 @@ impl Tasker {
             handlers: RwLock::new(HashMap::new()),
             port_callables: RwLock::new(HashMap::new()),
             schemas: Mutex::new(HashMap::new()),
+            snapshots: Mutex::new(HashMap::new()),
             templates: Mutex::new(HashMap::new()),
             work: watch::Sender::new(0),
             sweep: Notify::new(),
@@ -588,6 +591,26 @@ impl Inner {
             })?);
         cache.insert(key, compiled.clone());
         Ok(compiled)
+    }
+
+    /// The template snapshot with content hash `hash`, from the store the first time.
+    pub(crate) async fn snapshot(&self, hash: &str) -> Result<Arc<TaskTemplate>> {
+        if let Some(t) = self
+            .snapshots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(hash)
+        {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(self.store.template_snapshot(hash).await?);
+        let mut cache = self.snapshots.lock().unwrap_or_else(|e| e.into_inner());
+        // Snapshots are few; a process that somehow meets thousands starts the cache over.
+        if cache.len() >= 1024 {
+            cache.clear();
+        }
+        cache.insert(hash.to_string(), t.clone());
+        Ok(t)
     }
 
     fn watch(&self, uuid: &str) -> watch::Receiver<TaskState> {

@@ -175,6 +175,37 @@ impl StepOutcome {
         Self::failure(message, ErrorType::RetryableError)
     }
 
+    /// A decision step's outcome (SPEC §6): create the steps named (and what follows them in
+    /// the decision's branches). `routing_context` (anything but `null`) is kept in the result
+    /// for dependents and operators.
+    pub fn decision_success<S: Into<String>>(
+        step_names: impl IntoIterator<Item = S>,
+        routing_context: Value,
+    ) -> Self {
+        let names: Vec<String> = step_names.into_iter().map(Into::into).collect();
+        let mut result = serde_json::json!({
+            "decision_point_outcome": { "type": "create_steps", "step_names": names }
+        });
+        if !routing_context.is_null() {
+            result["routing_context"] = routing_context;
+        }
+        Self::success(result)
+    }
+
+    /// A decision step's outcome that creates no branch.
+    pub fn skip_branches(reason: impl Into<String>) -> Self {
+        Self::success(serde_json::json!({
+            "decision_point_outcome": { "type": "no_branches" },
+            "reason": reason.into(),
+        }))
+    }
+
+    /// A decision that could not be made: fails the decision step permanently
+    /// (`decision_error`).
+    pub fn decision_failure(message: impl Into<String>) -> Self {
+        Self::failure(message, ErrorType::DecisionError).with_retryable(false)
+    }
+
     /// A checkpoint yield.
     pub fn checkpoint_yield(cursor: Value, items_processed: u64, accumulated: Value) -> Self {
         StepOutcome::Checkpoint(Checkpoint {
@@ -255,6 +286,8 @@ pub struct StepJob {
     pub task_name: String,
     /// Template version.
     pub task_version: String,
+    /// Content hash of the template snapshot the task runs.
+    pub template_hash: String,
     /// The task's correlation id.
     pub correlation_id: String,
     /// The step's definition (handler, retry policy, timeout...).

@@ -2,6 +2,9 @@
 //! how a task moves after a change, when a failed attempt is retried, how a task request
 //! becomes a task.
 
+mod decision;
+
+pub use decision::{DecisionOutcome, MAX_DECISION_STEPS, plan_decision};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -369,7 +372,7 @@ pub fn plan_prepared(
 }
 
 /// Templates with dynamic steps load and register (the loader accepts the whole format), but
-/// this engine does not yet create decision branches, batch workers or child workflows. Running
+/// this engine does not yet create batch workers or child workflows. Running
 /// one would end "complete" without the steps its author meant to run, so creation refuses it.
 fn refuse_dynamic_steps(template: &TaskTemplate) -> Result<()> {
     let dynamic: Vec<String> = template
@@ -378,10 +381,7 @@ fn refuse_dynamic_steps(template: &TaskTemplate) -> Result<()> {
         .filter(|s| {
             matches!(
                 s.step_type,
-                StepType::Decision
-                    | StepType::Batchable
-                    | StepType::BatchWorker
-                    | StepType::Workflow
+                StepType::Batchable | StepType::BatchWorker | StepType::Workflow
             )
         })
         .map(|s| format!("{} ({})", s.name, s.step_type.as_str()))
@@ -392,8 +392,8 @@ fn refuse_dynamic_steps(template: &TaskTemplate) -> Result<()> {
     Err(Error::new(
         ErrorKind::Validation,
         format!(
-            "template {} has steps of a kind this engine cannot run yet: {}; decision points, \
-             batch processing and workflow steps are not supported in this version",
+            "template {} has steps of a kind this engine cannot run yet: {}; batch processing and \
+             workflow steps are not supported in this version",
             template.key(),
             dynamic.join(", ")
         ),

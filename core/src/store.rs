@@ -155,6 +155,20 @@ pub struct AttemptResult {
     pub resolution: Resolution,
     /// Start of the attempt's handler run, as measured by the worker.
     pub started_at: Option<Millis>,
+    /// Steps the result creates in its task (a decision's branches), applied in the same
+    /// transaction, and only if the result is.
+    pub expansion: Option<Expansion>,
+}
+
+/// Steps a result adds to its task.
+#[derive(Debug, Clone, Default)]
+pub struct Expansion {
+    /// The steps to create; one whose name the task already has is left as it is.
+    pub steps: Vec<NewStep>,
+    /// `(parent name, child name)` edges. An edge is added when both steps exist (after the
+    /// new ones are in) and the child has not started yet (`pending`); others are dropped, so
+    /// a step waits only for dependencies that exist.
+    pub edges: Vec<(String, String)>,
 }
 
 /// Whether a completion was applied.
@@ -263,6 +277,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<TaskTemplate>;
     /// Every registered template.
     async fn list_templates(&self) -> Result<Vec<TaskTemplate>>;
+    /// The template snapshot a task runs, by content hash.
+    async fn template_snapshot(&self, hash: &str) -> Result<TaskTemplate>;
     /// Inserts a task with its steps, starts it and enqueues its first steps — or returns the
     /// existing task with the same identity.
     async fn create_task(&self, task: &NewTask, actor: &str, now: Millis) -> Result<Created>;

@@ -18,8 +18,9 @@ use crate::Result;
 use crate::clock::Millis;
 use crate::engine::Inner;
 use crate::job::{ErrorType, StepFailure, StepJob, StepOutcome};
-use crate::orchestrator::{decide_failure, resolve_outcome};
+use crate::orchestrator::{decide_failure, plan_decision, resolve_outcome};
 use crate::store::{AttemptResult, CallableFilter, ClaimRequest, Completion, Expiry, Resolution};
+use crate::template::StepType;
 
 /// A finished attempt on its way to the completer.
 pub(crate) struct Finished {
@@ -52,7 +53,7 @@ pub(crate) fn spawn_completer(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver
 
 async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
     let now = inner.clock.now();
-    let results: Vec<AttemptResult> = batch
+    let mut results: Vec<AttemptResult> = batch
         .iter_mut()
         .map(|f| {
             // The outcome is consumed here; results can be large, so it is moved, not cloned.
@@ -76,9 +77,15 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
                     now,
                 ),
                 started_at: Some(f.job.started_at),
+                expansion: None,
             }
         })
         .collect();
+    for (f, r) in batch.iter().zip(results.iter_mut()) {
+        if f.job.definition.step_type == StepType::Decision {
+            plan_step_creation(inner, &f.job, r, now).await;
+        }
+    }
     // Claim ahead: take the permits for Rust handlers now, so the steps these results make
     // ready are claimed in the same transaction and start without waking the worker loop.
     let mut ahead = claim_ahead(inner);
@@ -159,6 +166,35 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
                     let _ = reply.send(Err(e.clone()));
                 }
             }
+        }
+    }
+}
+
+/// A successful decision's result gets the steps it creates, or becomes the permanent
+/// `decision_error` its outcome deserves. When the task's template cannot be read, the attempt
+/// fails as retryable and the decision runs again.
+async fn plan_step_creation(inner: &Inner, job: &StepJob, r: &mut AttemptResult, now: Millis) {
+    let Resolution::Succeeded { result, .. } = &r.resolution else {
+        return;
+    };
+    let planned = match inner.snapshot(&job.template_hash).await {
+        Ok(template) => plan_decision(&template, &job.step_name, result),
+        Err(e) => Err(Box::new(StepFailure::new(
+            ErrorType::HandlerError,
+            format!("cannot read the task's template to apply the decision: {e}"),
+        ))),
+    };
+    match planned {
+        Ok(expansion) if expansion.steps.is_empty() => {}
+        Ok(expansion) => r.expansion = Some(expansion),
+        Err(failure) => {
+            r.resolution = decide_failure(
+                &job.definition.retry,
+                job.attempt,
+                *failure,
+                now,
+                fastrand::f64(),
+            )
         }
     }
 }
@@ -511,6 +547,7 @@ pub(crate) async fn sweep_once(inner: &Inner) -> Result<()> {
                         fastrand::f64(),
                     ),
                     started_at: None,
+                    expansion: None,
                 }
             })
             .collect();

@@ -959,15 +959,14 @@ namespace_name: eng
 version: "1.0.0"
 steps:
   - { name: start, handler: { callable: ok } }
-  - { name: route, type: decision, dependencies: [start], handler: { callable: ok } }
-  - { name: branch, dependencies: [route], handler: { callable: ok } }
+  - { name: child, type: workflow, dependencies: [start], handler: { callable: ok, initialization: { task_template: other } } }
 "#,
     )
     .await;
     let e = t.create_task(req("routed", json!({}))).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::Validation, "{e}");
     assert!(
-        e.message.contains("route (decision)") && e.message.contains("not supported"),
+        e.message.contains("child (workflow)") && e.message.contains("not supported"),
         "{e}"
     );
     assert!(t.list_tasks(&Default::default()).await.unwrap().is_empty());

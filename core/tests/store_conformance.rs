@@ -160,6 +160,7 @@ fn result(job: &StepJob, worker: Option<&str>, resolution: Resolution) -> Attemp
         expiry: None,
         resolution,
         started_at: Some(job.started_at),
+        expansion: None,
     }
 }
 
@@ -545,6 +546,86 @@ async fn group_finish_reports_each_result_and_claims_what_became_ready(db: Db) {
         StepState::Error
     );
     assert_eq!(s.rejected_completions(&t1).await.unwrap().len(), 1);
+}
+
+/// A result's expansion goes in with the result, only if the result applies; steps the task
+/// already has are left alone, and edges reach only steps that exist and have not started.
+async fn expansion_creates_steps_with_the_result(db: Db) {
+    let s = db.store();
+    let t = template(
+        r#"
+name: routed
+namespace_name: conf
+version: "1.0.0"
+steps:
+  - { name: start, handler: { callable: work } }
+  - { name: route, type: decision, dependencies: [start], handler: { callable: work } }
+  - { name: yes, dependencies: [route], handler: { callable: work } }
+  - { name: no, dependencies: [route], handler: { callable: work } }
+  - { name: join, type: deferred_convergence, dependencies: [yes, no], handler: { callable: work } }
+"#,
+    );
+    s.put_template(&t, false, T0).await.unwrap();
+    let task = create(s, &t, json!({}), T0).await;
+    assert_eq!(s.get_task(&task).await.unwrap().steps.len(), 2);
+    let start = claim_one(s, "w1", T0).await;
+    finish_one(s, result(&start, Some("w1"), success(json!({}))), T0).await;
+    let job = claim_one(s, "w1", T0).await;
+    assert_eq!(job.step_name, "route");
+    let outcome =
+        json!({"decision_point_outcome": {"type": "create_steps", "step_names": ["yes"]}});
+    let expansion = tasker_core::orchestrator::plan_decision(&t, "route", &outcome).unwrap();
+    // A stale copy of the result with the same expansion: rejected, creates nothing.
+    let mut stale = result(&job, Some("w1"), success(outcome.clone()));
+    stale.attempt += 1;
+    stale.expansion = Some(expansion.clone());
+    let (reports, _) = s
+        .finish_and_claim(&[stale], ORCH, &claim_req("w1", &[], any(), 4), T0 + 1)
+        .await
+        .unwrap();
+    assert!(matches!(reports[0].completion, Completion::Rejected(_)));
+    assert_eq!(s.get_task(&task).await.unwrap().steps.len(), 2);
+
+    let mut r = result(&job, Some("w1"), success(outcome));
+    r.expansion = Some(expansion.clone());
+    let (reports, jobs) = s
+        .finish_and_claim(&[r], ORCH, &claim_req("w1", &[], any(), 4), T0 + 2)
+        .await
+        .unwrap();
+    assert_eq!(reports[0].completion, Completion::Accepted);
+    assert_eq!(reports[0].task_state, Some(TaskState::StepsInProcess));
+    let names: Vec<&str> = jobs.iter().map(|j| j.step_name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["yes"],
+        "the new step is claimed in the same transaction"
+    );
+    let view = s.get_task(&task).await.unwrap();
+    let mut steps: Vec<&str> = view.steps.iter().map(|s| s.name.as_str()).collect();
+    steps.sort();
+    assert_eq!(steps, ["join", "route", "start", "yes"]);
+    assert_eq!(view.step("join").unwrap().dependencies, ["yes"]);
+    assert_eq!(view.step("yes").unwrap().dependencies, ["route"]);
+    let created: Vec<(String, String)> = s
+        .step_transitions(&task, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.event == "create")
+        .map(|t| (t.step_name.unwrap(), t.actor))
+        .collect();
+    assert_eq!(created.len(), 4, "{created:?}");
+
+    // A result carrying the same expansion again: nothing doubles.
+    let mut r = result(&jobs[0], Some("w1"), success(json!({})));
+    r.expansion = Some(expansion);
+    finish_one(s, r, T0 + 4).await;
+    let view = s.get_task(&task).await.unwrap();
+    assert_eq!(view.steps.len(), 4);
+    assert_eq!(view.step("join").unwrap().dependencies, ["yes"]);
+    let join = claim_one(s, "w1", T0 + 5).await;
+    assert_eq!(join.step_name, "join");
+    assert_eq!(join.dependency_results.get("yes"), Some(&json!({})));
 }
 
 async fn create_keyed(s: &Arc<dyn Store>, t: &TaskTemplate, ctx: Value, key: &str) -> String {
@@ -980,6 +1061,7 @@ async fn late_attempt_is_fenced_while_its_successor_runs(db: Db) {
             next_attempt_at: T0 + LEASE + 1,
         },
         started_at: None,
+        expansion: None,
     };
     let (c, _) = finish_one(s, lost, T0 + LEASE + 1).await;
     assert_eq!(c, Completion::Accepted);
@@ -1035,6 +1117,7 @@ async fn engine_expiry_is_rejected_when_the_lease_was_renewed(db: Db) {
         worker_id: None,
         expiry: Some(Expiry::LeaseExpired),
         started_at: None,
+        expansion: None,
         ..result(
             job,
             None,
@@ -1582,6 +1665,7 @@ macro_rules! all_tests {
                 identity_duplicates_return_existing,
                 group_creation_resolves_identities_within_the_group,
                 group_finish_reports_each_result_and_claims_what_became_ready,
+                expansion_creates_steps_with_the_result,
                 claim_respects_namespaces_and_callables,
                 claim_sets_attempt_lease_and_timeout,
                 claim_orders_by_priority_then_enqueued_at_and_limits,

@@ -29,7 +29,7 @@ pub const OVERFLOW: &str = "KIT_OVERFLOW";
 pub const INJECTED: &str = "KIT_INJECTED_FAILURE";
 
 /// Every callable the kit provides.
-pub const CALLABLES: [&str; 8] = [
+pub const CALLABLES: [&str; 9] = [
     "kit.square",
     "kit.sum_parents",
     "kit.multiply_parents",
@@ -38,6 +38,7 @@ pub const CALLABLES: [&str; 8] = [
     "kit.fail_always",
     "kit.record",
     "kit.echo",
+    "kit.decide",
 ];
 
 /// task uuid -> step names, one entry per handler invocation, in invocation order.
@@ -104,6 +105,7 @@ async fn run(callable: &str, ctx: &StepContext, execution: usize) -> KitResult {
         "kit.fail_always" => Err(failure(ctx, "kit.fail_always: failing as configured")),
         "kit.record" => Ok(json!({ "recorded": true, "execution": execution })),
         "kit.echo" => Ok(echo(ctx)),
+        "kit.decide" => decide(ctx),
         other => Err(Box::new(StepOutcome::failure(
             format!(
                 "`{other}` is not a kit callable (known: {})",
@@ -200,6 +202,52 @@ fn fail(ctx: &StepContext, execution: usize) -> KitResult {
     } else {
         Ok(json!({ "attempt": ctx.attempts(), "execution": execution }))
     }
+}
+
+/// `kit.decide`: a decision on the number at context field `field`. `routes` is a list of
+/// `{below: N, steps: [...]}` tried in order (a route without `below` always matches); the
+/// first route whose `below` is greater than the value names the steps to create. A route
+/// with `steps: []` creates nothing (`no_branches`). No matching route is a
+/// `decision_failure`.
+fn decide(ctx: &StepContext) -> KitResult {
+    let field = ctx
+        .get_config("field")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad_input("kit.decide needs `field`".into()))?;
+    let value = ctx
+        .get_input(field)
+        .and_then(Value::as_f64)
+        .ok_or_else(|| bad_input(format!("kit.decide: context `{field}` is not a number")))?;
+    let routes = ctx
+        .get_config("routes")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad_input("kit.decide needs `routes`".into()))?;
+    for route in routes {
+        let matches = match route.get("below") {
+            None => true,
+            Some(b) => b.as_f64().is_some_and(|b| value < b),
+        };
+        if !matches {
+            continue;
+        }
+        let steps: Vec<&str> = route
+            .get("steps")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let outcome = if steps.is_empty() {
+            StepOutcome::skip_branches(format!("{field} = {value}: no route creates steps"))
+        } else {
+            StepOutcome::decision_success(steps, json!({ field: value }))
+        };
+        return match outcome {
+            StepOutcome::Success { result, .. } => Ok(result),
+            other => Err(Box::new(other)),
+        };
+    }
+    Err(Box::new(StepOutcome::decision_failure(format!(
+        "kit.decide: no route for {field} = {value}"
+    ))))
 }
 
 /// `kit.echo`: returns `initialization.result` (default `{}`) as the step's result.

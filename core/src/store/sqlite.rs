@@ -275,6 +275,10 @@ impl Store for SqliteStore {
         read::list_templates(&self.reader).await
     }
 
+    async fn template_snapshot(&self, hash: &str) -> Result<TaskTemplate> {
+        read::template_snapshot(&self.reader, hash).await
+    }
+
     async fn create_task(&self, task: &NewTask, actor: &str, now: Millis) -> Result<Created> {
         let (mut created, _) = self
             .create_with(std::slice::from_ref(task), actor, None, now)

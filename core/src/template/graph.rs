@@ -150,6 +150,49 @@ impl TaskTemplate {
             .collect()
     }
 
+    /// The steps a decision may name (SPEC §6): everything reachable from `decision` through
+    /// child edges, not going past nested decisions (which are included) and leaving out batch
+    /// workers (only their analyzer creates them). Declaration order; empty for an unknown step.
+    pub fn decision_subgraph(&self, decision: &str) -> Vec<String> {
+        let Some(root) = self.steps.iter().position(|s| s.name == decision) else {
+            return Vec::new();
+        };
+        let graph = Graph::new(self);
+        self.names(&self.decision_walk(&graph, &graph.children[root]))
+    }
+
+    /// What a decision that requests `requested` (names inside its sub-graph) creates: those
+    /// steps and their descendants, stopping at nested decisions and batch workers as
+    /// [`TaskTemplate::decision_subgraph`] does. Declaration order.
+    pub fn decision_creates(&self, requested: &[String]) -> Vec<String> {
+        let graph = Graph::new(self);
+        let roots: Vec<usize> = requested
+            .iter()
+            .filter_map(|n| self.steps.iter().position(|s| &s.name == n))
+            .collect();
+        self.names(&self.decision_walk(&graph, &roots))
+    }
+
+    /// `roots` and what they reach, expanding only through steps that are not decisions and
+    /// never entering batch workers.
+    fn decision_walk(&self, graph: &Graph, roots: &[usize]) -> BTreeSet<usize> {
+        let mut seen = BTreeSet::new();
+        let mut pending: Vec<usize> = roots.to_vec();
+        while let Some(i) = pending.pop() {
+            if self.steps[i].step_type == StepType::BatchWorker || !seen.insert(i) {
+                continue;
+            }
+            if self.steps[i].step_type != StepType::Decision {
+                pending.extend(&graph.children[i]);
+            }
+        }
+        seen
+    }
+
+    fn names(&self, set: &BTreeSet<usize>) -> Vec<String> {
+        set.iter().map(|&i| self.steps[i].name.clone()).collect()
+    }
+
     /// The transitive children of `step` (not `step` itself), in declaration order; empty for
     /// an unknown step.
     pub fn descendants(&self, step: &str) -> Vec<String> {

@@ -96,6 +96,19 @@ fn compare_step(
     diffs: &mut Vec<String>,
 ) {
     let at = format!("step {name}");
+    if let Some(deps) = &e.dependencies {
+        let mut want: Vec<&str> = deps.iter().map(String::as_str).collect();
+        let mut found: Vec<&str> = step.dependencies.iter().map(String::as_str).collect();
+        want.sort_unstable();
+        found.sort_unstable();
+        if want != found {
+            diffs.push(format!(
+                "{at}: expected dependencies [{}], found [{}]",
+                want.join(", "),
+                found.join(", ")
+            ));
+        }
+    }
     if let Some(state) = e.state
         && step.state != state
     {
@@ -160,6 +173,31 @@ fn compare_step(
                 err.message
             ));
         }
+    }
+}
+
+/// The difference between the steps created with the task (their `create` transitions before
+/// the task's first other step transition) and `expected`.
+pub fn compare_created_steps(
+    expected: &[String],
+    audit: &[tasker_core::Transition],
+) -> Vec<String> {
+    let mut found: Vec<&str> = audit
+        .iter()
+        .take_while(|t| t.event == "create")
+        .filter_map(|t| t.step_name.as_deref())
+        .collect();
+    found.sort_unstable();
+    let mut want: Vec<&str> = expected.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    if found == want {
+        Vec::new()
+    } else {
+        vec![format!(
+            "created_steps: expected [{}], created with the task: [{}]",
+            want.join(", "),
+            found.join(", ")
+        )]
     }
 }
 

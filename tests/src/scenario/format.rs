@@ -204,6 +204,10 @@ pub struct Expect {
     /// The exact number of steps of the task.
     #[serde(default)]
     pub step_count: Option<usize>,
+    /// Exactly the steps created with the task, before any step ran (the others come from
+    /// decisions); read from the audit trail, any order.
+    #[serde(default)]
+    pub created_steps: Option<Vec<String>>,
     /// How many times each named step's kit handler ran.
     #[serde(default)]
     pub executions: BTreeMap<String, usize>,
@@ -240,6 +244,10 @@ pub struct StepExpect {
     /// Substrings its last error's message must contain.
     #[serde(default)]
     pub error_contains: Vec<String>,
+    /// Exactly these dependencies (names, any order): for steps a decision created, the
+    /// dependencies that exist.
+    #[serde(default)]
+    pub dependencies: Option<Vec<String>>,
 }
 
 /// An expected creation failure.

@@ -11,7 +11,7 @@ use tasker_core::template::parse_str;
 use tasker_core::{Config, OpenOptions, Task, TaskRequest, TaskState, Tasker};
 use tokio::time::Instant;
 
-use super::compare::compare_task;
+use super::compare::{compare_created_steps, compare_task};
 use super::format::{Action, ActionKind, CreateError, CreateOptions, Scenario, When};
 
 /// How often the runner looks at the task while it waits for an action's condition. Short,
@@ -231,6 +231,13 @@ impl Runner {
         out.diffs.extend(compare_task(&s.expect, &task, |step| {
             crate::kit::executions(&task.uuid, step)
         }));
+        if let Some(expected) = &s.expect.created_steps {
+            let audit = tasker
+                .step_transitions(&task.uuid, None)
+                .await
+                .map_err(|e| format!("cannot read the audit trail: {e}"))?;
+            out.diffs.extend(compare_created_steps(expected, &audit));
+        }
         out.task = Some(task);
         Ok(())
     }

@@ -92,7 +92,7 @@ pub(super) fn claim_statement(
          RETURNING {tag}step_uuid, task_uuid, name, attempts, definition, inputs, checkpoint,
             timeout_at, started_at,
             namespace,
-            (SELECT json_array(name, version, correlation_id, json(context))
+            (SELECT json_array(name, version, correlation_id, json(context), template_hash)
              FROM tasks t WHERE t.task_uuid = steps.task_uuid) AS task,
             (WITH RECURSIVE anc(id) AS (
                 SELECT from_step FROM step_edges WHERE to_step = steps.step_uuid
@@ -121,8 +121,13 @@ pub(super) fn claimed_job(row: &SqliteRow, j: &mut Journal, req: &ClaimRequest) 
         None,
         started_at,
     )?;
-    let (task_name, task_version, correlation_id, context): (String, String, String, Value) =
-        decode(&row.try_get::<String, _>("task")?)?;
+    let (task_name, task_version, correlation_id, context, template_hash): (
+        String,
+        String,
+        String,
+        Value,
+        String,
+    ) = decode(&row.try_get::<String, _>("task")?)?;
     let definition: StepDefinition = decode(&row.try_get::<String, _>("definition")?)?;
     let inputs: Map<String, Value> = decode(&row.try_get::<String, _>("inputs")?)?;
     let checkpoint: Option<String> = row.try_get("checkpoint")?;
@@ -137,6 +142,7 @@ pub(super) fn claimed_job(row: &SqliteRow, j: &mut Journal, req: &ClaimRequest) 
         namespace: row.try_get("namespace")?,
         task_name,
         task_version,
+        template_hash,
         correlation_id,
         definition,
         context,

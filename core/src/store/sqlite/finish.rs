@@ -9,6 +9,7 @@
 //! trips, not SQLite's own work, are the hot path's cost (see `journal.rs`), which is why the
 //! statements travel together and their rows are told apart by a leading tag column.
 
+use sqlx::sqlite::SqliteRow;
 use sqlx::{AssertSqlSafe, Row, SqliteConnection};
 
 use super::attempts::{
@@ -77,6 +78,58 @@ pub(super) async fn finish(
             None => params.extend((0..FINISH_PARAMS).map(|_| Param::Int(None))),
         }
     }
+    // A result that creates steps needs to know whether it applied before its steps go in:
+    // the updates go first, in a round trip of their own (decisions and batches only).
+    let mut applied: Vec<Option<String>> = vec![None; results.len()];
+    let mut rows = Rows {
+        results,
+        targets: &targets,
+        applied: &mut applied,
+        tallies: Tallies::new(),
+        jobs: Vec::new(),
+        claim,
+        actor,
+        now,
+    };
+    if results.iter().any(|r| r.expansion.is_some()) {
+        let found = bind_all(sqlx::query(AssertSqlSafe(std::mem::take(&mut sql))), params)
+            .fetch_all(&mut *tx)
+            .await?;
+        rows.absorb(j, &found)?;
+        params = Vec::new();
+        let mut new_steps = Vec::new();
+        let mut new_edges = Vec::new();
+        for (r, task) in results.iter().zip(rows.applied.iter()) {
+            if let (Some(x), Some(task)) = (&r.expansion, task) {
+                for st in &x.steps {
+                    let d = &st.definition;
+                    new_steps.push(serde_json::json!([
+                        st.uuid,
+                        task,
+                        d.name,
+                        d.handler.callable,
+                        d.step_type.as_str(),
+                        json(d)?,
+                        json(&st.inputs)?,
+                        d.retry.max_attempts,
+                        d.timeout_seconds.map(|t| (t as i64).saturating_mul(1000)),
+                    ]));
+                }
+                for (p, c) in &x.edges {
+                    new_edges.push(serde_json::json!([task, p, c]));
+                }
+            }
+        }
+        if !new_steps.is_empty() {
+            sql.push_str(INSERT_STEPS);
+            params.extend([Param::Int(Some(now)), Param::Int(Some(now))]);
+            params.push(Param::Text(Some(json(&new_steps)?)));
+        }
+        if !new_edges.is_empty() {
+            sql.push_str(INSERT_EDGES);
+            params.push(Param::Text(Some(json(&new_edges)?)));
+        }
+    }
     if slots > 0 {
         sql.push_str(&SETTLE.replace("{tasks}", RESULT_TASKS));
         let steps: Vec<&str> = results.iter().map(|r| r.step_uuid.as_str()).collect();
@@ -94,61 +147,11 @@ pub(super) async fn finish(
         sql.push_str(&claim_sql);
         params.extend(claim_params);
     }
-    let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), params)
+    let found = bind_all(sqlx::query(AssertSqlSafe(sql)), params)
         .fetch_all(&mut *tx)
         .await?;
-
-    // Rows come in statement order: applied results, enqueued steps, tallies, claimed jobs;
-    // journaling them in that order keeps the audit trail in causal order.
-    let mut applied: Vec<Option<String>> = vec![None; results.len()];
-    let mut tallies = Tallies::new();
-    let mut jobs = Vec::new();
-    for row in &rows {
-        let tag: String = row.try_get(0)?;
-        match tag.as_str() {
-            "f" => {
-                let i = row.try_get::<i64, _>(1)? as usize;
-                let task_uuid: String = row.try_get(2)?;
-                let (Some(r), Some(events)) = (results.get(i), targets.get(i)) else {
-                    return Err(Error::internal(format!(
-                        "finish returned unknown result {i}"
-                    )));
-                };
-                let (events, reason) = events;
-                j.step_moves(
-                    &r.step_uuid,
-                    &task_uuid,
-                    StepState::InProgress,
-                    events,
-                    Some(r.attempt),
-                    r.worker_id.as_deref().unwrap_or(actor),
-                    reason.as_deref(),
-                    now,
-                )?;
-                applied[i] = Some(task_uuid);
-            }
-            "e" => {
-                let step: String = row.try_get(1)?;
-                let task: String = row.try_get(2)?;
-                j.step_moves(
-                    &step,
-                    &task,
-                    StepState::Pending,
-                    &[StepEvent::Enqueue],
-                    None,
-                    actor,
-                    None,
-                    now,
-                )?;
-            }
-            "c" => add_count_row(&mut tallies, row, 1)?,
-            "j" => {
-                let req = claim.ok_or_else(|| Error::internal("claim rows without a claim"))?;
-                jobs.push(claimed_job(row, j, req)?);
-            }
-            other => return Err(Error::internal(format!("unexpected row tag {other:?}"))),
-        }
-    }
+    rows.absorb(j, &found)?;
+    let Rows { tallies, jobs, .. } = rows;
 
     // Each task with an applied result moves on; its state goes into every report of it.
     let mut settled: Vec<(String, crate::state::TaskState)> = Vec::new();
@@ -182,6 +185,104 @@ pub(super) async fn finish(
         });
     }
     Ok((reports, jobs))
+}
+
+/// Steps a result creates: inserted unless the task has a step of that name (rows tagged `x`
+/// for those inserted), numbered after the task's last step, with the task's namespace and
+/// priority.
+const INSERT_STEPS: &str = "INSERT INTO steps (step_uuid, task_uuid, seq, name, namespace,
+        callable, step_type, definition, inputs, state, max_attempts, priority, timeout_ms,
+        created_at, updated_at)
+     SELECT j.value->>0, t.task_uuid,
+        (SELECT COALESCE(MAX(seq), 0) FROM steps s WHERE s.task_uuid = t.task_uuid) + j.key + 1,
+        j.value->>2, t.namespace, j.value->>3, j.value->>4, j.value->>5, j.value->>6, 'pending',
+        j.value->>7, t.priority, j.value->>8, ?, ?
+     FROM json_each(?) j JOIN tasks t ON t.task_uuid = j.value->>1
+     WHERE true
+     ON CONFLICT (task_uuid, name) DO NOTHING
+     RETURNING 'x', step_uuid, task_uuid;\n";
+
+/// Edges `[task, parent name, child name]` between steps that exist, into children that have
+/// not started.
+const INSERT_EDGES: &str = "INSERT OR IGNORE INTO step_edges (task_uuid, from_step, to_step)
+     SELECT p.task_uuid, p.step_uuid, c.step_uuid FROM json_each(?) j
+     JOIN steps p ON p.task_uuid = j.value->>0 AND p.name = j.value->>1
+     JOIN steps c ON c.task_uuid = j.value->>0 AND c.name = j.value->>2
+     WHERE c.state = 'pending';\n";
+
+/// What the rows of a finish say, gathered across its round trips.
+struct Rows<'a> {
+    results: &'a [AttemptResult],
+    targets: &'a [(&'static [StepEvent], Option<String>)],
+    applied: &'a mut Vec<Option<String>>,
+    tallies: Tallies,
+    jobs: Vec<StepJob>,
+    claim: Option<&'a ClaimRequest>,
+    actor: &'a str,
+    now: Millis,
+}
+
+impl Rows<'_> {
+    /// Takes in rows in statement order (applied results, created steps, enqueued steps,
+    /// tallies, claimed jobs), journaling in that order, which keeps the audit trail causal.
+    fn absorb(&mut self, j: &mut Journal, rows: &[SqliteRow]) -> Result<()> {
+        let (actor, now) = (self.actor, self.now);
+        for row in rows {
+            let tag: String = row.try_get(0)?;
+            match tag.as_str() {
+                "f" => {
+                    let i = row.try_get::<i64, _>(1)? as usize;
+                    let task_uuid: String = row.try_get(2)?;
+                    let (Some(r), Some((events, reason))) =
+                        (self.results.get(i), self.targets.get(i))
+                    else {
+                        return Err(Error::internal(format!(
+                            "finish returned unknown result {i}"
+                        )));
+                    };
+                    j.step_moves(
+                        &r.step_uuid,
+                        &task_uuid,
+                        StepState::InProgress,
+                        events,
+                        Some(r.attempt),
+                        r.worker_id.as_deref().unwrap_or(actor),
+                        reason.as_deref(),
+                        now,
+                    )?;
+                    self.applied[i] = Some(task_uuid);
+                }
+                "x" => {
+                    let step: String = row.try_get(1)?;
+                    let task: String = row.try_get(2)?;
+                    j.step_created(&step, &task, actor, now);
+                }
+                "e" => {
+                    let step: String = row.try_get(1)?;
+                    let task: String = row.try_get(2)?;
+                    j.step_moves(
+                        &step,
+                        &task,
+                        StepState::Pending,
+                        &[StepEvent::Enqueue],
+                        None,
+                        actor,
+                        None,
+                        now,
+                    )?;
+                }
+                "c" => add_count_row(&mut self.tallies, row, 1)?,
+                "j" => {
+                    let req = self
+                        .claim
+                        .ok_or_else(|| Error::internal("claim rows without a claim"))?;
+                    self.jobs.push(claimed_job(row, j, req)?);
+                }
+                other => return Err(Error::internal(format!("unexpected row tag {other:?}"))),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The events a result takes its step through (from `in_progress`), the reason recorded with

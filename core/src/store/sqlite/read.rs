@@ -98,6 +98,15 @@ pub(super) async fn list_templates(pool: &SqlitePool) -> Result<Vec<TaskTemplate
     defs.iter().map(|d| decode(d)).collect()
 }
 
+pub(super) async fn template_snapshot(pool: &SqlitePool, hash: &str) -> Result<TaskTemplate> {
+    let def: Option<String> =
+        sqlx::query_scalar("SELECT definition FROM template_snapshots WHERE content_hash = $1")
+            .bind(hash)
+            .fetch_optional(pool)
+            .await?;
+    decode(&def.ok_or_else(|| Error::not_found(format!("no template snapshot {hash}")))?)
+}
+
 pub(super) async fn expired_attempts(
     pool: &SqlitePool,
     now: Millis,
