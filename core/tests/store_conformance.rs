@@ -454,8 +454,8 @@ async fn group_creation_resolves_identities_within_the_group(db: Db) {
             },
         ]
     );
-    // The claim in the same call took the first step of each new task, and only those
-    // (the old task's first step is enqueued too and comes next: it is older).
+    // The claim in the same call took every ready first step: the two new tasks' and the
+    // one the earlier task left enqueued.
     let mut claimed: Vec<(&str, &str)> = jobs
         .iter()
         .map(|j| (j.task_uuid.as_str(), j.step_name.as_str()))

@@ -9,13 +9,13 @@ use std::collections::HashMap;
 use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, Row, SqliteConnection};
 
-use super::attempts::{claim_statement, claimed_job};
+use super::attempts::claim_statement;
+use super::finish::Rows;
 use super::journal::{Journal, Param, bind_all};
-use super::write::{SETTLE, Tallies, add_count_row, json as to_json, settle_task};
+use super::write::{SETTLE, json as to_json, settle_task};
 use crate::clock::Millis;
 use crate::job::StepJob;
 use crate::orchestrator::SettleCause;
-use crate::state::{StepEvent, StepState};
 use crate::store::{ClaimRequest, Created, NewTask};
 use crate::{Error, Result};
 
@@ -98,7 +98,7 @@ pub(super) async fn create_tasks(
 
     let mut params: Vec<Param> = Vec::new();
     if !new.is_empty() {
-        let rows = Rows::of(&new)?;
+        let rows = NewRows::of(&new)?;
         sql.push_str(INSERT_SNAPSHOTS);
         params.push(Param::Text(Some(to_json(&rows.snapshots)?)));
         sql.push_str(INSERT_TASKS);
@@ -145,32 +145,10 @@ pub(super) async fn create_tasks(
             j.step_created(&s.uuid, &t.uuid, actor, now);
         }
     }
-    let mut tallies = Tallies::new();
-    let mut jobs = Vec::new();
-    for row in &rows {
-        match row.try_get::<String, _>(0)?.as_str() {
-            "e" => {
-                let step: String = row.try_get(1)?;
-                let task: String = row.try_get(2)?;
-                j.step_moves(
-                    &step,
-                    &task,
-                    StepState::Pending,
-                    &[StepEvent::Enqueue],
-                    None,
-                    actor,
-                    None,
-                    now,
-                )?;
-            }
-            "c" => add_count_row(&mut tallies, row, 1)?,
-            "j" => {
-                let req = claim.ok_or_else(|| Error::internal("claim rows without a claim"))?;
-                jobs.push(claimed_job(row, j, req)?);
-            }
-            other => return Err(Error::internal(format!("unexpected row tag {other:?}"))),
-        }
-    }
+    let mut none = Vec::new();
+    let mut absorbed = Rows::without_results(&mut none, claim, actor, now);
+    absorbed.absorb(j, &rows)?;
+    let (tallies, jobs) = absorbed.into_parts();
     for t in &new {
         settle_task(j, &tallies, &t.uuid, SettleCause::Start, actor, None, now)?;
     }
@@ -178,16 +156,16 @@ pub(super) async fn create_tasks(
 }
 
 /// The rows to insert for a group of new tasks, one JSON array per table.
-struct Rows {
+struct NewRows {
     snapshots: Vec<Value>,
     tasks: Vec<Value>,
     steps: Vec<Value>,
     edges: Vec<Value>,
 }
 
-impl Rows {
-    fn of(new: &[&NewTask]) -> Result<Rows> {
-        let mut rows = Rows {
+impl NewRows {
+    fn of(new: &[&NewTask]) -> Result<NewRows> {
+        let mut rows = NewRows {
             snapshots: Vec::new(),
             tasks: Vec::with_capacity(new.len()),
             steps: Vec::new(),

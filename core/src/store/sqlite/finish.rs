@@ -151,7 +151,7 @@ pub(super) async fn finish(
         .fetch_all(&mut *tx)
         .await?;
     rows.absorb(j, &found)?;
-    let Rows { tallies, jobs, .. } = rows;
+    let (tallies, jobs) = rows.into_parts();
 
     // Each task with an applied result moves on; its state goes into every report of it.
     let mut settled: Vec<(String, crate::state::TaskState)> = Vec::new();
@@ -210,8 +210,10 @@ const INSERT_EDGES: &str = "INSERT OR IGNORE INTO step_edges (task_uuid, from_st
      JOIN steps c ON c.task_uuid = j.value->>0 AND c.name = j.value->>2
      WHERE c.state = 'pending';\n";
 
-/// What the rows of a finish say, gathered across its round trips.
-struct Rows<'a> {
+/// What the tagged rows of a write say (results applied, steps created and enqueued, task
+/// tallies, claimed jobs), gathered across its round trips. Task creation uses it too, with
+/// no results.
+pub(super) struct Rows<'a> {
     results: &'a [AttemptResult],
     targets: &'a [(&'static [StepEvent], Option<String>)],
     applied: &'a mut Vec<Option<String>>,
@@ -222,10 +224,34 @@ struct Rows<'a> {
     now: Millis,
 }
 
-impl Rows<'_> {
+impl<'a> Rows<'a> {
+    /// Rows of a write without results (task creation).
+    pub(super) fn without_results(
+        applied: &'a mut Vec<Option<String>>,
+        claim: Option<&'a ClaimRequest>,
+        actor: &'a str,
+        now: Millis,
+    ) -> Self {
+        Rows {
+            results: &[],
+            targets: &[],
+            applied,
+            tallies: Tallies::new(),
+            jobs: Vec::new(),
+            claim,
+            actor,
+            now,
+        }
+    }
+
+    /// The tallies and claimed jobs gathered.
+    pub(super) fn into_parts(self) -> (Tallies, Vec<StepJob>) {
+        (self.tallies, self.jobs)
+    }
+
     /// Takes in rows in statement order (applied results, created steps, enqueued steps,
     /// tallies, claimed jobs), journaling in that order, which keeps the audit trail causal.
-    fn absorb(&mut self, j: &mut Journal, rows: &[SqliteRow]) -> Result<()> {
+    pub(super) fn absorb(&mut self, j: &mut Journal, rows: &[SqliteRow]) -> Result<()> {
         let (actor, now) = (self.actor, self.now);
         for row in rows {
             let tag: String = row.try_get(0)?;
