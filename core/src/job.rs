@@ -206,6 +206,32 @@ impl StepOutcome {
         Self::failure(message, ErrorType::DecisionError).with_retryable(false)
     }
 
+    /// An analyzer's outcome (SPEC §7): create the batches of `outcome` (see
+    /// [`crate::batch::create_batch_outcome`]), or the no-op placeholder for `no_batches`.
+    pub fn batch_analyzer_success(outcome: crate::batch::BatchOutcome) -> Self {
+        Self::success(serde_json::json!({ "batch_processing_outcome": outcome.to_value() }))
+    }
+
+    /// An analyzer's outcome when there is nothing to process: one no-op placeholder worker
+    /// is created so that aggregators still run.
+    pub fn no_batches(reason: impl Into<String>) -> Self {
+        Self::batch_analyzer_success(crate::batch::BatchOutcome::NoBatches {
+            reason: Some(reason.into()),
+            worker_template_name: None,
+        })
+    }
+
+    /// A batch worker's success: `result` (an object) with the worker's `batch_id` added, so
+    /// aggregators can tell batches apart.
+    pub fn batch_worker_success(batch: &crate::batch::BatchWorkerContext, result: Value) -> Self {
+        let mut result = result;
+        if let Value::Object(m) = &mut result {
+            m.entry("batch_id")
+                .or_insert_with(|| Value::String(batch.batch_id().to_string()));
+        }
+        Self::success(result)
+    }
+
     /// A checkpoint yield.
     pub fn checkpoint_yield(cursor: Value, items_processed: u64, accumulated: Value) -> Self {
         StepOutcome::Checkpoint(Checkpoint {
@@ -298,6 +324,10 @@ pub struct StepJob {
     pub inputs: Map<String, Value>,
     /// Results of every completed ancestor, by step name.
     pub dependency_results: Map<String, Value>,
+    /// For a convergence step: the errors of its direct parents that failed for good and
+    /// still let it run (batch workers under `failure_strategy: isolate`), by step name.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub failed_dependencies: Map<String, Value>,
     /// The last stored checkpoint, if any.
     pub checkpoint: Option<Checkpoint>,
     /// When the attempt started (ms since epoch).

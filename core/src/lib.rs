@@ -23,6 +23,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod batch;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod clock;
@@ -37,6 +38,7 @@ pub mod task;
 pub mod template;
 pub mod worker;
 
+pub use batch::{BatchAggregationScenario, BatchOutcome, BatchWorkerContext, CursorConfig};
 pub use config::Config;
 pub use engine::{OpenOptions, TaskHandle, Tasker};
 pub use error::{Error, ErrorKind, Result};

@@ -2,8 +2,10 @@
 //! how a task moves after a change, when a failed attempt is retried, how a task request
 //! becomes a task.
 
+mod batch;
 mod decision;
 
+pub use batch::{MAX_BATCH_WORKERS, plan_batches};
 pub use decision::{DecisionOutcome, MAX_DECISION_STEPS, plan_decision};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -11,7 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::clock::Millis;
 use crate::job::{ErrorType, StepFailure, StepJob, StepOutcome};
 use crate::state::{StepCounts, TaskEvent, TaskState, evaluate};
-use crate::store::{NewStep, NewTask, Resolution};
+use crate::store::{Expansion, NewStep, NewTask, Resolution};
 use crate::task::TaskRequest;
 use crate::template::{
     Backoff, CompiledSchema, IdentityStrategy, RetryPolicy, StepType, TaskTemplate,
@@ -345,6 +347,7 @@ pub fn plan_prepared(
             uuid: new_uuid(),
             definition: d.clone(),
             inputs: Map::new(),
+            batch_group: None,
         })
         .collect();
     let edges = steps
@@ -371,19 +374,14 @@ pub fn plan_prepared(
     })
 }
 
-/// Templates with dynamic steps load and register (the loader accepts the whole format), but
-/// this engine does not yet create batch workers or child workflows. Running
-/// one would end "complete" without the steps its author meant to run, so creation refuses it.
+/// Templates with workflow steps load and register (the loader accepts the whole format), but
+/// this engine does not yet run child workflows. Running one would end "complete" without the
+/// steps its author meant to run, so creation refuses it.
 fn refuse_dynamic_steps(template: &TaskTemplate) -> Result<()> {
     let dynamic: Vec<String> = template
         .steps
         .iter()
-        .filter(|s| {
-            matches!(
-                s.step_type,
-                StepType::Batchable | StepType::BatchWorker | StepType::Workflow
-            )
-        })
+        .filter(|s| s.step_type == StepType::Workflow)
         .map(|s| format!("{} ({})", s.name, s.step_type.as_str()))
         .collect();
     if dynamic.is_empty() {
@@ -392,13 +390,55 @@ fn refuse_dynamic_steps(template: &TaskTemplate) -> Result<()> {
     Err(Error::new(
         ErrorKind::Validation,
         format!(
-            "template {} has steps of a kind this engine cannot run yet: {}; batch processing and \
-             workflow steps are not supported in this version",
+            "template {} has steps of a kind this engine cannot run yet: {}; workflow steps \
+             (sub-workflows) are not supported in this version",
             template.key(),
             dynamic.join(", ")
         ),
     )
     .with_details(serde_json::json!({ "unsupported_steps": dynamic })))
+}
+
+/// Adds the template steps `creates` to `x` with the edges that tie them in: from each
+/// dependency (the store keeps an edge only when its parent exists), and out of each into the
+/// steps that depend on it and are not created here (a waiting convergence step, say).
+/// `instances` maps a `batch_worker` template to the worker steps made from it, so a step that
+/// depends on the template depends on every worker.
+fn add_created_steps(
+    x: &mut Expansion,
+    template: &TaskTemplate,
+    creates: &[String],
+    instances: Option<(&str, &[String])>,
+) {
+    for name in creates {
+        let Some(def) = template.step(name) else {
+            continue;
+        };
+        x.steps.push(NewStep {
+            uuid: new_uuid(),
+            definition: def.clone(),
+            inputs: Map::new(),
+            batch_group: None,
+        });
+        for parent in &def.dependencies {
+            match instances {
+                Some((tpl, workers)) if tpl == parent => {
+                    x.edges
+                        .extend(workers.iter().map(|w| (w.clone(), name.clone())));
+                }
+                _ => x.edges.push((parent.clone(), name.clone())),
+            }
+        }
+        for child in template
+            .steps
+            .iter()
+            .filter(|s| s.dependencies.contains(name))
+        {
+            if !creates.contains(&child.name) {
+                x.edges.push((name.clone(), child.name.clone()));
+            }
+        }
+    }
 }
 
 /// A new time-ordered id.

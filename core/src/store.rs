@@ -61,6 +61,9 @@ pub struct NewStep {
     pub definition: StepDefinition,
     /// Step inputs (batch cursors etc.).
     pub inputs: Map<String, Value>,
+    /// For a batch worker: its `batch_worker` template's name. Workers of one group run at
+    /// most `batch_config.parallelism` at a time and fail together under `fail_fast`.
+    pub batch_group: Option<String>,
 }
 
 /// What `create_task` did.
@@ -324,7 +327,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         let jobs = self.claim(claim, now).await?;
         Ok((reports, jobs))
     }
-    /// Stores a checkpoint for the current attempt and renews its lease.
+    /// Stores a checkpoint for the current attempt, renews its lease to `lease_until` and
+    /// moves its timeout to `timeout_at` (a re-dispatched attempt gets a fresh timeout).
+    #[allow(clippy::too_many_arguments)]
     async fn checkpoint(
         &self,
         step_uuid: &str,
@@ -332,6 +337,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         worker_id: &str,
         checkpoint: &Checkpoint,
         lease_until: Millis,
+        timeout_at: Millis,
         now: Millis,
     ) -> Result<Completion>;
     /// Extends the leases of the listed `(step, attempt)`s held by `worker_id`; attempts that are

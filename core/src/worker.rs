@@ -15,10 +15,11 @@ use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use crate::Result;
+use crate::batch::no_op_result;
 use crate::clock::Millis;
 use crate::engine::Inner;
-use crate::job::{ErrorType, StepFailure, StepJob, StepOutcome};
-use crate::orchestrator::{decide_failure, plan_decision, resolve_outcome};
+use crate::job::{Checkpoint, ErrorType, StepFailure, StepJob, StepOutcome};
+use crate::orchestrator::{decide_failure, plan_batches, plan_decision, resolve_outcome};
 use crate::store::{AttemptResult, CallableFilter, ClaimRequest, Completion, Expiry, Resolution};
 use crate::template::StepType;
 
@@ -82,7 +83,10 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
         })
         .collect();
     for (f, r) in batch.iter().zip(results.iter_mut()) {
-        if f.job.definition.step_type == StepType::Decision {
+        if matches!(
+            f.job.definition.step_type,
+            StepType::Decision | StepType::Batchable
+        ) {
             plan_step_creation(inner, &f.job, r, now).await;
         }
     }
@@ -170,18 +174,24 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
     }
 }
 
-/// A successful decision's result gets the steps it creates, or becomes the permanent
-/// `decision_error` its outcome deserves. When the task's template cannot be read, the attempt
-/// fails as retryable and the decision runs again.
+/// A successful decision's or analyzer's result gets the steps it creates, or becomes the
+/// permanent `decision_error` / `batch_error` its outcome deserves. When the task's template
+/// cannot be read, the attempt fails as retryable and the step runs again.
 async fn plan_step_creation(inner: &Inner, job: &StepJob, r: &mut AttemptResult, now: Millis) {
     let Resolution::Succeeded { result, .. } = &r.resolution else {
         return;
     };
     let planned = match inner.snapshot(&job.template_hash).await {
+        Ok(template) if job.definition.step_type == StepType::Batchable => {
+            plan_batches(&template, &job.step_name, result)
+        }
         Ok(template) => plan_decision(&template, &job.step_name, result),
         Err(e) => Err(Box::new(StepFailure::new(
             ErrorType::HandlerError,
-            format!("cannot read the task's template to apply the decision: {e}"),
+            format!(
+                "cannot read the task's template to create the steps `{}` asked for: {e}",
+                job.step_name
+            ),
         ))),
     };
     match planned {
@@ -195,6 +205,69 @@ async fn plan_step_creation(inner: &Inner, job: &StepJob, r: &mut AttemptResult,
                 now,
                 fastrand::f64(),
             )
+        }
+    }
+}
+
+/// Stores a checkpoint yielded by `job`'s handler (SPEC §7): the attempt keeps its number,
+/// its lease is renewed and its timeout starts afresh, since it is dispatched again. On
+/// acceptance `job` carries the checkpoint and its new deadline.
+pub(crate) async fn store_checkpoint(
+    inner: &Inner,
+    job: &mut StepJob,
+    cp: Checkpoint,
+) -> Result<Completion> {
+    let now = inner.clock.now();
+    let lease_until = now + inner.config.lease.as_millis() as Millis;
+    let window = job.definition.timeout_seconds.map_or(
+        inner.config.default_step_timeout.as_millis() as Millis,
+        |s| (s as Millis).saturating_mul(1000),
+    );
+    let timeout_at = now.saturating_add(window);
+    let c = inner
+        .store
+        .checkpoint(
+            &job.step_uuid,
+            job.attempt,
+            &job.worker_id,
+            &cp,
+            lease_until,
+            timeout_at,
+            now,
+        )
+        .await?;
+    if c == Completion::Accepted {
+        job.checkpoint = Some(cp);
+        job.timeout_at = timeout_at;
+    }
+    Ok(c)
+}
+
+/// The outcome of one attempt by a Rust handler: the handler runs again after each checkpoint
+/// it yields; a no-op batch placeholder completes without it. `None` when the attempt stopped
+/// being this worker's while it ran (a checkpoint was rejected): there is nothing to report.
+async fn run_attempt(inner: &Inner, job: &mut StepJob) -> Option<StepOutcome> {
+    if let Some(result) = no_op_result(job) {
+        return Some(StepOutcome::success(result));
+    }
+    loop {
+        let cp = match run_rust_handler(inner, job).await {
+            StepOutcome::Checkpoint(cp) => cp,
+            other => return Some(other),
+        };
+        match store_checkpoint(inner, job, cp).await {
+            Ok(Completion::Accepted) => {}
+            Ok(Completion::Rejected(reason)) => {
+                tracing::warn!(step = %job.step_uuid, attempt = job.attempt, "checkpoint rejected: {reason}");
+                inner.release(&job.step_uuid, job.attempt);
+                return None;
+            }
+            Err(e) => {
+                return Some(StepOutcome::Failure(StepFailure::new(
+                    ErrorType::HandlerError,
+                    format!("the checkpoint could not be stored: {e}"),
+                )));
+            }
         }
     }
 }
@@ -256,13 +329,15 @@ fn spawn_jobs(inner: &Arc<Inner>, jobs: Vec<StepJob>, mut permits: Vec<OwnedSema
             // The attempt's recorded start is when its handler begins, not when it was claimed.
             let mut job = job;
             job.started_at = inner.clock.now();
-            let outcome = run_rust_handler(&inner, &job).await;
+            let outcome = run_attempt(&inner, &mut job).await;
             drop(permit);
-            let _ = inner.results.send(Finished {
-                job,
-                outcome,
-                reply: None,
-            });
+            if let Some(outcome) = outcome {
+                let _ = inner.results.send(Finished {
+                    job,
+                    outcome,
+                    reply: None,
+                });
+            }
         });
     }
 }
@@ -459,7 +534,7 @@ async fn run_rust_handler(inner: &Inner, job: &StepJob) -> StepOutcome {
         ));
     };
     let ctx = StepContext::new(job.clone());
-    let timeout = Duration::from_millis((job.timeout_at - job.started_at).max(1) as u64);
+    let timeout = Duration::from_millis((job.timeout_at - inner.clock.now()).max(1) as u64);
     // The handler runs on this task (no task of its own to spawn and join); a panic is caught
     // at each poll, and on timeout the future is dropped, which cancels it at its next await.
     let call = CatchUnwind(Box::pin(async move { handler.call(&ctx).await }));

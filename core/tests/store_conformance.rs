@@ -628,6 +628,147 @@ steps:
     assert_eq!(join.dependency_results.get("yes"), Some(&json!({})));
 }
 
+fn batch_template(strategy: &str, parallelism: u32) -> TaskTemplate {
+    template(&format!(
+        r#"
+name: batch_{strategy}
+namespace_name: conf
+version: "1.0.0"
+steps:
+  - {{ name: analyze, type: batchable, handler: {{ callable: work }} }}
+  - name: part
+    type: batch_worker
+    dependencies: [analyze]
+    handler: {{ callable: work }}
+    batch_config: {{ batch_size: 1, parallelism: {parallelism}, failure_strategy: {strategy} }}
+  - {{ name: sum, type: deferred_convergence, dependencies: [part], handler: {{ callable: work }} }}
+"#
+    ))
+}
+
+/// Creates a task of `t`, runs its analyzer to an outcome of `workers` batches and returns the
+/// task.
+async fn fan_out(s: &Arc<dyn Store>, t: &TaskTemplate, workers: u64) -> String {
+    s.put_template(t, false, T0).await.unwrap();
+    let task = create(s, t, json!({}), T0).await;
+    let job = claim_one(s, "w1", T0).await;
+    let outcome = json!({ "batch_processing_outcome":
+        tasker_core::batch::create_batch_outcome(workers, 1).to_value() });
+    let mut r = result(&job, Some("w1"), success(outcome.clone()));
+    r.expansion = Some(tasker_core::orchestrator::plan_batches(t, "analyze", &outcome).unwrap());
+    finish_one(s, r, T0 + 1).await;
+    task
+}
+
+async fn batch_parallelism_caps_running_workers(db: Db) {
+    let s = db.store();
+    let t = batch_template("continue_on_failure", 2);
+    let task = fan_out(s, &t, 5).await;
+    let view = s.get_task(&task).await.unwrap();
+    assert_eq!(view.steps.len(), 7);
+    assert_eq!(
+        view.step("sum").unwrap().dependencies.len(),
+        5,
+        "the aggregator waits for every worker"
+    );
+    let first = claim(s, "w1", 10, T0 + 2).await;
+    let names: Vec<&str> = first.iter().map(|j| j.step_name.as_str()).collect();
+    assert_eq!(names, ["part_001", "part_002"], "two at a time");
+    assert_eq!(first[0].inputs["cursor"]["start_cursor"], 0);
+    assert!(claim(s, "w1", 10, T0 + 3).await.is_empty());
+    // A worker waiting to retry keeps its slot.
+    let retry = Resolution::Retry {
+        failure: StepFailure::new(ErrorType::RetryableError, "again"),
+        next_attempt_at: T0 + 100,
+    };
+    finish_one(s, result(&first[0], Some("w1"), retry), T0 + 4).await;
+    assert!(claim(s, "w1", 10, T0 + 5).await.is_empty());
+    // A finished worker frees one.
+    finish_one(s, result(&first[1], Some("w1"), success(json!({}))), T0 + 6).await;
+    let next = claim(s, "w1", 10, T0 + 7).await;
+    let names: Vec<&str> = next.iter().map(|j| j.step_name.as_str()).collect();
+    assert_eq!(names, ["part_003"]);
+}
+
+async fn batch_fail_fast_cancels_unfinished_siblings(db: Db) {
+    let s = db.store();
+    let t = batch_template("fail_fast", 2);
+    let task = fan_out(s, &t, 4).await;
+    let running = claim(s, "w1", 10, T0 + 2).await;
+    assert_eq!(running.len(), 2);
+    let (c, state) = finish_one(s, result(&running[0], Some("w1"), failed("broken")), T0 + 3).await;
+    assert_eq!(c, Completion::Accepted);
+    assert_eq!(state, Some(TaskState::BlockedByFailures));
+    let view = s.get_task(&task).await.unwrap();
+    let states: Vec<(&str, StepState)> = view
+        .steps
+        .iter()
+        .filter(|s| s.name.starts_with("part_"))
+        .map(|s| (s.name.as_str(), s.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("part_001", StepState::Error),
+            ("part_002", StepState::Cancelled),
+            ("part_003", StepState::Cancelled),
+            ("part_004", StepState::Cancelled),
+        ]
+    );
+    let cancels: Vec<_> = s
+        .step_transitions(&task, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.event == "cancel")
+        .collect();
+    assert_eq!(cancels.len(), 3);
+    assert!(
+        cancels
+            .iter()
+            .all(|t| t.reason.as_deref().is_some_and(|r| r.contains("part_001")))
+    );
+    // The running sibling's late result is rejected.
+    let (c, _) = finish_one(
+        s,
+        result(&running[1], Some("w1"), success(json!({}))),
+        T0 + 4,
+    )
+    .await;
+    assert!(matches!(c, Completion::Rejected(_)));
+}
+
+async fn batch_isolate_lets_the_aggregator_run_with_the_failures(db: Db) {
+    let s = db.store();
+    let t = batch_template("isolate", 10);
+    let task = fan_out(s, &t, 2).await;
+    let running = claim(s, "w1", 10, T0 + 2).await;
+    finish_one(s, result(&running[0], Some("w1"), failed("broken")), T0 + 3).await;
+    finish_one(
+        s,
+        result(&running[1], Some("w1"), success(json!({"n": 1}))),
+        T0 + 4,
+    )
+    .await;
+    let sum = claim_one(s, "w1", T0 + 5).await;
+    assert_eq!(sum.step_name, "sum");
+    assert_eq!(
+        sum.dependency_results.get("part_002"),
+        Some(&json!({"n": 1}))
+    );
+    assert_eq!(
+        sum.failed_dependencies["part_001"]["message"],
+        json!("broken")
+    );
+    let (_, state) = finish_one(s, result(&sum, Some("w1"), success(json!({}))), T0 + 6).await;
+    assert_eq!(
+        state,
+        Some(TaskState::BlockedByFailures),
+        "the failed worker still needs an operator"
+    );
+    assert_eq!(step_state(s, &task, "sum").await, StepState::Complete);
+}
+
 async fn create_keyed(s: &Arc<dyn Store>, t: &TaskTemplate, ctx: Value, key: &str) -> String {
     match s
         .create_task(&plan(t, request(t, ctx).idempotency_key(key)), ORCH, T0)
@@ -1281,7 +1422,8 @@ async fn checkpoint_keeps_the_attempt_and_bounds_history(db: Db) {
                 1,
                 "w1",
                 &cp,
-                T0 + LEASE + i as i64,
+                T0 + 2 * DEFAULT_TIMEOUT + i as i64,
+                T0 + DEFAULT_TIMEOUT + i as i64,
                 T0 + i as i64,
             )
             .await
@@ -1303,6 +1445,22 @@ async fn checkpoint_keeps_the_attempt_and_bounds_history(db: Db) {
             .is_empty(),
         "lease renewed by the checkpoint"
     );
+    assert!(
+        s.expired_attempts(T0 + DEFAULT_TIMEOUT + 23, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "timeout moved by the checkpoint"
+    );
+    let expired = s
+        .expired_attempts(T0 + DEFAULT_TIMEOUT + 24, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        expired.iter().map(|x| x.expiry).collect::<Vec<_>>(),
+        [Expiry::Timeout],
+        "the last checkpoint's timeout holds"
+    );
     let cps = s.step_transitions(&task, Some("a")).await.unwrap();
     let cps: Vec<_> = cps.iter().filter(|t| t.event == "checkpoint").collect();
     assert_eq!(cps.len(), 25);
@@ -1319,12 +1477,12 @@ async fn checkpoint_keeps_the_attempt_and_bounds_history(db: Db) {
     };
     assert_unchanged(s, &task, || async {
         let c = s
-            .checkpoint(&job.step_uuid, 2, "w1", &cp, T0, T0)
+            .checkpoint(&job.step_uuid, 2, "w1", &cp, T0, T0, T0)
             .await
             .unwrap();
         assert!(matches!(c, Completion::Rejected(_)));
         let c = s
-            .checkpoint(&job.step_uuid, 1, "w2", &cp, T0, T0)
+            .checkpoint(&job.step_uuid, 1, "w2", &cp, T0, T0, T0)
             .await
             .unwrap();
         assert!(matches!(c, Completion::Rejected(_)));
@@ -1666,6 +1824,9 @@ macro_rules! all_tests {
                 group_creation_resolves_identities_within_the_group,
                 group_finish_reports_each_result_and_claims_what_became_ready,
                 expansion_creates_steps_with_the_result,
+                batch_parallelism_caps_running_workers,
+                batch_fail_fast_cancels_unfinished_siblings,
+                batch_isolate_lets_the_aggregator_run_with_the_failures,
                 claim_respects_namespaces_and_callables,
                 claim_sets_attempt_lease_and_timeout,
                 claim_orders_by_priority_then_enqueued_at_and_limits,

@@ -15,7 +15,10 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tasker_core::{ErrorType, StepContext, StepHandler, StepOutcome, Tasker, handler_fn};
+use tasker_core::{
+    BatchAggregationScenario, BatchWorkerContext, ErrorType, StepContext, StepHandler, StepOutcome,
+    Tasker, handler_fn,
+};
 
 /// Largest magnitude the kit's arithmetic accepts: the largest integer every host language
 /// (JavaScript included) represents exactly, so all kits agree on every result.
@@ -29,7 +32,7 @@ pub const OVERFLOW: &str = "KIT_OVERFLOW";
 pub const INJECTED: &str = "KIT_INJECTED_FAILURE";
 
 /// Every callable the kit provides.
-pub const CALLABLES: [&str; 9] = [
+pub const CALLABLES: [&str; 14] = [
     "kit.square",
     "kit.sum_parents",
     "kit.multiply_parents",
@@ -39,6 +42,11 @@ pub const CALLABLES: [&str; 9] = [
     "kit.record",
     "kit.echo",
     "kit.decide",
+    "kit.count",
+    "kit.batch_analyze",
+    "kit.batch_work",
+    "kit.checkpointing_work",
+    "kit.aggregate",
 ];
 
 /// task uuid -> step names, one entry per handler invocation, in invocation order.
@@ -106,6 +114,11 @@ async fn run(callable: &str, ctx: &StepContext, execution: usize) -> KitResult {
         "kit.record" => Ok(json!({ "recorded": true, "execution": execution })),
         "kit.echo" => Ok(echo(ctx)),
         "kit.decide" => decide(ctx),
+        "kit.count" => count(ctx),
+        "kit.batch_analyze" => batch_analyze(ctx),
+        "kit.batch_work" => batch_work(ctx),
+        "kit.checkpointing_work" => checkpointing_work(ctx),
+        "kit.aggregate" => aggregate(ctx),
         other => Err(Box::new(StepOutcome::failure(
             format!(
                 "`{other}` is not a kit callable (known: {})",
@@ -210,6 +223,9 @@ fn fail(ctx: &StepContext, execution: usize) -> KitResult {
 /// with `steps: []` creates nothing (`no_branches`). No matching route is a
 /// `decision_failure`.
 fn decide(ctx: &StepContext) -> KitResult {
+    if let Some(routes) = ctx.get_config("by_largest_parent") {
+        return decide_by_parent(ctx, routes);
+    }
     let field = ctx
         .get_config("field")
         .and_then(Value::as_str)
@@ -248,6 +264,269 @@ fn decide(ctx: &StepContext) -> KitResult {
     Err(Box::new(StepOutcome::decision_failure(format!(
         "kit.decide: no route for {field} = {value}"
     ))))
+}
+
+/// `kit.decide` with `by_largest_parent: {parent: [steps]}`: the direct parent with the largest
+/// `value` (the first listed on a tie) decides which steps to create.
+fn decide_by_parent(ctx: &StepContext, routes: &Value) -> KitResult {
+    let routes = routes.as_object().ok_or_else(|| {
+        bad_input("kit.decide: `by_largest_parent` must map parents to steps".into())
+    })?;
+    let mut best: Option<(&String, i64)> = None;
+    for parent in routes.keys() {
+        let v = parent_value(ctx, parent)?.unwrap_or(i64::MIN);
+        if best.is_none_or(|(_, b)| v > b) {
+            best = Some((parent, v));
+        }
+    }
+    let (parent, value) =
+        best.ok_or_else(|| bad_input("kit.decide: `by_largest_parent` is empty".into()))?;
+    let steps: Vec<&str> = routes[parent]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    match StepOutcome::decision_success(steps, json!({ "largest_parent": parent, "value": value }))
+    {
+        StepOutcome::Success { result, .. } => Ok(result),
+        other => Err(Box::new(other)),
+    }
+}
+
+/// `kit.count`: how many numbers of the context array `field` have parity `parity` (`even`,
+/// `odd`, default every number).
+fn count(ctx: &StepContext) -> KitResult {
+    let field = ctx
+        .get_config("field")
+        .and_then(Value::as_str)
+        .unwrap_or("numbers");
+    let items = ctx
+        .get_input(field)
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad_input(format!("kit.count: context `{field}` is not an array")))?;
+    let parity = ctx.get_config("parity").and_then(Value::as_str);
+    let n = items
+        .iter()
+        .filter_map(integer)
+        .filter(|v| match parity {
+            Some("even") => v % 2 == 0,
+            Some("odd") => v % 2 != 0,
+            _ => true,
+        })
+        .count();
+    Ok(json!({ "value": n }))
+}
+
+/// The data rows of the CSV file whose path is in context field `field` (the header row is
+/// not counted).
+fn csv_rows(ctx: &StepContext, field: &str) -> Result<Vec<String>, Box<StepOutcome>> {
+    let path = ctx
+        .get_input(field)
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad_input(format!("context `{field}` is not a file path")))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| bad_input(format!("cannot read the CSV file {path}: {e}")))?;
+    Ok(text
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+/// `kit.batch_analyze`: splits the items into batches of `batch_size` (default 100). The
+/// item count comes from `csv_field` (a context field holding a CSV file path: its data
+/// rows), `total_parent` (a direct parent's `value`) or `total_field` (a context field holding
+/// a number or an array). No items ⇒ `no_batches`. `worker_template` names the worker
+/// template (default: the one that depends on this step).
+fn batch_analyze(ctx: &StepContext) -> KitResult {
+    let total = if let Some(field) = ctx.get_config("csv_field").and_then(Value::as_str) {
+        csv_rows(ctx, field)?.len() as u64
+    } else if let Some(parent) = ctx.get_config("total_parent").and_then(Value::as_str) {
+        parent_value(ctx, parent)?.unwrap_or(0).max(0) as u64
+    } else {
+        let field = ctx
+            .get_config("total_field")
+            .and_then(Value::as_str)
+            .unwrap_or("total_items");
+        match ctx.get_input(field) {
+            Some(Value::Array(a)) => a.len() as u64,
+            Some(v) => integer(v).filter(|n| *n >= 0).ok_or_else(|| {
+                bad_input(format!(
+                    "kit.batch_analyze: context `{field}` = {v} is not a count"
+                ))
+            })? as u64,
+            None => {
+                return Err(bad_input(format!(
+                    "kit.batch_analyze: the task context has no `{field}`"
+                )));
+            }
+        }
+    };
+    let size = ctx
+        .get_config("batch_size")
+        .and_then(Value::as_u64)
+        .unwrap_or(100);
+    let mut outcome = tasker_core::batch::create_batch_outcome(total, size);
+    if let Some(t) = ctx.get_config("worker_template").and_then(Value::as_str) {
+        outcome = outcome.with_worker_template(t);
+    }
+    match StepOutcome::batch_analyzer_success(outcome) {
+        StepOutcome::Success { result, .. } => Ok(result),
+        other => Err(Box::new(other)),
+    }
+}
+
+/// The batch of a batch worker, or a bad-input failure for any other step.
+fn batch_of(ctx: &StepContext, callable: &str) -> Result<BatchWorkerContext, Box<StepOutcome>> {
+    ctx.batch()
+        .ok_or_else(|| bad_input(format!("{callable} runs only as a batch worker")))
+}
+
+/// An integer cursor.
+fn cursor(v: &Value, what: &str) -> Result<u64, Box<StepOutcome>> {
+    v.as_u64().ok_or_else(|| {
+        bad_input(format!(
+            "the {what} cursor {v} is not a non-negative integer"
+        ))
+    })
+}
+
+/// `kit.batch_work`: processes items `start_cursor..end_cursor`: with `csv_field`, reads those
+/// data rows of the CSV file and counts them (and sums column `sum_column`, if given, into
+/// `sum`); otherwise counts the range. Result `{batch_id, items_processed, sum?}`.
+fn batch_work(ctx: &StepContext) -> KitResult {
+    let batch = batch_of(ctx, "kit.batch_work")?;
+    let start = cursor(&batch.cursor.start_cursor, "start")? as usize;
+    let end = cursor(&batch.cursor.end_cursor, "end")? as usize;
+    let mut result = json!({ "batch_id": batch.batch_id() });
+    if let Some(field) = ctx.get_config("csv_field").and_then(Value::as_str) {
+        let rows = csv_rows(ctx, field)?;
+        let mine = rows.get(start..end.min(rows.len())).unwrap_or_default();
+        result["items_processed"] = json!(mine.len());
+        if let Some(col) = ctx.get_config("sum_column").and_then(Value::as_u64) {
+            let sum: i64 = mine
+                .iter()
+                .filter_map(|r| r.split(',').nth(col as usize)?.trim().parse::<i64>().ok())
+                .sum();
+            result["sum"] = json!(sum);
+        }
+    } else {
+        result["items_processed"] = json!(end.saturating_sub(start));
+    }
+    match StepOutcome::batch_worker_success(&batch, result) {
+        StepOutcome::Success { result, .. } => Ok(result),
+        other => Err(Box::new(other)),
+    }
+}
+
+/// task uuid / step name -> items processed by `kit.checkpointing_work`, in order.
+static ITEMS: LazyLock<Mutex<HashMap<String, Vec<u64>>>> = LazyLock::new(Default::default);
+
+/// Items `kit.checkpointing_work` processed for `step` of `task_uuid`, in processing order.
+pub fn processed_items(task_uuid: &str, step: &str) -> Vec<u64> {
+    ITEMS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&format!("{task_uuid}/{step}"))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// `kit.checkpointing_work`: a batch worker that processes its items one by one from the last
+/// checkpoint (or its start), yields a checkpoint every `every` items (default 25), and on
+/// attempt `fail_on_attempt` (default 1) fails with a retryable error once `fail_after` items
+/// (counted over all its runs) are done. Result `{batch_id, items_processed, resumed_from,
+/// processed_twice}`, where `resumed_from` is the cursor the last attempt started at and
+/// `processed_twice` counts items this step processed more than once (0 when checkpoints
+/// work).
+fn checkpointing_work(ctx: &StepContext) -> KitResult {
+    let batch = batch_of(ctx, "kit.checkpointing_work")?;
+    let end = cursor(&batch.cursor.end_cursor, "end")?;
+    let mut at = cursor(batch.resume_cursor(), "resume")?;
+    let every = ctx
+        .get_config("every")
+        .and_then(Value::as_u64)
+        .unwrap_or(25)
+        .max(1);
+    let fail_after = ctx.get_config("fail_after").and_then(Value::as_u64);
+    let fail_on = ctx
+        .get_config("fail_on_attempt")
+        .and_then(Value::as_u64)
+        .unwrap_or(1);
+    let mut done = batch.items_processed();
+    let first_of_attempt = batch.accumulated().get("attempt").and_then(Value::as_u64)
+        != Some(u64::from(ctx.attempts()));
+    let resumed_from = if first_of_attempt {
+        at
+    } else {
+        batch.accumulated()["resumed_from"].as_u64().unwrap_or(at)
+    };
+    let key = format!("{}/{}", ctx.task_uuid(), ctx.step_name());
+    let mut processed_now = 0;
+    while at < end {
+        if fail_after.is_some_and(|f| done >= f) && u64::from(ctx.attempts()) == fail_on {
+            return Err(Box::new(
+                StepOutcome::retryable(format!(
+                    "kit.checkpointing_work: failing after {done} items as configured"
+                ))
+                .with_error_code(INJECTED),
+            ));
+        }
+        ITEMS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .push(at);
+        at += 1;
+        done += 1;
+        processed_now += 1;
+        if processed_now == every && at < end {
+            return Err(Box::new(StepOutcome::checkpoint_yield(
+                json!(at),
+                done,
+                json!({ "attempt": ctx.attempts(), "resumed_from": resumed_from }),
+            )));
+        }
+    }
+    let items = processed_items(ctx.task_uuid(), ctx.step_name());
+    let distinct: std::collections::HashSet<&u64> = items.iter().collect();
+    let result = json!({
+        "batch_id": batch.batch_id(),
+        "items_processed": done,
+        "resumed_from": resumed_from,
+        "processed_twice": items.len() - distinct.len(),
+    });
+    match StepOutcome::batch_worker_success(&batch, result) {
+        StepOutcome::Success { result, .. } => Ok(result),
+        other => Err(Box::new(other)),
+    }
+}
+
+/// `kit.aggregate`: sums the `items_processed` of the workers of analyzer `analyzer` whose
+/// names start with `prefix` (default: every direct parent's). Result `{total_processed,
+/// worker_count, no_batches, failed_batches}`.
+fn aggregate(ctx: &StepContext) -> KitResult {
+    let analyzer = ctx
+        .get_config("analyzer")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad_input("kit.aggregate needs `analyzer`".into()))?;
+    let prefix = ctx
+        .get_config("prefix")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad_input("kit.aggregate needs `prefix`".into()))?;
+    let scenario = BatchAggregationScenario::from_context(ctx, analyzer, prefix);
+    let total: u64 = scenario
+        .batch_results
+        .values()
+        .filter_map(|r| r.get("items_processed").and_then(Value::as_u64))
+        .sum();
+    Ok(json!({
+        "total_processed": total,
+        "worker_count": scenario.batch_results.len(),
+        "no_batches": scenario.is_no_batches,
+        "failed_batches": scenario.failed_batches.keys().collect::<Vec<_>>(),
+    }))
 }
 
 /// `kit.echo`: returns `initialization.result` (default `{}`) as the step's result.

@@ -1,11 +1,11 @@
 //! Decision points (SPEC §6): reading a decision step's outcome and planning the steps it
 //! creates. The store applies the plan in the transaction that records the decision's result.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use super::new_uuid;
+use super::add_created_steps;
 use crate::job::{ErrorType, StepFailure};
-use crate::store::{Expansion, NewStep};
+use crate::store::Expansion;
 use crate::template::TaskTemplate;
 
 /// Most step names one decision outcome may request.
@@ -99,31 +99,7 @@ pub fn plan_decision(
     }
     let creates = template.decision_creates(&requested);
     let mut expansion = Expansion::default();
-    for name in &creates {
-        let Some(def) = template.step(name) else {
-            continue;
-        };
-        expansion.steps.push(NewStep {
-            uuid: new_uuid(),
-            definition: def.clone(),
-            inputs: Map::new(),
-        });
-        // Into the new step from each of its dependencies that exists (or is created here).
-        for parent in &def.dependencies {
-            expansion.edges.push((parent.clone(), name.clone()));
-        }
-        // Out of the new step into steps that already exist and wait (a convergence step
-        // created by an earlier decision, say).
-        for child in template
-            .steps
-            .iter()
-            .filter(|s| s.dependencies.contains(name))
-        {
-            if !creates.contains(&child.name) {
-                expansion.edges.push((name.clone(), child.name.clone()));
-            }
-        }
-    }
+    add_created_steps(&mut expansion, template, &creates, None);
     Ok(expansion)
 }
 

@@ -38,7 +38,10 @@ use crate::task::{Task, TaskFilter, TaskSummary, Transition};
 use crate::template::TaskTemplate;
 use crate::{Error, ErrorKind, Result};
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("sqlite/0001_init.sql")),
+    (2, include_str!("sqlite/0002_batches.sql")),
+];
 
 /// The SQLite store.
 #[derive(Debug, Clone)]
@@ -333,16 +336,16 @@ impl Store for SqliteStore {
         worker_id: &str,
         checkpoint: &Checkpoint,
         lease_until: Millis,
+        timeout_at: Millis,
         now: Millis,
     ) -> Result<Completion> {
         let mut tx = self.begin().await?;
         let r = attempts::checkpoint(
             &mut tx,
             step_uuid,
-            attempt,
-            worker_id,
+            (attempt, worker_id),
             checkpoint,
-            lease_until,
+            (lease_until, timeout_at),
             now,
         )
         .await?;

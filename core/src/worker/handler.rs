@@ -135,6 +135,17 @@ impl StepContext {
         &self.job.dependency_results
     }
 
+    /// For a convergence step: errors of direct parents that failed for good and still let
+    /// it run (batch workers under `failure_strategy: isolate`), by step name.
+    pub fn failed_dependencies(&self) -> &Map<String, Value> {
+        &self.job.failed_dependencies
+    }
+
+    /// This batch worker's batch (cursor, metadata, last checkpoint); `None` for other steps.
+    pub fn batch(&self) -> Option<crate::batch::BatchWorkerContext> {
+        crate::batch::BatchWorkerContext::from_job(&self.job)
+    }
+
     /// The result of ancestor `step`, as its handler returned it.
     pub fn get_dependency_result(&self, step: &str) -> Option<&Value> {
         self.job.dependency_results.get(step)

@@ -10,6 +10,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::Finished;
+use crate::batch::no_op_result;
 use crate::engine::Tasker;
 use crate::job::{Checkpoint, StepJob, StepOutcome};
 use crate::store::{CallableFilter, Completion};
@@ -114,6 +115,12 @@ impl Worker {
             );
             if let Some(job) = inner.store.claim(&req, inner.clock.now()).await?.pop() {
                 inner.hold(&job);
+                // A no-op batch placeholder never reaches the host: the engine completes it.
+                if let Some(result) = no_op_result(&job) {
+                    self.complete_async(&job, StepOutcome::success(result))
+                        .await?;
+                    continue;
+                }
                 return Ok(Some(job));
             }
             tokio::select! {
@@ -170,15 +177,9 @@ impl Worker {
 
     async fn store_checkpoint(&self, job: &StepJob, cp: Checkpoint) -> Result<Completion> {
         let inner = &self.tasker.inner;
-        let now = inner.clock.now();
-        let until = now + inner.config.lease.as_millis() as i64;
-        let c = inner
-            .store
-            .checkpoint(&job.step_uuid, job.attempt, &job.worker_id, &cp, until, now)
-            .await?;
+        let mut again = job.clone();
+        let c = super::store_checkpoint(inner, &mut again, cp).await?;
         if c == Completion::Accepted {
-            let mut again = job.clone();
-            again.checkpoint = Some(cp);
             self.resumed
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

@@ -24,6 +24,10 @@ pub struct Scenario {
     /// e.g. a same-named template in another namespace.
     #[serde(default)]
     pub extra_templates: Vec<TemplateRef>,
+    /// Files the runner writes into a fresh directory before creating the task; a context
+    /// string `$file/NAME` becomes the path of file `NAME`.
+    #[serde(default)]
+    pub files: std::collections::BTreeMap<String, GeneratedFile>,
     /// The task context (default `{}`).
     #[serde(default = "empty_object")]
     pub context: Value,
@@ -43,6 +47,25 @@ pub struct Scenario {
     /// Overall deadline for the scenario in seconds (default 30).
     #[serde(default = "default_timeout")]
     pub timeout_seconds: u64,
+}
+
+/// A file a scenario has the runner generate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeneratedFile {
+    /// A CSV file with the header `id,amount` and `csv_rows` rows `i,i` for `i` = 1..=N.
+    pub csv_rows: usize,
+}
+
+impl GeneratedFile {
+    /// The file's content.
+    pub fn content(&self) -> String {
+        let mut s = String::from("id,amount\n");
+        for i in 1..=self.csv_rows {
+            s.push_str(&format!("{i},{i}\n"));
+        }
+        s
+    }
 }
 
 fn empty_object() -> Value {

@@ -156,6 +156,11 @@ impl Runner {
             self.register(tasker, extra).await?;
         }
         let (namespace, name) = self.register(tasker, &s.template).await?;
+        let files = write_files(s)?;
+        let context = match &files {
+            Some(dir) => with_file_paths(&s.context, dir.path()),
+            None => s.context.clone(),
+        };
         let request = |context: &Value, o: &CreateOptions| {
             let mut r = TaskRequest::new(
                 o.namespace.clone().unwrap_or_else(|| namespace.clone()),
@@ -168,7 +173,7 @@ impl Runner {
             r
         };
 
-        let created = tasker.create_task(request(&s.context, &s.create)).await;
+        let created = tasker.create_task(request(&context, &s.create)).await;
         if let Some(expected) = &s.expect.create_error {
             match created {
                 Ok(h) => out.diffs.push(format!(
@@ -182,7 +187,7 @@ impl Runner {
         let handle = created.map_err(|e| format!("create failed: {} ({e})", e.kind.code()))?;
 
         if let Some(second) = &s.second_create {
-            let context = second.context.as_ref().unwrap_or(&s.context);
+            let context = second.context.as_ref().unwrap_or(&context);
             let again = tasker
                 .create_task(request(context, &second.options(&s.create)))
                 .await
@@ -367,5 +372,59 @@ fn compare_create_error(expected: &CreateError, e: &tasker_core::Error, diffs: &
                 e.details
             ));
         }
+    }
+}
+
+/// A directory removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes the scenario's `files` into a fresh directory (none without files).
+fn write_files(s: &Scenario) -> Result<Option<TempDir>, String> {
+    if s.files.is_empty() {
+        return Ok(None);
+    }
+    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!(
+        "tasker-scenario-{}-{}-{n}",
+        s.name,
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let dir = TempDir(dir);
+    for (name, file) in &s.files {
+        let path = dir.path().join(name);
+        std::fs::write(&path, file.content())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(Some(dir))
+}
+
+/// `context` with every string `$file/NAME` replaced by the path of `NAME` in `dir`.
+fn with_file_paths(context: &Value, dir: &std::path::Path) -> Value {
+    match context {
+        Value::String(v) => match v.strip_prefix("$file/") {
+            Some(name) => Value::String(dir.join(name).display().to_string()),
+            None => context.clone(),
+        },
+        Value::Array(a) => Value::Array(a.iter().map(|v| with_file_paths(v, dir)).collect()),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, v)| (k.clone(), with_file_paths(v, dir)))
+                .collect(),
+        ),
+        other => other.clone(),
     }
 }

@@ -99,7 +99,12 @@ pub(super) fn claim_statement(
                 UNION
                 SELECT e.from_step FROM step_edges e JOIN anc ON e.to_step = anc.id)
              SELECT json_group_object(a.name, json(a.result)) FROM steps a JOIN anc ON a.step_uuid = anc.id
-             WHERE a.state IN ('complete', 'resolved_manually')) AS dependency_results"
+             WHERE a.state IN ('complete', 'resolved_manually')) AS dependency_results,
+            CASE WHEN step_type = 'deferred_convergence' THEN
+              (SELECT json_group_object(p.name, json(p.error))
+               FROM step_edges e JOIN steps p ON p.step_uuid = e.from_step
+               WHERE e.to_step = steps.step_uuid AND p.state = 'error') END
+              AS failed_dependencies"
     );
     Some((sql, params))
 }
@@ -132,8 +137,10 @@ pub(super) fn claimed_job(row: &SqliteRow, j: &mut Journal, req: &ClaimRequest) 
     let inputs: Map<String, Value> = decode(&row.try_get::<String, _>("inputs")?)?;
     let checkpoint: Option<String> = row.try_get("checkpoint")?;
     let checkpoint: Option<Checkpoint> = checkpoint.map(|c| decode(&c)).transpose()?;
+    let failed: Option<String> = row.try_get("failed_dependencies")?;
     Ok(StepJob {
         dependency_results: decode(&row.try_get::<String, _>("dependency_results")?)?,
+        failed_dependencies: failed.map(|f| decode(&f)).transpose()?.unwrap_or_default(),
         step_uuid,
         task_uuid,
         step_name: row.try_get("name")?,
@@ -262,13 +269,14 @@ impl AttemptResult {
     }
 }
 
+/// Stores `cp` for attempt `attempt` held by `worker_id`, with the attempt's new lease and
+/// timeout deadlines.
 pub(super) async fn checkpoint(
     tx: &mut SqliteConnection,
     step_uuid: &str,
-    attempt: u32,
-    worker_id: &str,
+    (attempt, worker_id): (u32, &str),
     cp: &Checkpoint,
-    lease_until: Millis,
+    (lease_until, timeout_at): (Millis, Millis),
     now: Millis,
 ) -> Result<Completion> {
     let Some(c) = current(tx, step_uuid).await? else {
@@ -311,11 +319,13 @@ pub(super) async fn checkpoint(
     )
     .await?;
     sqlx::query(
-        "UPDATE steps SET checkpoint = $1, checkpoint_history = $2, lease_expires_at = $3 WHERE step_uuid = $4",
+        "UPDATE steps SET checkpoint = $1, checkpoint_history = $2, lease_expires_at = $3,
+            timeout_at = $4 WHERE step_uuid = $5",
     )
     .bind(json(cp)?)
     .bind(json(&history)?)
     .bind(lease_until)
+    .bind(timeout_at)
     .bind(step_uuid)
     .execute(&mut *tx)
     .await?;

@@ -12,7 +12,7 @@ use sqlx::{AssertSqlSafe, Row, SqliteConnection};
 use super::attempts::claim_statement;
 use super::finish::Rows;
 use super::journal::{Journal, Param, bind_all};
-use super::write::{SETTLE, json as to_json, settle_task};
+use super::write::{SETTLE, json as to_json, settle_params, settle_task};
 use crate::clock::Millis;
 use crate::job::StepJob;
 use crate::orchestrator::SettleCause;
@@ -118,12 +118,7 @@ pub(super) async fn create_tasks(
         let uuids: Vec<&str> = new.iter().map(|t| t.uuid.as_str()).collect();
         let uuids = to_json(&uuids)?;
         sql.push_str(&SETTLE.replace("{tasks}", NEW_TASKS));
-        params.extend([
-            Param::Int(Some(now)),
-            Param::Int(Some(now)),
-            Param::Text(Some(uuids.clone())),
-            Param::Text(Some(uuids)),
-        ]);
+        params.extend(settle_params(now, Param::Text(Some(uuids))));
     }
     if let Some(req) = claim
         && let Some((claim_sql, claim_params)) = claim_statement(req, now, "'j', ")

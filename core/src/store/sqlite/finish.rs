@@ -16,7 +16,7 @@ use super::attempts::{
     Rejection, claim_statement, claimed_job, current, record_rejection, staleness,
 };
 use super::journal::{Journal, Param, bind_all};
-use super::write::{SETTLE, Tallies, add_count_row, json, settle_task};
+use super::write::{SETTLE, Tallies, add_count_row, json, parse_state, settle_params, settle_task};
 use crate::clock::Millis;
 use crate::job::StepJob;
 use crate::orchestrator::SettleCause;
@@ -103,6 +103,10 @@ pub(super) async fn finish(
             if let (Some(x), Some(task)) = (&r.expansion, task) {
                 for st in &x.steps {
                     let d = &st.definition;
+                    let batch = st
+                        .batch_group
+                        .as_ref()
+                        .map(|_| d.batch_config.clone().unwrap_or_default());
                     new_steps.push(serde_json::json!([
                         st.uuid,
                         task,
@@ -113,6 +117,9 @@ pub(super) async fn finish(
                         json(&st.inputs)?,
                         d.retry.max_attempts,
                         d.timeout_seconds.map(|t| (t as i64).saturating_mul(1000)),
+                        st.batch_group,
+                        batch.as_ref().map(|b| b.parallelism),
+                        batch.as_ref().map(|b| b.failure_strategy),
                     ]));
                 }
                 for (p, c) in &x.edges {
@@ -130,16 +137,28 @@ pub(super) async fn finish(
             params.push(Param::Text(Some(json(&new_edges)?)));
         }
     }
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|r| matches!(r.resolution, Resolution::Failed { .. }))
+        .map(|r| r.step_uuid.as_str())
+        .collect();
+    if !failed.is_empty() {
+        sql.push_str(FAIL_FAST);
+        let failed = json(&failed)?;
+        params.extend([
+            Param::Int(Some(now)),
+            Param::Text(Some(failed.clone())),
+            Param::Int(Some(now)),
+            Param::Int(Some(now)),
+            Param::Int(Some(now)),
+            Param::Text(Some(failed)),
+        ]);
+    }
     if slots > 0 {
         sql.push_str(&SETTLE.replace("{tasks}", RESULT_TASKS));
         let steps: Vec<&str> = results.iter().map(|r| r.step_uuid.as_str()).collect();
         let steps = json(&steps)?;
-        params.extend([
-            Param::Int(Some(now)),
-            Param::Int(Some(now)),
-            Param::Text(Some(steps.clone())),
-            Param::Text(Some(steps)),
-        ]);
+        params.extend(settle_params(now, Param::Text(Some(steps))));
     }
     if let Some(req) = claim
         && let Some((claim_sql, claim_params)) = claim_statement(req, now, "'j', ")
@@ -192,15 +211,33 @@ pub(super) async fn finish(
 /// priority.
 const INSERT_STEPS: &str = "INSERT INTO steps (step_uuid, task_uuid, seq, name, namespace,
         callable, step_type, definition, inputs, state, max_attempts, priority, timeout_ms,
-        created_at, updated_at)
+        batch_group, batch_parallelism, batch_strategy, created_at, updated_at)
      SELECT j.value->>0, t.task_uuid,
         (SELECT COALESCE(MAX(seq), 0) FROM steps s WHERE s.task_uuid = t.task_uuid) + j.key + 1,
         j.value->>2, t.namespace, j.value->>3, j.value->>4, j.value->>5, j.value->>6, 'pending',
-        j.value->>7, t.priority, j.value->>8, ?, ?
+        j.value->>7, t.priority, j.value->>8, j.value->>9, j.value->>10, j.value->>11, ?, ?
      FROM json_each(?) j JOIN tasks t ON t.task_uuid = j.value->>1
      WHERE true
      ON CONFLICT (task_uuid, name) DO NOTHING
      RETURNING 'x', step_uuid, task_uuid;\n";
+
+/// Batch workers (SPEC §7, `failure_strategy: fail_fast`) that failed for good in this
+/// transaction (their row changed at `now`) cancel the other workers of their group that have
+/// not finished: the siblings are listed (rows tagged `k`, with their state before and the
+/// failed worker's name, for the audit trail) and then cancelled.
+const FAIL_FAST: &str = "SELECT 'k', s.step_uuid, s.task_uuid, s.state, f.name
+     FROM steps f JOIN steps s ON s.task_uuid = f.task_uuid AND s.batch_group = f.batch_group
+     WHERE f.updated_at = ? AND f.step_uuid IN (SELECT value FROM json_each(?))
+       AND f.state = 'error' AND f.batch_strategy = 'fail_fast' AND s.step_uuid != f.step_uuid
+       AND s.state IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry');
+     UPDATE steps SET state = 'cancelled', lease_expires_at = NULL, timeout_at = NULL,
+        next_attempt_at = NULL, completed_at = ?, updated_at = ?
+     WHERE step_uuid IN (
+       SELECT s.step_uuid
+       FROM steps f JOIN steps s ON s.task_uuid = f.task_uuid AND s.batch_group = f.batch_group
+       WHERE f.updated_at = ? AND f.step_uuid IN (SELECT value FROM json_each(?))
+         AND f.state = 'error' AND f.batch_strategy = 'fail_fast' AND s.step_uuid != f.step_uuid
+         AND s.state IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry'));\n";
 
 /// Edges `[task, parent name, child name]` between steps that exist, into children that have
 /// not started.
@@ -294,6 +331,24 @@ impl<'a> Rows<'a> {
                         None,
                         actor,
                         None,
+                        now,
+                    )?;
+                }
+                "k" => {
+                    let step: String = row.try_get(1)?;
+                    let task: String = row.try_get(2)?;
+                    let from: StepState = parse_state(&row.try_get::<String, _>(3)?)?;
+                    let failed: String = row.try_get(4)?;
+                    j.step_moves(
+                        &step,
+                        &task,
+                        from,
+                        &[StepEvent::Cancel],
+                        None,
+                        actor,
+                        Some(&format!(
+                            "fail_fast: batch worker `{failed}` failed for good"
+                        )),
                         now,
                     )?;
                 }

@@ -191,6 +191,7 @@ struct Batch {
 }
 
 /// A bind parameter of a statement built at run time.
+#[derive(Clone)]
 pub(super) enum Param {
     Text(Option<String>),
     Int(Option<i64>),

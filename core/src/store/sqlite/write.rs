@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{AssertSqlSafe, Row, SqliteConnection};
 
-use super::journal::Journal;
+use super::journal::{Journal, Param, bind_all};
 
 use crate::clock::Millis;
 use crate::orchestrator::{SettleCause, settle_events};
@@ -135,28 +135,57 @@ pub(super) async fn settle(
 
 /// The statements of a settle run alongside other work: the `pending` steps of the tasks that
 /// `{tasks}` (a subquery) selects whose parents are all satisfied are enqueued (rows tagged
-/// `e`), then those tasks' steps are tallied by state (rows tagged `c`). Parameters: `now`
-/// twice, then one for each of the two copies of `{tasks}`.
+/// `e`), then those tasks' steps are tallied by state (rows tagged `c`). Parameters: see
+/// [`settle_params`].
+///
+/// A parent satisfies its child when `complete` or `resolved_manually`, and also when it is a
+/// batch worker that failed for good under the `isolate` strategy (its aggregator runs
+/// anyway). Batch workers are enqueued in creation order, only while fewer than their
+/// group's `parallelism` are enqueued, running or waiting to retry: ranked among the group's
+/// pending workers, a worker goes when its rank plus the busy count fits the cap, which holds
+/// whether SQLite evaluates the rows before or during the update.
 pub(super) const SETTLE: &str =
     "UPDATE steps SET state = 'enqueued', enqueued_at = ?, updated_at = ?
      WHERE task_uuid IN ({tasks}) AND state = 'pending'
        AND NOT EXISTS (
          SELECT 1 FROM step_edges e JOIN steps p ON p.step_uuid = e.from_step
-         WHERE e.to_step = steps.step_uuid AND p.state NOT IN ('complete', 'resolved_manually'))
+         WHERE e.to_step = steps.step_uuid AND p.state NOT IN ('complete', 'resolved_manually')
+           AND NOT (p.state = 'error' AND p.batch_strategy IS 'isolate'))
        AND (SELECT state FROM tasks t WHERE t.task_uuid = steps.task_uuid)
            NOT IN ('complete', 'error', 'cancelled', 'resolved_manually')
+       AND (steps.batch_parallelism IS NULL OR steps.step_uuid IN (
+         SELECT step_uuid FROM (
+           SELECT w.step_uuid, w.batch_parallelism AS cap,
+             ROW_NUMBER() OVER (PARTITION BY w.task_uuid, w.batch_group ORDER BY w.seq) AS rank,
+             (SELECT COUNT(*) FROM steps b
+              WHERE b.task_uuid = w.task_uuid AND b.batch_group = w.batch_group
+                AND b.state IN ('enqueued', 'in_progress', 'waiting_for_retry')) AS busy
+           FROM steps w
+           WHERE w.task_uuid IN ({tasks}) AND w.state = 'pending' AND w.batch_group IS NOT NULL)
+         WHERE rank + busy <= cap))
      RETURNING 'e', step_uuid, task_uuid;
      SELECT 'c', t.task_uuid, t.state, s.state, COUNT(s.step_uuid)
      FROM tasks t LEFT JOIN steps s ON s.task_uuid = t.task_uuid
      WHERE t.task_uuid IN ({tasks})
      GROUP BY t.task_uuid, s.state;\n";
 
+/// The parameters of [`SETTLE`]: `now` twice, then `tasks` (the parameter of the `{tasks}`
+/// subquery) for each of its three copies.
+pub(super) fn settle_params(now: Millis, tasks: Param) -> [Param; 5] {
+    [
+        Param::Int(Some(now)),
+        Param::Int(Some(now)),
+        tasks.clone(),
+        tasks.clone(),
+        tasks,
+    ]
+}
+
 /// Tasks settled per round trip at most.
 const SETTLE_CHUNK: usize = 64;
 
-/// [`settle`] for several tasks, in one round trip per chunk: for each task, the update that
-/// enqueues its ready steps and the count of its steps by state, as one multi-statement query
-/// whose rows are told apart by their width (two columns: an enqueued step; four: a count).
+/// [`settle`] for several tasks, in one round trip per chunk: for each task, [`SETTLE`]'s
+/// update that enqueues its ready steps and count of its steps by state.
 pub(super) async fn settle_many(
     tx: &mut SqliteConnection,
     j: &mut Journal,
@@ -166,6 +195,7 @@ pub(super) async fn settle_many(
     reason: Option<&str>,
     now: Millis,
 ) -> Result<Vec<TaskState>> {
+    let one = SETTLE.replace("{tasks}", "?");
     let mut out = Vec::with_capacity(tasks.len());
     for chunk in tasks.chunks(SETTLE_CHUNK) {
         // A task this operation already finished keeps its state; its steps are not enqueued.
@@ -173,37 +203,23 @@ pub(super) async fn settle_many(
             .iter()
             .filter(|t| !j.task_state(t).is_some_and(|s| s.is_terminal()))
             .collect();
-        let mut sql = String::new();
-        for _ in &open {
-            sql.push_str(
-                "UPDATE steps SET state = 'enqueued', enqueued_at = ?, updated_at = ?
-                 WHERE task_uuid = ? AND state = 'pending'
-                   AND NOT EXISTS (
-                     SELECT 1 FROM step_edges e JOIN steps p ON p.step_uuid = e.from_step
-                     WHERE e.to_step = steps.step_uuid
-                       AND p.state NOT IN ('complete', 'resolved_manually'))
-                   AND (SELECT state FROM tasks WHERE task_uuid = ?)
-                       NOT IN ('complete', 'error', 'cancelled', 'resolved_manually')
-                 RETURNING step_uuid, task_uuid;
-                 SELECT t.task_uuid, t.state AS task_state, s.state AS step_state,
-                        COUNT(s.step_uuid) AS n
-                 FROM tasks t LEFT JOIN steps s ON s.task_uuid = t.task_uuid
-                 WHERE t.task_uuid = ? GROUP BY s.state;\n",
-            );
-        }
         let mut ready: Vec<(String, String)> = Vec::new();
         let mut counts = Tallies::new();
         if !open.is_empty() {
-            let mut q = sqlx::query(AssertSqlSafe(sql));
+            let sql = one.repeat(open.len());
+            let mut params = Vec::new();
             for t in &open {
-                q = q.bind(now).bind(now).bind(*t).bind(*t).bind(*t);
+                params.extend(settle_params(now, Param::Text(Some((*t).clone()))));
             }
-            for row in q.fetch_all(&mut *tx).await? {
-                if row.len() == 2 {
-                    ready.push((row.try_get(0)?, row.try_get(1)?));
-                    continue;
+            for row in bind_all(sqlx::query(AssertSqlSafe(sql)), params)
+                .fetch_all(&mut *tx)
+                .await?
+            {
+                if row.try_get::<String, _>(0)? == "e" {
+                    ready.push((row.try_get(1)?, row.try_get(2)?));
+                } else {
+                    add_count_row(&mut counts, &row, 1)?;
                 }
-                add_count_row(&mut counts, &row, 0)?;
             }
         }
         for (step, task) in &ready {
