@@ -494,6 +494,15 @@ async fn fail_unknown_callables(inner: &Arc<Inner>, now: Millis) -> Result<()> {
     );
     req.enqueued_before = Some(now - inner.config.unknown_callable_grace.as_millis() as Millis);
     for job in inner.store.claim(&req, now).await? {
+        // A no-op batch placeholder needs no handler.
+        if let Some(result) = no_op_result(&job) {
+            let _ = inner.results.send(Finished {
+                job,
+                outcome: StepOutcome::success(result),
+                reply: None,
+            });
+            continue;
+        }
         let searched = if known.is_empty() {
             "none registered".to_string()
         } else {

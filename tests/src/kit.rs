@@ -504,7 +504,7 @@ fn checkpointing_work(ctx: &StepContext) -> KitResult {
 }
 
 /// `kit.aggregate`: sums the `items_processed` of the workers of analyzer `analyzer` whose
-/// names start with `prefix` (default: every direct parent's). Result `{total_processed,
+/// names start with `prefix` (the no-op placeholder aside). Result `{total_processed,
 /// worker_count, no_batches, failed_batches}`.
 fn aggregate(ctx: &StepContext) -> KitResult {
     let analyzer = ctx
