@@ -87,6 +87,9 @@ pub enum CallableFilter {
     Only(Vec<String>),
     /// Every callable except these (used to fail steps nobody can run).
     AnyExcept(Vec<String>),
+    /// Only these steps (by uuid), whatever their callable: the engine completing steps that
+    /// need no handler, such as a `no_batches` placeholder.
+    Steps(Vec<String>),
 }
 
 /// A claim for ready steps.

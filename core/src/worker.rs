@@ -20,7 +20,9 @@ use crate::clock::Millis;
 use crate::engine::Inner;
 use crate::job::{Checkpoint, ErrorType, StepFailure, StepJob, StepOutcome};
 use crate::orchestrator::{decide_failure, plan_batches, plan_decision, resolve_outcome};
-use crate::store::{AttemptResult, CallableFilter, ClaimRequest, Completion, Expiry, Resolution};
+use crate::store::{
+    AttemptResult, CallableFilter, ClaimRequest, Completion, Expiry, FinishReport, Resolution,
+};
 use crate::template::StepType;
 
 /// A finished attempt on its way to the completer.
@@ -142,6 +144,7 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
     });
     match reports {
         Ok(reports) => {
+            complete_placeholders(inner, &results, &reports).await;
             let changed: Vec<_> = reports
                 .iter()
                 .filter_map(|r| Some((r.task_uuid.clone()?, r.task_state?)))
@@ -269,6 +272,46 @@ async fn run_attempt(inner: &Inner, job: &mut StepJob) -> Option<StepOutcome> {
                 )));
             }
         }
+    }
+}
+
+/// Completes the no-op placeholders that accepted `no_batches` results created, so that
+/// their aggregators run whether or not any worker serves the placeholder's callable.
+async fn complete_placeholders(inner: &Inner, results: &[AttemptResult], reports: &[FinishReport]) {
+    let ids: Vec<String> = results
+        .iter()
+        .zip(reports)
+        .filter(|(_, rep)| rep.completion == Completion::Accepted)
+        .filter_map(|(r, _)| r.expansion.as_ref())
+        .flat_map(|x| &x.steps)
+        .filter(|s| s.inputs.get("is_no_op") == Some(&Value::Bool(true)))
+        .map(|s| s.uuid.clone())
+        .collect();
+    if ids.is_empty() {
+        return;
+    }
+    let n = ids.len();
+    let req = claim_request(
+        inner,
+        &inner.worker_id,
+        Vec::new(),
+        CallableFilter::Steps(ids),
+        n,
+    );
+    match inner.store.claim(&req, inner.clock.now()).await {
+        Ok(jobs) => {
+            for job in jobs {
+                if let Some(result) = no_op_result(&job) {
+                    let _ = inner.results.send(Finished {
+                        job,
+                        outcome: StepOutcome::success(result),
+                        reply: None,
+                    });
+                }
+            }
+        }
+        // A host worker or the unknown-callable pass completes them later.
+        Err(e) => tracing::warn!("cannot complete no-op batch placeholders now: {e}"),
     }
 }
 

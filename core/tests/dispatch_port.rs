@@ -528,3 +528,85 @@ fn close_wakes_blocked_hosts_promptly() {
         .unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound, "reads still work after close");
 }
+
+/// A batch whose workers are served by host threads: each real batch is handed out once, with
+/// its cursor, while a `no_batches` placeholder never reaches the host.
+#[test]
+fn batch_workers_reach_host_threads_and_placeholders_do_not() {
+    let env = Env::new(config());
+    env.register(
+        r#"
+name: port_batch
+namespace_name: port
+version: "1.0.0"
+identity_strategy: always_unique
+steps:
+  - { name: analyze, type: batchable, handler: { callable: rs.analyze } }
+  - name: work
+    type: batch_worker
+    dependencies: [analyze]
+    handler: { callable: host.work }
+    batch_config: { batch_size: 10, parallelism: 8 }
+  - { name: total, type: deferred_convergence, dependencies: [work], handler: { callable: rs.total } }
+"#,
+    );
+    env.tasker.register_handler(
+        "rs.analyze",
+        handler_fn(|ctx| async move {
+            let n = ctx.get_input("items").and_then(|v| v.as_u64()).unwrap_or(0);
+            StepOutcome::batch_analyzer_success(tasker_core::batch::create_batch_outcome(n, 10))
+        }),
+    );
+    env.tasker.register_handler(
+        "rs.total",
+        handler_fn(|ctx| async move {
+            let s = tasker_core::BatchAggregationScenario::from_context(&ctx, "analyze", "work_");
+            let n: u64 = s
+                .batch_results
+                .values()
+                .filter_map(|r| r["n"].as_u64())
+                .sum();
+            StepOutcome::success(json!({ "n": n, "no_batches": s.is_no_batches }))
+        }),
+    );
+    let w = env
+        .tasker
+        .worker(vec!["port".into()], vec!["host.work".into()]);
+
+    let uuid = env.create("port_batch", json!({ "items": 25 }));
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let job = w
+            .next_step(Duration::from_secs(10))
+            .unwrap()
+            .expect("a batch");
+        let batch = tasker_core::BatchWorkerContext::from_job(&job).expect("a batch worker");
+        let n = batch.cursor.batch_size;
+        seen.push(job.step_name.clone());
+        w.complete(
+            &job,
+            StepOutcome::batch_worker_success(&batch, json!({ "n": n })),
+        )
+        .unwrap();
+    }
+    seen.sort();
+    assert_eq!(seen, ["work_001", "work_002", "work_003"]);
+    let task = env.wait(&uuid);
+    assert_eq!(task.status, TaskState::Complete);
+    assert_eq!(
+        task.step("total").unwrap().result,
+        Some(json!({ "n": 25, "no_batches": false }))
+    );
+
+    let uuid = env.create("port_batch", json!({ "items": 0 }));
+    let task = env.wait(&uuid);
+    assert_eq!(task.status, TaskState::Complete);
+    assert_eq!(
+        task.step("work_000").unwrap().result.as_ref().unwrap()["is_no_op"],
+        json!(true)
+    );
+    assert!(
+        w.next_step(Duration::from_millis(100)).unwrap().is_none(),
+        "the placeholder was never handed out"
+    );
+}

@@ -76,6 +76,8 @@ pub(super) fn claim_statement(
         CallableFilter::Only(c) => in_list(&mut filter, "callable", false, c),
         CallableFilter::AnyExcept(c) if c.is_empty() => {}
         CallableFilter::AnyExcept(c) => in_list(&mut filter, "callable", true, c),
+        CallableFilter::Steps(s) if s.is_empty() => return None,
+        CallableFilter::Steps(s) => in_list(&mut filter, "step_uuid", false, s),
     }
     if let Some(before) = req.enqueued_before {
         // A number, not user text: safe to inline.
