@@ -35,6 +35,7 @@ pub mod state;
 pub mod store;
 pub mod task;
 pub mod template;
+pub mod visualize;
 pub mod worker;
 
 pub use config::Config;
