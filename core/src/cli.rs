@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! tasker-ctl run TEMPLATE --context JSON|@FILE [--db PATH] [--format table|json] [--timeout S]
-//! tasker-ctl template validate|convert|list|register ...
-//! tasker-ctl task create|get|list|steps|audit|cancel|give-up|resolve|reset-step|resolve-step|complete-step ...
+//! tasker-ctl template validate|convert|list|register|visualize ...
+//! tasker-ctl task create|get|list|steps|audit|visualize|cancel|give-up|resolve|reset-step|resolve-step|complete-step ...
 //! ```
 //!
 //! Exit codes: `0` success (for `run`: the task is `complete`), `1` the command worked but the
@@ -33,6 +33,7 @@ macro_rules! out {
     };
 }
 
+mod diagram;
 mod run;
 mod table;
 mod task_cmd;
@@ -223,21 +224,28 @@ pub(crate) enum Format {
     Json,
 }
 
-/// Options shared by every command that reads a database.
+/// Where the tasks are: a database, or a Tasker server.
 #[derive(Debug, Clone, Args)]
-pub(crate) struct DbArgs {
+pub(crate) struct DbTarget {
     /// Database: `sqlite:PATH`, `sqlite::memory:` or a plain file path.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_DB)]
     pub(crate) db: String,
     /// A Tasker server (not available yet: the REST client arrives with the server).
     #[arg(long, value_name = "URL")]
     pub(crate) url: Option<String>,
+}
+
+/// Options shared by every command that reads a database and prints tables or JSON.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct DbArgs {
+    #[command(flatten)]
+    pub(crate) target: DbTarget,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub(crate) format: Format,
 }
 
-impl DbArgs {
+impl DbTarget {
     /// Refuses `--url` clearly rather than pretending to talk to a server.
     pub(crate) fn reject_url(&self) -> CliResult<()> {
         match &self.url {
@@ -273,7 +281,7 @@ pub(crate) fn config() -> CliResult<Config> {
 /// Opens a database as an operator: no in-process worker, sweeper or lease renewal, so the
 /// handle never runs a handler or expires another process's attempts. Refuses a file that
 /// does not exist rather than creating an empty database for a mistyped path.
-pub(crate) async fn open_operator(db: &DbArgs) -> CliResult<Tasker> {
+pub(crate) async fn open_operator(db: &DbTarget) -> CliResult<Tasker> {
     db.reject_url()?;
     if let Some(path) = db_file(&db.db)
         && !path.exists()

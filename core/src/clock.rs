@@ -60,6 +60,20 @@ impl Clock for TestClock {
     }
 }
 
+/// A duration for people: `850ms`, `1.23s`, `2m05s`, `1h02m` (negative reads as `0ms`).
+pub fn human_duration(ms: Millis) -> String {
+    let ms = ms.max(0);
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.2}s", ms as f64 / 1000.0)
+    } else if ms < 3_600_000 {
+        format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000)
+    } else {
+        format!("{}h{:02}m", ms / 3_600_000, (ms % 3_600_000) / 60_000)
+    }
+}
+
 /// Formats epoch milliseconds as an RFC 3339 UTC timestamp (`2026-11-23T09:18:36.123Z`).
 pub fn format_rfc3339(ms: Millis) -> String {
     let secs = ms.div_euclid(1000);
@@ -99,6 +113,16 @@ mod tests {
             format_rfc3339(1_795_425_516_000),
             "2026-11-23T09:18:36.000Z"
         );
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(human_duration(-5), "0ms");
+        assert_eq!(human_duration(0), "0ms");
+        assert_eq!(human_duration(850), "850ms");
+        assert_eq!(human_duration(1234), "1.23s");
+        assert_eq!(human_duration(125_000), "2m05s");
+        assert_eq!(human_duration(3_720_000), "1h02m");
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub mod state;
 pub mod store;
 pub mod task;
 pub mod template;
+pub mod visualize;
 pub mod worker;
 
 pub use batch::{BatchAggregationScenario, BatchOutcome, BatchWorkerContext, CursorConfig};

@@ -6,6 +6,7 @@
 
 use std::io::IsTerminal;
 
+pub(crate) use crate::clock::human_duration;
 use crate::clock::{Millis, format_rfc3339};
 use crate::state::{StepState, TaskState};
 
@@ -171,20 +172,6 @@ fn width(s: &str) -> usize {
     s.chars().count()
 }
 
-/// A duration for people: `850ms`, `1.23s`, `2m05s`, `1h02m`.
-pub(crate) fn human_duration(ms: i64) -> String {
-    let ms = ms.max(0);
-    if ms < 1000 {
-        format!("{ms}ms")
-    } else if ms < 60_000 {
-        format!("{:.2}s", ms as f64 / 1000.0)
-    } else if ms < 3_600_000 {
-        format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000)
-    } else {
-        format!("{}h{:02}m", ms / 3_600_000, (ms % 3_600_000) / 60_000)
-    }
-}
-
 /// An optional timestamp as RFC 3339, or `-`.
 pub(crate) fn time_or_dash(ms: Option<Millis>) -> String {
     ms.map(format_rfc3339).unwrap_or_else(|| "-".into())
@@ -203,15 +190,6 @@ pub(crate) fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_read_naturally() {
-        assert_eq!(human_duration(0), "0ms");
-        assert_eq!(human_duration(850), "850ms");
-        assert_eq!(human_duration(1234), "1.23s");
-        assert_eq!(human_duration(125_000), "2m05s");
-        assert_eq!(human_duration(3_720_000), "1h02m");
-    }
 
     #[test]
     fn columns_align_without_trailing_blanks() {

@@ -33,6 +33,9 @@ pub(crate) enum TaskCommand {
     Steps(UuidArgs),
     /// Show a task's step transitions (attempt, actor, reason) and rejected late completions.
     Audit(AuditArgs),
+    /// Draw a task's steps as they exist, coloured by state: Mermaid (default) or DOT text, or
+    /// SVG/PNG via Graphviz.
+    Visualize(super::diagram::TaskVisualizeArgs),
     /// Cancel a task and its unfinished steps.
     Cancel(ActionArgs),
     /// Give up on a blocked task (it moves to `error`).
@@ -185,6 +188,7 @@ pub(crate) async fn dispatch(cmd: TaskCommand) -> CliResult {
         TaskCommand::List(a) => list(a).await,
         TaskCommand::Steps(a) => steps(a).await,
         TaskCommand::Audit(a) => audit(a).await,
+        TaskCommand::Visualize(a) => super::diagram::task(a).await,
         TaskCommand::Cancel(a) => act(a.uuid, OperatorAction::Cancel, a.who, a.db).await,
         TaskCommand::GiveUp(a) => act(a.uuid, OperatorAction::GiveUp, a.who, a.db).await,
         TaskCommand::Resolve(a) => act(a.uuid, OperatorAction::ResolveManually, a.who, a.db).await,
@@ -223,7 +227,7 @@ pub(crate) async fn dispatch(cmd: TaskCommand) -> CliResult {
 }
 
 async fn create(a: CreateArgs) -> CliResult {
-    a.db.reject_url()?;
+    a.db.target.reject_url()?;
     let context = json_object_arg(&a.input, "--input")?;
     // Unlike the other task commands this one may create the database: it is how a task gets
     // into a fresh one. Still no background work: creating must not run anything.
@@ -232,9 +236,9 @@ async fn create(a: CreateArgs) -> CliResult {
         background: false,
         ..OpenOptions::default()
     };
-    let tasker = Tasker::open_with(&a.db.db, options)
+    let tasker = Tasker::open_with(&a.db.target.db, options)
         .await
-        .map_err(|e| super::open_failed(&a.db.db, e))?;
+        .map_err(|e| super::open_failed(&a.db.target.db, e))?;
     if let Some(path) = &a.template {
         tasker.register_templates(path).await?;
     }
@@ -264,7 +268,7 @@ async fn create(a: CreateArgs) -> CliResult {
 }
 
 async fn get(a: UuidArgs) -> CliResult {
-    let tasker = open_operator(&a.db).await?;
+    let tasker = open_operator(&a.db.target).await?;
     let task = tasker.get_task(&a.uuid).await?;
     if a.db.format == Format::Json {
         let mut v = serde_json::to_value(&task).map_err(|e| CliError::failed(e.to_string()))?;
@@ -330,7 +334,7 @@ async fn list(a: ListArgs) -> CliResult {
         })?),
         None => None,
     };
-    let tasker = open_operator(&a.db).await?;
+    let tasker = open_operator(&a.db.target).await?;
     let filter = TaskFilter {
         namespace: a.namespace,
         name: a.name,
@@ -370,7 +374,7 @@ async fn list(a: ListArgs) -> CliResult {
 }
 
 async fn steps(a: UuidArgs) -> CliResult {
-    let tasker = open_operator(&a.db).await?;
+    let tasker = open_operator(&a.db.target).await?;
     let task = tasker.get_task(&a.uuid).await?;
     if a.db.format == Format::Json {
         print_json(&task.steps)?;
@@ -428,7 +432,7 @@ async fn steps(a: UuidArgs) -> CliResult {
 }
 
 async fn audit(a: AuditArgs) -> CliResult {
-    let tasker = open_operator(&a.db).await?;
+    let tasker = open_operator(&a.db.target).await?;
     let task = tasker.get_task(&a.uuid).await?;
     let transitions = tasker.step_transitions(&a.uuid, a.step.as_deref()).await?;
     let step_uuid = a
@@ -505,7 +509,7 @@ async fn audit(a: AuditArgs) -> CliResult {
 
 /// Applies one operator action and prints the task's new state.
 async fn act(uuid: String, action: OperatorAction, who: Who, db: DbArgs) -> CliResult {
-    let tasker = open_operator(&db).await?;
+    let tasker = open_operator(&db.target).await?;
     let state = tasker
         .operator(&uuid, action.clone(), &who.actor(), &who.reason)
         .await?;

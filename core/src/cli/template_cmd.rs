@@ -24,6 +24,8 @@ pub(crate) enum TemplateCommand {
     Register(RegisterArgs),
     /// List the templates registered in a database.
     List(ListArgs),
+    /// Draw a template's step DAG: Mermaid (default) or DOT text, or SVG/PNG via Graphviz.
+    Visualize(super::diagram::TemplateVisualizeArgs),
 }
 
 /// `template validate`
@@ -72,6 +74,7 @@ pub(crate) async fn dispatch(cmd: TemplateCommand) -> CliResult {
         TemplateCommand::Convert(a) => convert(a),
         TemplateCommand::Register(a) => register(a).await,
         TemplateCommand::List(a) => list(a).await,
+        TemplateCommand::Visualize(a) => super::diagram::template(a),
     }
 }
 
@@ -219,7 +222,7 @@ fn convert(a: ConvertArgs) -> CliResult {
 }
 
 async fn register(a: RegisterArgs) -> CliResult {
-    a.db.reject_url()?;
+    a.db.target.reject_url()?;
     let config = config()?;
     let checked = check_paths(&a.paths, &config.environment);
     let errors: Vec<String> = checked
@@ -239,9 +242,9 @@ async fn register(a: RegisterArgs) -> CliResult {
         background: false,
         ..OpenOptions::default()
     };
-    let tasker = Tasker::open_with(&a.db.db, options)
+    let tasker = Tasker::open_with(&a.db.target.db, options)
         .await
-        .map_err(|e| super::open_failed(&a.db.db, e))?;
+        .map_err(|e| super::open_failed(&a.db.target.db, e))?;
     let mut rows = Vec::new();
     for c in &checked {
         let loaded = load_file(std::path::Path::new(&c.file), &env)
@@ -273,7 +276,7 @@ async fn register(a: RegisterArgs) -> CliResult {
 }
 
 async fn list(a: ListArgs) -> CliResult {
-    let tasker = open_operator(&a.db).await?;
+    let tasker = open_operator(&a.db.target).await?;
     let mut templates = tasker.store().list_templates().await?;
     templates.sort_by_key(|x| x.key());
     if a.db.format == Format::Json {

@@ -84,6 +84,22 @@ pub enum StepType {
 }
 
 impl StepType {
+    /// Every step type, in declaration order.
+    pub const ALL: [StepType; 6] = [
+        StepType::Standard,
+        StepType::Decision,
+        StepType::DeferredConvergence,
+        StepType::Batchable,
+        StepType::BatchWorker,
+        StepType::Workflow,
+    ];
+
+    /// The step type whose canonical name ([`StepType::as_str`]) is `name`, as stored with
+    /// each step of a task.
+    pub fn from_name(name: &str) -> Option<StepType> {
+        StepType::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+
     /// The snake_case name used in YAML, SQL and JSON.
     pub fn as_str(self) -> &'static str {
         match self {
