@@ -1,17 +1,15 @@
 //! End-to-end tests of the real `tasker-ctl` binary: every command runs in a temporary
 //! directory with its own `--db`, exactly as a user would type it.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tasker-ctl");
+mod common;
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use common::*;
 
 fn ecommerce_template() -> String {
     workspace()
@@ -27,40 +25,9 @@ fn ecommerce_context(file: &str) -> String {
     )
 }
 
-fn command(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args)
-        .current_dir(dir)
-        .env_remove("TASKER_LOG")
-        .env("NO_COLOR", "1");
-    c
-}
-
-fn ctl(dir: &Path, args: &[&str]) -> Output {
-    command(dir, args).output().expect("tasker-ctl runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn describe(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        text(&o.stdout),
-        text(&o.stderr)
-    )
-}
-
 fn json_out(o: &Output) -> Value {
     serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", describe(o)))
-}
-
-fn assert_code(o: &Output, code: i32) {
-    assert_eq!(o.status.code(), Some(code), "{}", describe(o));
-    assert!(!text(&o.stderr).contains("panicked"), "{}", describe(o));
 }
 
 fn step<'a>(task: &'a Value, name: &str) -> &'a Value {

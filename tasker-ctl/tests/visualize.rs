@@ -1,47 +1,17 @@
 //! End-to-end tests of `tasker-ctl template visualize` and `tasker-ctl task visualize`, with the
 //! real binary and the real Graphviz (`./run test` installs it when `dot` is missing).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tasker-ctl");
+mod common;
+
+use common::*;
 
 fn approval_template() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/templates/conditional_approval.yaml")
+    workspace()
+        .join("tests/templates/conditional_approval.yaml")
         .display()
         .to_string()
-}
-
-fn command(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args)
-        .current_dir(dir)
-        .env_remove("TASKER_LOG")
-        .env("NO_COLOR", "1");
-    c
-}
-
-fn ctl(dir: &Path, args: &[&str]) -> Output {
-    command(dir, args).output().expect("tasker-ctl runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn describe(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        text(&o.stdout),
-        text(&o.stderr)
-    )
-}
-
-fn assert_code(o: &Output, code: i32) {
-    assert_eq!(o.status.code(), Some(code), "{}", describe(o));
-    assert!(!text(&o.stderr).contains("panicked"), "{}", describe(o));
 }
 
 fn assert_lines(output: &str, lines: &[&str]) {
