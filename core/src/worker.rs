@@ -301,18 +301,26 @@ async fn complete_placeholders(inner: &Inner, results: &[AttemptResult], reports
     match inner.store.claim(&req, inner.clock.now()).await {
         Ok(jobs) => {
             for job in jobs {
-                if let Some(result) = no_op_result(&job) {
-                    let _ = inner.results.send(Finished {
-                        job,
-                        outcome: StepOutcome::success(result),
-                        reply: None,
-                    });
-                }
+                finish_if_no_op(inner, job);
             }
         }
         // A host worker or the unknown-callable pass completes them later.
         Err(e) => tracing::warn!("cannot complete no-op batch placeholders now: {e}"),
     }
+}
+
+/// Sends a claimed no-op batch placeholder to the completer with its result and returns
+/// `None`; any other job comes back to be run.
+pub(crate) fn finish_if_no_op(inner: &Inner, job: StepJob) -> Option<StepJob> {
+    let Some(result) = no_op_result(&job) else {
+        return Some(job);
+    };
+    let _ = inner.results.send(Finished {
+        job,
+        outcome: StepOutcome::success(result),
+        reply: None,
+    });
+    None
 }
 
 /// The claim a completer makes alongside its results, with the permits it may fill.
@@ -538,14 +546,9 @@ async fn fail_unknown_callables(inner: &Arc<Inner>, now: Millis) -> Result<()> {
     req.enqueued_before = Some(now - inner.config.unknown_callable_grace.as_millis() as Millis);
     for job in inner.store.claim(&req, now).await? {
         // A no-op batch placeholder needs no handler.
-        if let Some(result) = no_op_result(&job) {
-            let _ = inner.results.send(Finished {
-                job,
-                outcome: StepOutcome::success(result),
-                reply: None,
-            });
+        let Some(job) = finish_if_no_op(inner, job) else {
             continue;
-        }
+        };
         let searched = if known.is_empty() {
             "none registered".to_string()
         } else {

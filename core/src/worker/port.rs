@@ -10,7 +10,6 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::Finished;
-use crate::batch::no_op_result;
 use crate::engine::Tasker;
 use crate::job::{Checkpoint, StepJob, StepOutcome};
 use crate::store::{CallableFilter, Completion};
@@ -114,14 +113,11 @@ impl Worker {
                 1,
             );
             if let Some(job) = inner.store.claim(&req, inner.clock.now()).await?.pop() {
-                inner.hold(&job);
                 // A no-op batch placeholder never reaches the host: the engine completes it.
-                if let Some(result) = no_op_result(&job) {
-                    self.complete_async(&job, StepOutcome::success(result))
-                        .await?;
-                    continue;
+                if let Some(job) = super::finish_if_no_op(inner, job) {
+                    inner.hold(&job);
+                    return Ok(Some(job));
                 }
-                return Ok(Some(job));
             }
             tokio::select! {
                 _ = work.changed() => {}

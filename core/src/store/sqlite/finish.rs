@@ -221,23 +221,30 @@ const INSERT_STEPS: &str = "INSERT INTO steps (step_uuid, task_uuid, seq, name, 
      ON CONFLICT (task_uuid, name) DO NOTHING
      RETURNING 'x', step_uuid, task_uuid;\n";
 
+/// The unfinished siblings of the fail-fast workers that failed for good at `now`, as `s`
+/// (`f` is the failed worker). Parameters: `now`, the JSON array of result step ids.
+macro_rules! fail_fast_siblings {
+    () => {
+        "FROM steps f JOIN steps s ON s.task_uuid = f.task_uuid AND s.batch_group = f.batch_group
+         WHERE f.updated_at = ? AND f.step_uuid IN (SELECT value FROM json_each(?))
+           AND f.state = 'error' AND f.batch_strategy = 'fail_fast' AND s.step_uuid != f.step_uuid
+           AND s.state IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry')"
+    };
+}
+
 /// Batch workers (SPEC §7, `failure_strategy: fail_fast`) that failed for good in this
 /// transaction (their row changed at `now`) cancel the other workers of their group that have
 /// not finished: the siblings are listed (rows tagged `k`, with their state before and the
 /// failed worker's name, for the audit trail) and then cancelled.
-const FAIL_FAST: &str = "SELECT 'k', s.step_uuid, s.task_uuid, s.state, f.name
-     FROM steps f JOIN steps s ON s.task_uuid = f.task_uuid AND s.batch_group = f.batch_group
-     WHERE f.updated_at = ? AND f.step_uuid IN (SELECT value FROM json_each(?))
-       AND f.state = 'error' AND f.batch_strategy = 'fail_fast' AND s.step_uuid != f.step_uuid
-       AND s.state IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry');
-     UPDATE steps SET state = 'cancelled', lease_expires_at = NULL, timeout_at = NULL,
+const FAIL_FAST: &str = concat!(
+    "SELECT 'k', s.step_uuid, s.task_uuid, s.state, f.name ",
+    fail_fast_siblings!(),
+    ";\nUPDATE steps SET state = 'cancelled', lease_expires_at = NULL, timeout_at = NULL,
         next_attempt_at = NULL, completed_at = ?, updated_at = ?
-     WHERE step_uuid IN (
-       SELECT s.step_uuid
-       FROM steps f JOIN steps s ON s.task_uuid = f.task_uuid AND s.batch_group = f.batch_group
-       WHERE f.updated_at = ? AND f.step_uuid IN (SELECT value FROM json_each(?))
-         AND f.state = 'error' AND f.batch_strategy = 'fail_fast' AND s.step_uuid != f.step_uuid
-         AND s.state IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry'));\n";
+     WHERE step_uuid IN (SELECT s.step_uuid ",
+    fail_fast_siblings!(),
+    ");\n"
+);
 
 /// Edges `[task, parent name, child name]` between steps that exist, into children that have
 /// not started.
