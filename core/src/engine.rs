@@ -79,6 +79,10 @@ pub(crate) struct Inner {
     /// Set once this process has met a template with a workflow step: from then on every
     /// task change wakes the runner (before, it only polls).
     pub(crate) workflows_seen: std::sync::atomic::AtomicBool,
+    /// Domain-event subscribers of this process (SPEC §10).
+    pub(crate) bus: crate::events::Bus,
+    /// Wakes the durable-event delivery loop.
+    pub(crate) events_wake: Notify,
 }
 
 /// Options for [`Tasker::open_with`].
@@ -183,6 +187,8 @@ impl Tasker {
             runs_handlers: options.background,
             workflows: Notify::new(),
             workflows_seen: std::sync::atomic::AtomicBool::new(false),
+            bus: crate::events::Bus::default(),
+            events_wake: Notify::new(),
         });
         crate::worker::spawn_completer(inner.clone(), results_rx);
         crate::worker::spawn_creator(inner.clone(), creations_rx);
@@ -312,6 +318,38 @@ impl Tasker {
     /// Creates a task and waits for it (terminal or blocked).
     pub async fn run_task(&self, request: TaskRequest, timeout: Option<Duration>) -> Result<Task> {
         self.create_task(request).await?.wait(timeout).await
+    }
+
+    /// Subscribes to domain events (SPEC §10) whose name matches `pattern`: `*`, a prefix
+    /// such as `order.*`, or an exact name. The subscriber gets `durable` events at least once
+    /// (again while it returns `Err`; de-duplicate on `event_id`) and `fast` / `broadcast`
+    /// events at most once. It runs on its own task: a slow subscriber never slows steps.
+    pub fn subscribe(
+        &self,
+        pattern: impl Into<String>,
+        subscriber: Arc<dyn crate::events::EventSubscriber>,
+    ) {
+        self.inner
+            .bus
+            .subscribe(pattern.into(), subscriber, &self.inner.runtime);
+        self.inner.events_wake.notify_one();
+    }
+
+    /// Outbox records of durable and broadcast events, in commit order: for external
+    /// consumers (page with `after_seq`, de-duplicate on `event_id`) and for investigation.
+    pub async fn domain_events(
+        &self,
+        filter: &crate::events::EventFilter,
+    ) -> Result<Vec<crate::events::StoredEvent>> {
+        self.inner.store.list_events(filter).await
+    }
+
+    /// Fast events dropped so far because a subscriber's queue was full.
+    pub fn dropped_fast_events(&self) -> u64 {
+        self.inner
+            .bus
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A handle for an existing task.
@@ -666,6 +704,22 @@ impl Inner {
             if let Some(tx) = w.get(uuid) {
                 tx.send_replace(*state);
             }
+        }
+    }
+
+    /// Publishes the fast and broadcast events of committed results on the bus and wakes the
+    /// delivery of durable ones. Never waits for a subscriber.
+    pub(crate) fn after_finish(&self, reports: &[crate::store::FinishReport]) {
+        let mut durable = false;
+        for r in reports.iter().filter(|r| !r.events.is_empty()) {
+            self.bus.publish(&r.events);
+            durable |= r
+                .events
+                .iter()
+                .any(|e| e.delivery_mode == crate::events::DeliveryMode::Durable);
+        }
+        if durable && self.bus.has_subscribers() {
+            self.events_wake.notify_one();
         }
     }
 

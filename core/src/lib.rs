@@ -30,6 +30,7 @@ pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod job;
 pub mod orchestrator;
 pub mod state;

@@ -232,6 +232,9 @@ pub struct FinishReport {
     pub completion: Completion,
     /// The task's state after the transaction.
     pub task_state: Option<TaskState>,
+    /// The domain events the result fired (SPEC §10); the durable and broadcast ones are in
+    /// the outbox already, the fast and broadcast ones are for the caller to publish.
+    pub events: Vec<crate::events::DomainEvent>,
 }
 
 /// An attempt the engine must end.
@@ -424,4 +427,26 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// workflow steps, and running children whose parent step was cancelled or whose parent
     /// task has ended. At most `limit`.
     async fn workflow_children(&self, limit: usize) -> Result<Vec<ChildTask>>;
+    /// Claims up to `limit` undelivered durable domain events that are due, oldest first, for
+    /// delivery until `claimed_until` (SPEC §10); each claim counts a delivery attempt.
+    async fn claim_events(
+        &self,
+        limit: usize,
+        claimed_until: Millis,
+        now: Millis,
+    ) -> Result<Vec<crate::events::StoredEvent>>;
+    /// Records delivery outcomes `(seq, outcome, retry_at)`: `Ok` marks the event delivered,
+    /// `Err` keeps the error and makes it due again at `retry_at`.
+    async fn record_deliveries(
+        &self,
+        outcomes: &[(i64, std::result::Result<(), String>, Millis)],
+        now: Millis,
+    ) -> Result<()>;
+    /// Outbox records, in commit order (external consumers page with `after_seq`).
+    async fn list_events(
+        &self,
+        filter: &crate::events::EventFilter,
+    ) -> Result<Vec<crate::events::StoredEvent>>;
+    /// When the next undelivered durable event falls due, if any.
+    async fn next_event_due(&self) -> Result<Option<Millis>>;
 }

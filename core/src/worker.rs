@@ -144,6 +144,7 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
     });
     match reports {
         Ok(reports) => {
+            inner.after_finish(&reports);
             complete_placeholders(inner, &results, &reports).await;
             let changed: Vec<_> = reports
                 .iter()
@@ -457,6 +458,7 @@ pub(crate) fn spawn_background(inner: &Arc<Inner>) {
     tokio::spawn(sweeper(inner.clone()));
     tokio::spawn(lease_renewal(inner.clone()));
     tokio::spawn(crate::workflow::workflow_loop(inner.clone()));
+    tokio::spawn(crate::events::delivery_loop(inner.clone()));
 }
 
 fn claim_request(
@@ -620,7 +622,13 @@ async fn run_rust_handler(inner: &Inner, job: &StepJob) -> StepOutcome {
 }
 
 /// A future whose panics become an `Err` with the panic payload.
-struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
+pub(crate) struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
+
+impl<F> CatchUnwind<F> {
+    pub(crate) fn new(f: F) -> Self {
+        CatchUnwind(Box::pin(f))
+    }
+}
 
 impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
     type Output = std::thread::Result<F::Output>;
@@ -683,6 +691,7 @@ pub(crate) async fn sweep_once(inner: &Inner) -> Result<()> {
             })
             .collect();
         let reports = inner.store.finish(&results, &inner.worker_id, now).await?;
+        inner.after_finish(&reports);
         let changed: Vec<_> = reports
             .iter()
             .filter_map(|r| Some((r.task_uuid.clone()?, r.task_state?)))

@@ -384,6 +384,7 @@ pub(crate) async fn workflow_pass(inner: &Arc<Inner>) -> Result<bool> {
             .store
             .finish(&results, &inner.worker_id, inner.clock.now())
             .await?;
+        inner.after_finish(&reports);
         let changed: Vec<_> = reports
             .iter()
             .filter_map(|r| Some((r.task_uuid.clone()?, r.task_state?)))

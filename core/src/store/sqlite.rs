@@ -7,6 +7,7 @@
 
 mod attempts;
 mod create;
+mod events;
 mod finish;
 mod journal;
 mod txn;
@@ -42,6 +43,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("sqlite/0001_init.sql")),
     (2, include_str!("sqlite/0002_batches.sql")),
     (3, include_str!("sqlite/0003_workflows.sql")),
+    (5, include_str!("sqlite/0005_events.sql")),
 ];
 
 /// The SQLite store.
@@ -166,7 +168,7 @@ impl SqliteStore {
                 .await?;
         }
         if let Some(max) = applied.iter().max()
-            && *max > MIGRATIONS.len() as i64
+            && *max > MIGRATIONS.iter().map(|(v, _)| *v).max().unwrap_or(0)
         {
             return Err(Error::new(
                 ErrorKind::Store,
@@ -433,5 +435,39 @@ impl Store for SqliteStore {
 
     async fn workflow_children(&self, limit: usize) -> Result<Vec<super::ChildTask>> {
         read::workflow_children(&self.reader, limit).await
+    }
+
+    async fn claim_events(
+        &self,
+        limit: usize,
+        claimed_until: Millis,
+        now: Millis,
+    ) -> Result<Vec<crate::events::StoredEvent>> {
+        let mut tx = self.begin().await?;
+        let events = events::claim_events(&mut tx, limit, claimed_until, now).await?;
+        tx.commit().await?;
+        Ok(events)
+    }
+
+    async fn record_deliveries(
+        &self,
+        outcomes: &[(i64, std::result::Result<(), String>, Millis)],
+        now: Millis,
+    ) -> Result<()> {
+        let mut tx = self.begin().await?;
+        events::record_deliveries(&mut tx, outcomes, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_events(
+        &self,
+        filter: &crate::events::EventFilter,
+    ) -> Result<Vec<crate::events::StoredEvent>> {
+        events::list_events(&self.reader, filter).await
+    }
+
+    async fn next_event_due(&self) -> Result<Option<Millis>> {
+        events::next_event_due(&self.writer).await
     }
 }

@@ -16,18 +16,24 @@ use super::attempts::{
     Rejection, claim_statement, claimed_job, current, record_rejection, staleness,
 };
 use super::journal::{Journal, Param, bind_all};
-use super::write::{SETTLE, Tallies, add_count_row, json, parse_state, settle_params, settle_task};
+use super::write::{
+    SETTLE, Tallies, add_count_row, decode, json, parse_state, settle_params, settle_task,
+};
 use crate::clock::Millis;
+use crate::events::{DomainEvent, EventSource, emitted};
 use crate::job::StepJob;
 use crate::orchestrator::SettleCause;
 use crate::state::{StepEvent, StepState, step_transition};
 use crate::store::{AttemptResult, ClaimRequest, Completion, Expiry, FinishReport, Resolution};
+use crate::template::EventDeclaration;
 use crate::{Error, Result};
 
 /// One result, applied and fenced in one statement: the row changes only while the attempt is
 /// still the current one (held by the reporting worker, when one reports; still expired, for
 /// engine-made expiries). Every result uses this one shape, unused parts bound to NULL, so the
-/// statement text depends only on how many results there are.
+/// statement text depends only on how many results there are. A step that declares
+/// `publishes_events` returns its declarations with what the events' metadata needs; the
+/// events go into the outbox with the journal (SPEC §10).
 const FINISH_ONE: &str = "UPDATE steps SET state = ?, result = COALESCE(?, result),
         error = COALESCE(?, error), completed_at = COALESCE(?, completed_at),
         next_attempt_at = ?, lease_expires_at = NULL, timeout_at = NULL,
@@ -36,7 +42,10 @@ const FINISH_ONE: &str = "UPDATE steps SET state = ?, result = COALESCE(?, resul
        AND (? IS NULL OR worker_id = ?)
        AND (? IS NULL OR timeout_at <= ?)
        AND (? IS NULL OR lease_expires_at <= ?)
-     RETURNING 'f', ?, task_uuid;\n";
+     RETURNING 'f', ?, task_uuid,
+        CASE WHEN instr(definition, '\"publishes_events\"') > 0 THEN json_array(name, namespace,
+            (SELECT correlation_id FROM tasks t WHERE t.task_uuid = steps.task_uuid),
+            json(json_extract(definition, '$.publishes_events'))) END;\n";
 
 /// Parameters of [`FINISH_ONE`].
 const FINISH_PARAMS: usize = 16;
@@ -90,6 +99,7 @@ pub(super) async fn finish(
         claim,
         actor,
         now,
+        events: vec![Vec::new(); results.len()],
     };
     if results.iter().any(|r| r.expansion.is_some()) {
         let found = bind_all(sqlx::query(AssertSqlSafe(std::mem::take(&mut sql))), params)
@@ -170,6 +180,7 @@ pub(super) async fn finish(
         .fetch_all(&mut *tx)
         .await?;
     rows.absorb(j, &found)?;
+    let mut events = std::mem::take(&mut rows.events);
     let (tallies, jobs) = rows.into_parts();
 
     // Each task with an applied result moves on; its state goes into every report of it.
@@ -189,7 +200,7 @@ pub(super) async fn finish(
         }
     }
     let mut reports = Vec::with_capacity(results.len());
-    for (r, applied) in results.iter().zip(applied) {
+    for (i, (r, applied)) in results.iter().zip(applied).enumerate() {
         reports.push(match applied {
             Some(task_uuid) => FinishReport {
                 step_uuid: r.step_uuid.clone(),
@@ -199,6 +210,7 @@ pub(super) async fn finish(
                     .map(|(_, s)| *s),
                 task_uuid: Some(task_uuid),
                 completion: Completion::Accepted,
+                events: std::mem::take(&mut events[i]),
             },
             None => reject(tx, r, now).await?,
         });
@@ -266,6 +278,8 @@ pub(super) struct Rows<'a> {
     claim: Option<&'a ClaimRequest>,
     actor: &'a str,
     now: Millis,
+    /// The domain events each applied result fired, by result.
+    events: Vec<Vec<DomainEvent>>,
 }
 
 impl<'a> Rows<'a> {
@@ -285,6 +299,7 @@ impl<'a> Rows<'a> {
             claim,
             actor,
             now,
+            events: Vec::new(),
         }
     }
 
@@ -320,6 +335,32 @@ impl<'a> Rows<'a> {
                         reason.as_deref(),
                         now,
                     )?;
+                    if let Some(source) = row.try_get::<Option<String>, _>(3)? {
+                        let (step_name, namespace, correlation_id, declarations): (
+                            String,
+                            String,
+                            String,
+                            Vec<EventDeclaration>,
+                        ) = decode(&source)?;
+                        let fired = emitted(
+                            &declarations,
+                            &r.resolution,
+                            &EventSource {
+                                task_uuid: &task_uuid,
+                                step_uuid: &r.step_uuid,
+                                step_name: &step_name,
+                                namespace: &namespace,
+                                correlation_id: &correlation_id,
+                                attempt: r.attempt,
+                                fired_by: r.worker_id.as_deref().unwrap_or(actor),
+                                fired_at: now,
+                            },
+                        );
+                        for e in fired.iter().filter(|e| e.delivery_mode.in_outbox()) {
+                            j.outbox(e.clone());
+                        }
+                        self.events[i] = fired;
+                    }
                     self.applied[i] = Some(task_uuid);
                 }
                 "x" => {
@@ -456,6 +497,7 @@ async fn reject(tx: &mut SqliteConnection, r: &AttemptResult, now: Millis) -> Re
             task_uuid: None,
             completion: Completion::Rejected("no such step".into()),
             task_state: None,
+            events: Vec::new(),
         });
     };
     let reason = staleness(&c, r.attempt, r.worker_id.as_deref(), r.expiry, now)
@@ -476,5 +518,6 @@ async fn reject(tx: &mut SqliteConnection, r: &AttemptResult, now: Millis) -> Re
         task_uuid: Some(c.task_uuid),
         completion: Completion::Rejected(reason),
         task_state: None,
+        events: Vec::new(),
     })
 }

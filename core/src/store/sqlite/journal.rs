@@ -41,6 +41,8 @@ pub(super) struct Journal {
     tasks: Vec<TaskRow>,
     /// Latest state per task changed in this operation, not yet written to `tasks`.
     task_states: Vec<(String, TaskState, Millis)>,
+    /// Domain events for the outbox (SPEC §10), written with the results that fired them.
+    outbox: Vec<crate::events::DomainEvent>,
 }
 
 impl Journal {
@@ -145,6 +147,11 @@ impl Journal {
         Ok(state)
     }
 
+    /// Queues an event's outbox record.
+    pub(super) fn outbox(&mut self, event: crate::events::DomainEvent) {
+        self.outbox.push(event);
+    }
+
     /// The task's state as changed earlier in this operation, if it was.
     pub(super) fn task_state(&self, task_uuid: &str) -> Option<TaskState> {
         self.task_states
@@ -172,6 +179,10 @@ impl Journal {
         batch.close_inserts();
         for (task, state, at) in std::mem::take(&mut self.task_states) {
             batch.task_state(tx, task, state, at).await?;
+        }
+        batch.close_inserts();
+        for e in std::mem::take(&mut self.outbox) {
+            batch.event(tx, e).await?;
         }
         batch.close_inserts();
         batch.sql.push_str(tail);
@@ -269,6 +280,31 @@ impl Batch {
         self.row(
             "task_transitions",
             "INSERT INTO task_transitions (task_uuid, from_state, to_state, event, actor, reason, created_at) VALUES ",
+            &values,
+        );
+        Ok(())
+    }
+
+    async fn event(
+        &mut self,
+        tx: &mut SqliteConnection,
+        e: crate::events::DomainEvent,
+    ) -> Result<()> {
+        self.make_room(tx, 9).await?;
+        let values = self.placeholders(vec![
+            Param::Text(Some(e.event_id)),
+            Param::Text(Some(e.event_name)),
+            Param::Text(Some(e.delivery_mode.as_str().to_string())),
+            Param::Text(Some(e.metadata.task_uuid.clone())),
+            Param::Text(Some(e.metadata.step_uuid.clone())),
+            Param::Text(Some(super::write::json(&e.payload)?)),
+            Param::Text(Some(super::write::json(&e.metadata)?)),
+            Param::Int(Some(e.metadata.fired_at)),
+            Param::Int(Some(e.metadata.fired_at)),
+        ]);
+        self.row(
+            "domain_events",
+            "INSERT OR IGNORE INTO domain_events (event_id, event_name, delivery_mode, task_uuid, step_uuid, payload, metadata, created_at, next_delivery_at) VALUES ",
             &values,
         );
         Ok(())
