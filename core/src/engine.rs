@@ -74,6 +74,8 @@ pub(crate) struct Inner {
     pub(crate) permits: Arc<tokio::sync::Semaphore>,
     /// Whether this handle runs Rust handlers (`OpenOptions::background`).
     pub(crate) runs_handlers: bool,
+    /// When the sweeper last ran the lifecycle check.
+    pub(crate) lifecycle_checks: crate::lifecycle::CheckSchedule,
 }
 
 /// Options for [`Tasker::open_with`].
@@ -176,6 +178,7 @@ impl Tasker {
             port_seq: std::sync::atomic::AtomicU64::new(0),
             permits: Arc::new(tokio::sync::Semaphore::new(options.config.concurrency)),
             runs_handlers: options.background,
+            lifecycle_checks: Default::default(),
         });
         crate::worker::spawn_completer(inner.clone(), results_rx);
         crate::worker::spawn_creator(inner.clone(), creations_rx);
@@ -522,8 +525,9 @@ impl Tasker {
     }
 
     /// Runs the maintenance pass now: enqueue due retries, end timed-out and lease-expired
-    /// attempts. The background sweeper does this on its own; tests with a test clock call it
-    /// after moving time.
+    /// attempts, and (when `lifecycle_check_every` has passed on the engine's clock) enforce
+    /// lifecycle limits. The background sweeper does this on its own; tests with a test clock
+    /// call it after moving time.
     pub async fn sweep(&self) -> Result<()> {
         crate::worker::sweep_once(&self.inner).await
     }
