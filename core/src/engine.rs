@@ -74,6 +74,11 @@ pub(crate) struct Inner {
     pub(crate) permits: Arc<tokio::sync::Semaphore>,
     /// Whether this handle runs Rust handlers (`OpenOptions::background`).
     pub(crate) runs_handlers: bool,
+    /// Wakes the workflow-step runner ([`crate::workflow`]).
+    pub(crate) workflows: Notify,
+    /// Set once this process has met a template with a workflow step: from then on every
+    /// task change wakes the runner (before, it only polls).
+    pub(crate) workflows_seen: std::sync::atomic::AtomicBool,
     /// When the sweeper last ran the lifecycle check.
     pub(crate) lifecycle_checks: crate::lifecycle::CheckSchedule,
 }
@@ -178,6 +183,8 @@ impl Tasker {
             port_seq: std::sync::atomic::AtomicU64::new(0),
             permits: Arc::new(tokio::sync::Semaphore::new(options.config.concurrency)),
             runs_handlers: options.background,
+            workflows: Notify::new(),
+            workflows_seen: std::sync::atomic::AtomicBool::new(false),
             lifecycle_checks: Default::default(),
         });
         crate::worker::spawn_completer(inner.clone(), results_rx);
@@ -294,39 +301,14 @@ impl Tasker {
 
     /// Creates a task, or returns the existing one with the same identity (`replayed`).
     pub async fn create_task(&self, request: TaskRequest) -> Result<TaskHandle> {
-        let prepared = self
-            .inner
-            .template(
-                &request.namespace,
-                &request.name,
-                request.version.as_deref(),
-            )
-            .await?;
-        let plan = crate::orchestrator::plan_prepared(
-            &prepared,
-            None,
-            request,
-            self.inner.config.max_payload_bytes,
-        )?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.inner
-            .creations
-            .send((plan, tx))
-            .map_err(|_| Error::new(ErrorKind::Shutdown, "the engine is closed"))?;
-        let created = rx
-            .await
-            .map_err(|_| Error::new(ErrorKind::Shutdown, "the engine is closed"))??;
-        Ok(match created {
-            Created::New(uuid) => TaskHandle {
-                uuid,
-                replayed: false,
-                tasker: self.clone(),
-            },
-            Created::Existing { uuid, .. } => TaskHandle {
-                uuid,
-                replayed: true,
-                tasker: self.clone(),
-            },
+        let (uuid, replayed) = match self.inner.create_task(request, None).await? {
+            Created::New(uuid) => (uuid, false),
+            Created::Existing { uuid, .. } => (uuid, true),
+        };
+        Ok(TaskHandle {
+            uuid,
+            replayed,
+            tasker: self.clone(),
         })
     }
 
@@ -545,6 +527,35 @@ type TemplateKey = (String, String, Option<String>);
 const TEMPLATE_CACHE_TTL: Duration = Duration::from_secs(1);
 
 impl Inner {
+    /// Plans a task (a workflow step's child when `parent` is given) and hands it to the
+    /// creator, which commits creations in groups.
+    pub(crate) async fn create_task(
+        &self,
+        request: TaskRequest,
+        parent: Option<crate::store::ParentLink>,
+    ) -> Result<Created> {
+        let prepared = self
+            .template(
+                &request.namespace,
+                &request.name,
+                request.version.as_deref(),
+            )
+            .await?;
+        let mut plan = crate::orchestrator::plan_prepared(
+            &prepared,
+            None,
+            request,
+            self.config.max_payload_bytes,
+        )?;
+        plan.parent = parent;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.creations
+            .send((plan, tx))
+            .map_err(|_| Error::new(ErrorKind::Shutdown, "the engine is closed"))?;
+        rx.await
+            .map_err(|_| Error::new(ErrorKind::Shutdown, "the engine is closed"))?
+    }
+
     /// The template a new task of `namespace/name[/version]` runs, prepared once and reused
     /// briefly: creating a task must not re-read, re-parse and re-hash its template each time.
     pub(crate) async fn template(
@@ -569,6 +580,15 @@ impl Inner {
         }
         let t = self.store.get_template(namespace, name, version).await?;
         let prepared = Arc::new(PreparedTemplate::new(t)?);
+        if prepared
+            .template
+            .steps
+            .iter()
+            .any(|s| s.step_type == crate::template::StepType::Workflow)
+        {
+            self.workflows_seen
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         self.templates
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -638,6 +658,12 @@ impl Inner {
     pub(crate) fn after_change(&self, tasks: &[(String, TaskState)], wake_workers: bool) {
         if wake_workers {
             self.work.send_modify(|g| *g += 1);
+        }
+        if self
+            .workflows_seen
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.workflows.notify_one();
         }
         let w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
         for (uuid, state) in tasks {

@@ -31,11 +31,13 @@ pub enum ErrorType {
     DecisionError,
     /// A batchable step returned an invalid outcome.
     BatchError,
+    /// A workflow step's child task could not be started, or ended in `error` or `cancelled`.
+    WorkflowError,
 }
 
 impl ErrorType {
     /// Every variant.
-    pub const ALL: [ErrorType; 10] = [
+    pub const ALL: [ErrorType; 11] = [
         ErrorType::ValidationError,
         ErrorType::PermanentError,
         ErrorType::RetryableError,
@@ -46,6 +48,7 @@ impl ErrorType {
         ErrorType::InvalidResult,
         ErrorType::DecisionError,
         ErrorType::BatchError,
+        ErrorType::WorkflowError,
     ];
 
     /// Whether a failure of this type is retried when the handler does not say.
@@ -72,6 +75,7 @@ impl ErrorType {
             ErrorType::InvalidResult => "invalid_result",
             ErrorType::DecisionError => "decision_error",
             ErrorType::BatchError => "batch_error",
+            ErrorType::WorkflowError => "workflow_error",
         }
     }
 

@@ -40,6 +40,7 @@ pub mod task;
 pub mod template;
 pub mod visualize;
 pub mod worker;
+pub mod workflow;
 
 pub use batch::{BatchAggregationScenario, BatchOutcome, BatchWorkerContext, CursorConfig};
 pub use config::Config;

@@ -15,9 +15,7 @@ use crate::job::{ErrorType, StepFailure, StepJob, StepOutcome};
 use crate::state::{StepCounts, TaskEvent, TaskState, evaluate};
 use crate::store::{Expansion, NewStep, NewTask, Resolution};
 use crate::task::TaskRequest;
-use crate::template::{
-    Backoff, CompiledSchema, IdentityStrategy, RetryPolicy, StepType, TaskTemplate,
-};
+use crate::template::{Backoff, CompiledSchema, IdentityStrategy, RetryPolicy, TaskTemplate};
 use crate::{Error, ErrorKind, Result};
 
 /// What prompted a task re-evaluation.
@@ -284,7 +282,6 @@ pub fn plan_prepared(
 ) -> Result<NewTask> {
     let template = prepared.template.clone();
     let input_schema = input_schema.or(prepared.input_schema.as_deref());
-    refuse_dynamic_steps(&template)?;
     if !request.context.is_object() {
         return Err(Error::validation(format!(
             "the task context must be a JSON object, got {}",
@@ -371,32 +368,8 @@ pub fn plan_prepared(
         identity_from_key,
         steps,
         edges,
+        parent: None,
     })
-}
-
-/// Templates with workflow steps load and register (the loader accepts the whole format), but
-/// this engine does not yet run child workflows. Running one would end "complete" without the
-/// steps its author meant to run, so creation refuses it.
-fn refuse_dynamic_steps(template: &TaskTemplate) -> Result<()> {
-    let dynamic: Vec<String> = template
-        .steps
-        .iter()
-        .filter(|s| s.step_type == StepType::Workflow)
-        .map(|s| format!("{} ({})", s.name, s.step_type.as_str()))
-        .collect();
-    if dynamic.is_empty() {
-        return Ok(());
-    }
-    Err(Error::new(
-        ErrorKind::Validation,
-        format!(
-            "template {} has steps of a kind this engine cannot run yet: {}; workflow steps \
-             (sub-workflows) are not supported in this version",
-            template.key(),
-            dynamic.join(", ")
-        ),
-    )
-    .with_details(serde_json::json!({ "unsupported_steps": dynamic })))
 }
 
 /// Adds the template steps `creates` to `x` with the edges that tie them in: from each

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use crate::Result;
 use crate::clock::Millis;
 use crate::job::{Checkpoint, StepFailure, StepJob};
-use crate::state::TaskState;
+use crate::state::{StepState, TaskState};
 use crate::task::{Task, TaskFilter, TaskSummary, Transition};
 use crate::template::{StepDefinition, TaskTemplate};
 
@@ -50,6 +50,37 @@ pub struct NewTask {
     pub steps: Vec<NewStep>,
     /// `(parent name, child name)` edges among `steps`.
     pub edges: Vec<(String, String)>,
+    /// For a child task started by a workflow step: that step and its task.
+    pub parent: Option<ParentLink>,
+}
+
+/// The workflow step (and its task) a child task was started by (SPEC §8).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentLink {
+    /// The parent task.
+    pub task_uuid: String,
+    /// The parent's `workflow` step.
+    pub step_uuid: String,
+}
+
+/// A child task whose parent has something to do: its workflow step is waiting and the child
+/// has ended, or the child still runs though its parent step or task is over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildTask {
+    /// The parent task.
+    pub parent_task_uuid: String,
+    /// The parent's workflow step.
+    pub parent_step_uuid: String,
+    /// The step's current attempt.
+    pub parent_attempt: u32,
+    /// The step's state.
+    pub parent_step_state: StepState,
+    /// The parent task's state.
+    pub parent_task_state: TaskState,
+    /// The child task.
+    pub child_task_uuid: String,
+    /// The child's state.
+    pub child_state: TaskState,
 }
 
 /// A step to create.
@@ -90,6 +121,9 @@ pub enum CallableFilter {
     /// Only these steps (by uuid), whatever their callable: the engine completing steps that
     /// need no handler, such as a `no_batches` placeholder.
     Steps(Vec<String>),
+    /// Only `workflow` steps, which the engine itself runs (SPEC §8). Every other filter
+    /// leaves them out: no handler ever runs a workflow step.
+    Workflows,
 }
 
 /// A claim for ready steps.
@@ -386,6 +420,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The bounded checkpoint history of a step (oldest first, at most 20 entries), each
     /// `{cursor, items_processed, attempt, at}`.
     async fn checkpoint_history(&self, step_uuid: &str) -> Result<Vec<Value>>;
+    /// Child tasks whose parent must act (see [`ChildTask`]): ended children of waiting
+    /// workflow steps, and running children whose parent step was cancelled or whose parent
+    /// task has ended. At most `limit`.
+    async fn workflow_children(&self, limit: usize) -> Result<Vec<ChildTask>>;
     /// The lifecycle check (SPEC §9), in one transaction: every unfinished task past its
     /// template's `lifecycle` limits (read from the template snapshot it runs) or, when
     /// `staleness_threshold_ms` is given, without progress for longer than that (see

@@ -205,6 +205,9 @@ pub struct Task {
     /// Parent workflow correlation id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_correlation_id: Option<String>,
+    /// For a child task: the workflow step (and its task) that started it (SPEC §8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<crate::store::ParentLink>,
     /// Idempotency key, when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
@@ -287,6 +290,9 @@ pub struct TaskFilter {
     pub initiator: Option<String>,
     /// Only this source system.
     pub source_system: Option<String>,
+    /// Only the child tasks that workflow steps of this task started.
+    #[serde(default)]
+    pub parent_task_uuid: Option<String>,
     /// Created at or after (ms).
     pub created_after: Option<Millis>,
     /// Created before (ms).

@@ -456,6 +456,7 @@ pub(crate) fn spawn_background(inner: &Arc<Inner>) {
     tokio::spawn(run_loop(inner.clone()));
     tokio::spawn(sweeper(inner.clone()));
     tokio::spawn(lease_renewal(inner.clone()));
+    tokio::spawn(crate::workflow::workflow_loop(inner.clone()));
 }
 
 fn claim_request(

@@ -948,26 +948,150 @@ async fn an_operator_result_obeys_the_rules_of_a_handler_result() {
     assert_eq!(task.step("a").unwrap().result, Some(json!({"value": 7})));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn templates_with_dynamic_steps_register_but_are_refused_at_creation() {
-    let t = open().await;
-    register(
-        &t,
+/// A parent whose workflow step `child` runs `eng/{child_template}` after `start`.
+fn workflow_parent(name: &str, child_template: &str, step_extra: &str) -> String {
+    format!(
         r#"
-name: routed
+name: {name}
 namespace_name: eng
 version: "1.0.0"
+identity_strategy: always_unique
 steps:
-  - { name: start, handler: { callable: ok } }
-  - { name: child, type: workflow, dependencies: [start], handler: { callable: ok, initialization: { task_template: other } } }
-"#,
+  - {{ name: start, handler: {{ callable: ok }} }}
+  - name: child
+    type: workflow
+    dependencies: [start]
+    handler:
+      callable: WorkflowHandler
+      initialization: {{ task_template: {child_template}, context: {{ from_parent: $context/n }} }}
+{step_extra}
+"#
+    )
+}
+
+async fn children(t: &Tasker, parent: &str) -> Vec<tasker_core::TaskSummary> {
+    t.list_tasks(&tasker_core::TaskFilter {
+        parent_task_uuid: Some(parent.to_string()),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_step_that_cannot_start_its_child_fails_for_good() {
+    let t = open().await;
+    t.register_handler("ok", ok());
+    register(&t, &workflow_parent("orphaned", "missing_child", "")).await;
+    let task = t
+        .run_task(req("orphaned", json!({"n": 1})), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(task.status, TaskState::BlockedByFailures);
+    let step = task.step("child").unwrap();
+    assert_eq!((step.state, step.attempts), (StepState::Error, 1));
+    let e = step.error.as_ref().unwrap();
+    assert_eq!(e.error_type, ErrorType::WorkflowError);
+    assert!(!e.retryable);
+    assert!(e.message.contains("eng/missing_child"), "{}", e.message);
+    // A mapping that points at nothing names the reference.
+    register(&t, &one_step("kid", "ok", "")).await;
+    register(&t, &workflow_parent("bad_ref", "kid", "")).await;
+    let task = t.run_task(req("bad_ref", json!({})), WAIT).await.unwrap();
+    let e = task.step("child").unwrap().error.clone().unwrap();
+    assert!(
+        e.message.contains("context.from_parent") && e.message.contains("/n"),
+        "{}",
+        e.message
+    );
+    assert!(children(&t, &task.uuid).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_child_keeps_its_parent_waiting_until_an_operator_acts() {
+    let t = open().await;
+    t.register_handler("ok", ok());
+    t.register_handler(
+        "perm",
+        failing(u32::MAX, StepOutcome::permanent("broken")).0,
+    );
+    register(&t, &two_steps("kid", "ok", "perm", "{ max_attempts: 1 }")).await;
+    register(&t, &workflow_parent("waits", "kid", "")).await;
+    let handle = t.create_task(req("waits", json!({"n": 5}))).await.unwrap();
+    let kid = eventually(|| async {
+        let c = children(&t, &handle.uuid).await;
+        let c = c.first()?;
+        (c.status == TaskState::BlockedByFailures).then(|| c.uuid.clone())
+    })
+    .await;
+    let child = t.get_task(&kid).await.unwrap();
+    assert_eq!(child.context["from_parent"], json!(5));
+    // The parent does not move while its child needs an operator.
+    let parent = handle.get().await.unwrap();
+    assert_eq!(parent.status, TaskState::StepsInProcess);
+    assert_eq!(parent.step("child").unwrap().state, StepState::InProgress);
+    // Resolving the child completes the step with what the child has.
+    t.resolve(&kid, "accepted as is").await.unwrap();
+    let parent = handle.wait(WAIT).await.unwrap();
+    assert_eq!(parent.status, TaskState::Complete);
+    let r = parent.step("child").unwrap().result.clone().unwrap();
+    assert_eq!(r["child_task_uuid"], json!(kid));
+    assert_eq!(r["child_status"], json!("resolved_manually"));
+    assert_eq!(r["results"], json!({"a": {"ok": true}}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_workflow_step_waits_for_the_child_it_already_started() {
+    let clock = TestClock::new(1_700_000_000_000);
+    let t = open_with_clock(&clock).await;
+    t.register_handler("ok", ok());
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    t.register_handler(
+        "gated",
+        handler_fn(move |_ctx| {
+            let g = g.clone();
+            async move {
+                g.notified().await;
+                StepOutcome::success(json!({"released": true}))
+            }
+        }),
+    );
+    register(&t, &one_step("kid", "gated", "")).await;
+    register(
+        &t,
+        &workflow_parent(
+            "timed",
+            "kid",
+            "    timeout_seconds: 1\n    retry: { max_attempts: 3, backoff: none }",
+        ),
     )
     .await;
-    let e = t.create_task(req("routed", json!({}))).await.unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Validation, "{e}");
-    assert!(
-        e.message.contains("child (workflow)") && e.message.contains("not supported"),
-        "{e}"
+    let handle = t.create_task(req("timed", json!({"n": 1}))).await.unwrap();
+    eventually(|| async {
+        let p = handle.get().await.ok()?;
+        (p.step("child")?.state == StepState::InProgress).then_some(())
+    })
+    .await;
+    eventually(|| async { (children(&t, &handle.uuid).await.len() == 1).then_some(()) }).await;
+    // The wait for the child times out; the retry attaches to the same child.
+    clock.advance(Duration::from_secs(2));
+    t.sweep().await.unwrap();
+    eventually(|| async {
+        let p = handle.get().await.ok()?;
+        let s = p.step("child")?;
+        (s.state == StepState::InProgress && s.attempts == 2).then_some(())
+    })
+    .await;
+    gate.notify_one();
+    let parent = handle.wait(WAIT).await.unwrap();
+    assert_eq!(parent.status, TaskState::Complete);
+    let kids = children(&t, &handle.uuid).await;
+    assert_eq!(kids.len(), 1);
+    let step = parent.step("child").unwrap();
+    assert_eq!(step.attempts, 2);
+    assert_eq!(
+        step.result.as_ref().unwrap()["child_task_uuid"],
+        json!(kids[0].uuid)
     );
-    assert!(t.list_tasks(&Default::default()).await.unwrap().is_empty());
 }

@@ -13,10 +13,10 @@ use tasker_core::job::{ErrorType, StepFailure, StepJob};
 use tasker_core::orchestrator::plan_task;
 use tasker_core::store::{
     AttemptResult, CallableFilter, ClaimRequest, Completion, Created, Expiry, NewTask,
-    OperatorAction, Resolution, Store, TemplatePut,
+    OperatorAction, ParentLink, Resolution, Store, TemplatePut,
 };
 use tasker_core::template::{TaskTemplate, parse_str};
-use tasker_core::{Checkpoint, ErrorKind, StepState, TaskRequest, TaskState};
+use tasker_core::{Checkpoint, ErrorKind, StepState, TaskFilter, TaskRequest, TaskState};
 
 const T0: Millis = 1_700_000_000_000;
 const LEASE: i64 = 30_000;
@@ -1796,6 +1796,209 @@ async fn operator_give_up_and_resolve_only_when_blocked(db: Db) {
     assert_eq!(e.kind, ErrorKind::NotFound);
 }
 
+fn workflow_parent() -> TaskTemplate {
+    template(
+        r#"
+name: parent
+namespace_name: conf
+version: "1.0.0"
+identity_strategy: always_unique
+steps:
+  - name: run
+    type: workflow
+    handler: { callable: WorkflowHandler, initialization: { task_template: child } }
+  - name: after
+    handler: { callable: work }
+    dependencies: [run]
+"#,
+    )
+}
+
+/// A child task of `parent`'s step `step`, as the workflow runner creates it.
+async fn create_child(
+    s: &Arc<dyn Store>,
+    t: &TaskTemplate,
+    parent: &str,
+    step: &str,
+    now: Millis,
+) -> String {
+    let mut new = plan(t, request(t, json!({ "parent": parent, "step": step })));
+    new.parent = Some(ParentLink {
+        task_uuid: parent.into(),
+        step_uuid: step.into(),
+    });
+    match s.create_task(&new, ORCH, now).await.unwrap() {
+        Created::New(uuid) => uuid,
+        other => panic!("expected a new task, got {other:?}"),
+    }
+}
+
+async fn workflow_steps_are_claimed_apart_and_children_are_linked(db: Db) {
+    let s = db.store();
+    let (p, child) = (workflow_parent(), linear("conf", "child", "work"));
+    s.put_template(&p, false, T0).await.unwrap();
+    s.put_template(&child, false, T0).await.unwrap();
+    let task = create(s, &p, json!({}), T0).await;
+    // No handler claim takes a workflow step, whatever its filter says.
+    for filter in [any(), CallableFilter::Only(vec!["WorkflowHandler".into()])] {
+        assert!(
+            s.claim(&claim_req("w1", &[], filter, 10), T0)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    let run = s
+        .claim(&claim_req("core", &[], CallableFilter::Workflows, 10), T0)
+        .await
+        .unwrap();
+    assert_eq!(run.len(), 1);
+    assert_eq!(run[0].step_name, "run");
+    let kid = create_child(s, &child, &task, &run[0].step_uuid, T0 + 1).await;
+    let view = s.get_task(&kid).await.unwrap();
+    assert_eq!(
+        view.parent,
+        Some(ParentLink {
+            task_uuid: task.clone(),
+            step_uuid: run[0].step_uuid.clone()
+        })
+    );
+    let listed = s
+        .list_tasks(&TaskFilter {
+            parent_task_uuid: Some(task.clone()),
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.iter().map(|t| &t.uuid).collect::<Vec<_>>(), [&kid]);
+    // A running child of a waiting step needs nothing.
+    assert!(s.workflow_children(10).await.unwrap().is_empty());
+    // The child ends: its parent step is reported, still in progress.
+    for at in [T0 + 2, T0 + 3] {
+        let job = claim_one(s, "w1", at).await;
+        assert_eq!(job.task_uuid, kid);
+        finish_one(
+            s,
+            result(&job, Some("w1"), success(json!({"ok": true}))),
+            at,
+        )
+        .await;
+    }
+    assert_eq!(s.task_state(&kid).await.unwrap(), TaskState::Complete);
+    let ended = s.workflow_children(10).await.unwrap();
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    let c = &ended[0];
+    assert_eq!(
+        (
+            c.parent_task_uuid.as_str(),
+            c.parent_step_uuid.as_str(),
+            c.parent_attempt,
+            c.parent_step_state,
+            c.child_task_uuid.as_str(),
+            c.child_state
+        ),
+        (
+            task.as_str(),
+            run[0].step_uuid.as_str(),
+            1,
+            StepState::InProgress,
+            kid.as_str(),
+            TaskState::Complete
+        )
+    );
+    // Once the step has its result, the child is nobody's business.
+    finish_one(s, result(&run[0], Some("core"), success(json!({}))), T0 + 4).await;
+    assert!(s.workflow_children(10).await.unwrap().is_empty());
+}
+
+async fn cancelling_a_parent_cancels_its_children_in_the_same_transaction(db: Db) {
+    let s = db.store();
+    let (p, child) = (workflow_parent(), linear("conf", "child", "work"));
+    s.put_template(&p, false, T0).await.unwrap();
+    s.put_template(&child, false, T0).await.unwrap();
+    let task = create(s, &p, json!({}), T0).await;
+    let run = s
+        .claim(&claim_req("core", &[], CallableFilter::Workflows, 10), T0)
+        .await
+        .unwrap();
+    let kid = create_child(s, &child, &task, &run[0].step_uuid, T0 + 1).await;
+    // A grandchild, started by one of the child's steps.
+    let a = claim_one(s, "w1", T0 + 2).await;
+    let grandchild = create_child(s, &child, &kid, &a.step_uuid, T0 + 3).await;
+    s.operator_action(&task, &OperatorAction::Cancel, "carol", "stop", T0 + 4)
+        .await
+        .unwrap();
+    for t in [&task, &kid, &grandchild] {
+        let view = s.get_task(t).await.unwrap();
+        assert_eq!(view.status, TaskState::Cancelled, "{t}");
+        assert!(
+            view.steps.iter().all(|s| s.state == StepState::Cancelled),
+            "{:?}",
+            view.steps
+        );
+    }
+    let why = s.task_transitions(&kid).await.unwrap().pop().unwrap();
+    assert_eq!(why.event, "cancel");
+    assert_eq!(why.actor, "carol");
+    let reason = why.reason.unwrap();
+    assert!(
+        reason.contains(&task) && reason.contains("stop"),
+        "{reason}"
+    );
+    // The child's late result is fenced off like any cancelled step's.
+    let (c, _) = finish_one(s, result(&a, Some("w1"), success(json!({}))), T0 + 5).await;
+    assert!(matches!(c, Completion::Rejected(_)));
+    assert!(s.workflow_children(10).await.unwrap().is_empty());
+}
+
+async fn children_outliving_their_parent_are_reported(db: Db) {
+    let s = db.store();
+    let (p, child) = (workflow_parent(), linear("conf", "child", "work"));
+    s.put_template(&p, false, T0).await.unwrap();
+    s.put_template(&child, false, T0).await.unwrap();
+    let task = create(s, &p, json!({}), T0).await;
+    let run = s
+        .claim(&claim_req("core", &[], CallableFilter::Workflows, 10), T0)
+        .await
+        .unwrap();
+    let kid = create_child(s, &child, &task, &run[0].step_uuid, T0 + 1).await;
+    // An operator completes the workflow step by hand and the parent finishes without the
+    // child: the child still runs, and is reported for cancelling.
+    s.operator_action(
+        &task,
+        &OperatorAction::CompleteStep {
+            step: "run".into(),
+            result: json!({}),
+        },
+        "dan",
+        "done by hand",
+        T0 + 2,
+    )
+    .await
+    .unwrap();
+    let after = s
+        .claim(
+            &claim_req(
+                "w1",
+                &["conf"],
+                CallableFilter::Only(vec!["work".into()]),
+                10,
+            ),
+            T0 + 3,
+        )
+        .await
+        .unwrap();
+    let after: Vec<_> = after.into_iter().filter(|j| j.task_uuid == task).collect();
+    assert_eq!(after.len(), 1);
+    finish_one(s, result(&after[0], Some("w1"), success(json!({}))), T0 + 4).await;
+    assert_eq!(s.task_state(&task).await.unwrap(), TaskState::Complete);
+    let orphans = s.workflow_children(10).await.unwrap();
+    assert_eq!(orphans.len(), 1, "{orphans:?}");
+    assert_eq!(orphans[0].child_task_uuid, kid);
+    assert_eq!(orphans[0].parent_task_state, TaskState::Complete);
+    assert!(!orphans[0].child_state.is_terminal());
+}
+
 // ---------------------------------------------------------------- backends
 
 macro_rules! suite {
@@ -1841,6 +2044,9 @@ macro_rules! all_tests {
                 operator_resolve_and_complete_step_unblock_dependents,
                 operator_cancel_cancels_unfinished_steps,
                 operator_give_up_and_resolve_only_when_blocked,
+                workflow_steps_are_claimed_apart_and_children_are_linked,
+                cancelling_a_parent_cancels_its_children_in_the_same_transaction,
+                children_outliving_their_parent_are_reported,
             ]
         );
     };

@@ -43,6 +43,7 @@ use crate::{Error, ErrorKind, Result};
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("sqlite/0001_init.sql")),
     (2, include_str!("sqlite/0002_batches.sql")),
+    (3, include_str!("sqlite/0003_workflows.sql")),
     (4, include_str!("sqlite/0004_lifecycle.sql")),
 ];
 
@@ -434,6 +435,10 @@ impl Store for SqliteStore {
 
     async fn checkpoint_history(&self, step_uuid: &str) -> Result<Vec<serde_json::Value>> {
         read::checkpoint_history(&self.reader, step_uuid).await
+    }
+
+    async fn workflow_children(&self, limit: usize) -> Result<Vec<super::ChildTask>> {
+        read::workflow_children(&self.reader, limit).await
     }
 
     async fn enforce_lifecycle(

@@ -83,6 +83,9 @@ pub enum StepType {
     Workflow,
 }
 
+/// The callable that marks a step as a `workflow` step whatever its declared type (SPEC §8).
+pub const WORKFLOW_HANDLER: &str = "WorkflowHandler";
+
 impl StepType {
     /// Every step type, in declaration order.
     pub const ALL: [StepType; 6] = [

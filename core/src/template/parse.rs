@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use super::model::{
     Backoff, BatchConfig, EventDeclaration, FailureStrategy, HandlerSpec, IdentityStrategy,
-    LifecycleLimits, RetryPolicy, StepDefinition, StepType, TaskTemplate,
+    LifecycleLimits, RetryPolicy, StepDefinition, StepType, TaskTemplate, WORKFLOW_HANDLER,
 };
 use super::{TemplateError, TemplateErrors};
 
@@ -493,7 +493,11 @@ impl Cx<'_> {
                 HandlerSpec::default()
             }
         };
-        let step_type = self.step_type(map, step);
+        let mut step_type = self.step_type(map, step);
+        // SPEC §8: `handler.callable: WorkflowHandler` is the other way to declare one.
+        if step_type == StepType::Standard && handler.callable == WORKFLOW_HANDLER {
+            step_type = StepType::Workflow;
+        }
         let dependencies = self.dependencies(map, step);
         let retry = match get(map, "retry") {
             Some(v) => self

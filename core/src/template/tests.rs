@@ -486,6 +486,16 @@ fn rule_workflow_step_needs_task_template() {
     load(&with_steps(
         "  - name: sub\n    type: workflow\n    handler: { callable: W, initialization: { task_template: child } }\n",
     ));
+    // The WorkflowHandler callable makes a step a workflow step without a declared type.
+    only_error(
+        &with_steps("  - { name: sub, handler: { callable: WorkflowHandler } }\n"),
+        Some("sub"),
+        "handler.initialization.task_template",
+    );
+    let loaded = load(&with_steps(
+        "  - { name: sub, handler: { callable: WorkflowHandler, initialization: { task_template: c } } }\n",
+    ));
+    assert_eq!(loaded.template.steps[0].step_type, StepType::Workflow);
 }
 
 #[test]

@@ -185,7 +185,7 @@ impl Checker<'_> {
             StepType::BatchWorker => self.batch_worker(t, step, label),
             _ => {}
         }
-        if step.step_type == StepType::Workflow || step.handler.callable == "WorkflowHandler" {
+        if step.step_type == StepType::Workflow {
             let has_template = step
                 .handler
                 .initialization

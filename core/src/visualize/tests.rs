@@ -261,6 +261,7 @@ fn task() -> Task {
         priority: 0,
         correlation_id: "c".to_string(),
         parent_correlation_id: None,
+        parent: None,
         idempotency_key: None,
         created_at: t0,
         updated_at: NOW,

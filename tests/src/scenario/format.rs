@@ -166,6 +166,9 @@ pub struct Action {
     /// The operator's result (`complete_step`; default `{}`).
     #[serde(default)]
     pub result: Option<Value>,
+    /// Act on the child task that this workflow step started instead of the task.
+    #[serde(default)]
+    pub child: Option<String>,
 }
 
 /// The condition of an action: the task or one step has reached a state.
@@ -181,6 +184,9 @@ pub struct When {
     /// The step's state (with `step`).
     #[serde(default)]
     pub state: Option<StepState>,
+    /// The condition is about the child task that this workflow step started, not the task.
+    #[serde(default)]
+    pub child: Option<String>,
 }
 
 /// Operator actions (SPEC §5.9).
@@ -243,6 +249,11 @@ pub struct Expect {
     /// The task must have exactly one dead-letter entry (SPEC §9), matching this.
     #[serde(default)]
     pub dlq: Option<DlqExpect>,
+    /// The child task each named workflow step started (SPEC §8), checked like the task
+    /// (`task`, `steps`, `step_count`, `absent_steps`, `executions`); the child must also
+    /// carry the task's correlation id as its `parent_correlation_id`.
+    #[serde(default)]
+    pub child_tasks: BTreeMap<String, Expect>,
 }
 
 /// Expectations on the task's one DLQ entry; every given field must match.

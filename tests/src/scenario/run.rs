@@ -218,8 +218,21 @@ impl Runner {
             let task = wait_for(tasker, &handle.uuid, &action.when, deadline)
                 .await
                 .map_err(|e| format!("actions[{i}] ({:?}): {e}", action.action))?;
+            let target = match &action.child {
+                None => handle.uuid.clone(),
+                Some(step) => {
+                    let parent = tasker
+                        .get_task(&handle.uuid)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    child_of(tasker, &parent, step)
+                        .await?
+                        .ok_or_else(|| format!("actions[{i}]: step {step} started no child task"))?
+                        .uuid
+                }
+            };
             out.task = Some(task);
-            apply(tasker, &handle.uuid, action, &s.name)
+            apply(tasker, &target, action, &s.name)
                 .await
                 .map_err(|e| format!("actions[{i}] ({:?}) failed: {e}", action.action))?;
         }
@@ -238,6 +251,30 @@ impl Runner {
         out.diffs.extend(compare_task(&s.expect, &task, |step| {
             crate::kit::executions(&task.uuid, step)
         }));
+        for (step, expected) in &s.expect.child_tasks {
+            match child_of(tasker, &task, step).await? {
+                Some(child) => {
+                    let at = format!("child of {step}: ");
+                    out.diffs.extend(
+                        compare_task(expected, &child, |name| {
+                            crate::kit::executions(&child.uuid, name)
+                        })
+                        .into_iter()
+                        .map(|d| format!("{at}{d}")),
+                    );
+                    if child.parent_correlation_id.as_deref() != Some(task.correlation_id.as_str())
+                    {
+                        out.diffs.push(format!(
+                            "{at}parent_correlation_id {:?}, expected the task's correlation id {:?}",
+                            child.parent_correlation_id, task.correlation_id
+                        ));
+                    }
+                }
+                None => out
+                    .diffs
+                    .push(format!("child of {step}: the step started no child task")),
+            }
+        }
         if let Some(expected) = &s.expect.created_steps {
             let audit = tasker
                 .step_transitions(&task.uuid, None)
@@ -294,6 +331,36 @@ async fn dlq_entries(tasker: &Tasker, task_uuid: &str) -> Result<Vec<DlqEntry>, 
     Ok(entries)
 }
 
+/// The child task the workflow step `step` of `task` started, if any.
+async fn child_of(tasker: &Tasker, task: &Task, step: &str) -> Result<Option<Task>, String> {
+    let Some(step) = task.step(step) else {
+        return Ok(None);
+    };
+    let filter = tasker_core::TaskFilter {
+        parent_task_uuid: Some(task.uuid.clone()),
+        limit: Some(1000),
+        ..Default::default()
+    };
+    let children = tasker
+        .list_tasks(&filter)
+        .await
+        .map_err(|e| format!("cannot list child tasks: {e}"))?;
+    for c in children {
+        let child = tasker
+            .get_task(&c.uuid)
+            .await
+            .map_err(|e| format!("cannot read child task {}: {e}", c.uuid))?;
+        if child
+            .parent
+            .as_ref()
+            .is_some_and(|p| p.step_uuid == step.uuid)
+        {
+            return Ok(Some(child));
+        }
+    }
+    Ok(None)
+}
+
 /// Polls the task until `when` holds. Fails when the deadline passes or the task comes to
 /// rest (terminal, or blocked without the condition being about that) first: it would never
 /// hold then.
@@ -304,28 +371,42 @@ async fn wait_for(
     deadline: Instant,
 ) -> Result<Task, String> {
     loop {
-        let task = tasker.get_task(uuid).await.map_err(|e| e.to_string())?;
-        let holds = match (&when.task, &when.step, &when.state) {
-            (Some(state), _, _) => task.status == *state,
-            (None, Some(step), Some(state)) => task.step(step).is_some_and(|s| s.state == *state),
-            _ => false,
+        let parent = tasker.get_task(uuid).await.map_err(|e| e.to_string())?;
+        // A condition about a child waits for the child to exist first; until then the
+        // parent's rest ends the wait.
+        let child = match &when.child {
+            None => None,
+            Some(step) => child_of(tasker, &parent, step).await?,
         };
-        if holds {
-            return Ok(task);
+        let subject = match (&when.child, child) {
+            (None, _) => Some(parent.clone()),
+            (Some(_), c) => c,
+        };
+        if let Some(task) = &subject {
+            let holds = match (&when.task, &when.step, &when.state) {
+                (Some(state), _, _) => task.status == *state,
+                (None, Some(step), Some(state)) => {
+                    task.step(step).is_some_and(|s| s.state == *state)
+                }
+                _ => false,
+            };
+            if holds {
+                return Ok(task.clone());
+            }
         }
-        let at_rest = task.status.is_terminal() || task.status == TaskState::BlockedByFailures;
-        if at_rest {
+        let resting = subject.as_ref().unwrap_or(&parent);
+        if resting.status.is_terminal() || resting.status == TaskState::BlockedByFailures {
             return Err(format!(
                 "waiting for {}, but the task came to rest in {}",
                 describe(when),
-                task.status
+                resting.status
             ));
         }
         if Instant::now() >= deadline {
             return Err(format!(
                 "waiting for {}: deadline passed with the task {}",
                 describe(when),
-                task.status
+                resting.status
             ));
         }
         tokio::time::sleep(CONDITION_POLL).await;
@@ -333,10 +414,14 @@ async fn wait_for(
 }
 
 fn describe(when: &When) -> String {
-    match (&when.task, &when.step, &when.state) {
+    let what = match (&when.task, &when.step, &when.state) {
         (Some(t), _, _) => format!("task {t}"),
         (None, Some(step), Some(state)) => format!("step {step} {state}"),
         _ => "an impossible condition".into(),
+    };
+    match &when.child {
+        Some(step) => format!("{what} in the child of {step}"),
+        None => what,
     }
 }
 

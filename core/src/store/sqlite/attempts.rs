@@ -78,6 +78,10 @@ pub(super) fn claim_statement(
         CallableFilter::AnyExcept(c) => in_list(&mut filter, "callable", true, c),
         CallableFilter::Steps(s) if s.is_empty() => return None,
         CallableFilter::Steps(s) => in_list(&mut filter, "step_uuid", false, s),
+        CallableFilter::Workflows => filter.push_str(" AND step_type = 'workflow'"),
+    }
+    if req.callables != CallableFilter::Workflows {
+        filter.push_str(" AND step_type <> 'workflow'");
     }
     if let Some(before) = req.enqueued_before {
         // A number, not user text: safe to inline.

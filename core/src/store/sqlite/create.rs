@@ -27,11 +27,11 @@ const INSERT_SNAPSHOTS: &str = "INSERT OR IGNORE INTO template_snapshots (conten
 
 const INSERT_TASKS: &str = "INSERT INTO tasks (task_uuid, namespace, name, version, template_hash,
         state, context, initiator, source_system, reason, tags, priority, correlation_id,
-        parent_correlation_id, idempotency_key, identity_hash, created_at, updated_at,
-        state_entered_at)
+        parent_correlation_id, idempotency_key, identity_hash, parent_task_uuid,
+        parent_step_uuid, created_at, updated_at, state_entered_at)
      SELECT value->>0, value->>1, value->>2, value->>3, value->>4, 'pending', value->>5,
         value->>6, value->>7, value->>8, value->>9, value->>10, value->>11, value->>12,
-        value->>13, value->>14, ?, ?, ?
+        value->>13, value->>14, value->>15, value->>16, ?, ?, ?
      FROM json_each(?);\n";
 
 const INSERT_STEPS: &str =
@@ -191,6 +191,8 @@ impl NewRows {
                 r.parent_correlation_id,
                 r.idempotency_key,
                 t.identity_hash,
+                t.parent.as_ref().map(|p| &p.task_uuid),
+                t.parent.as_ref().map(|p| &p.step_uuid),
             ]));
             let mut uuids: HashMap<&str, &str> = HashMap::with_capacity(t.steps.len());
             for (i, s) in t.steps.iter().enumerate() {

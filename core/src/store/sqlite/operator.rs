@@ -56,6 +56,7 @@ async fn act(
     now: Millis,
 ) -> Result<TaskState> {
     let state = task_state(tx, task_uuid).await?;
+    let given = reason;
     let reason = Some(reason);
     match action {
         OperatorAction::Cancel => {
@@ -90,7 +91,22 @@ async fn act(
                     .execute(&mut *tx)
                     .await?;
             }
-            j.task_moves(task_uuid, state, &[TaskEvent::Cancel], actor, reason, now)
+            let cancelled =
+                j.task_moves(task_uuid, state, &[TaskEvent::Cancel], actor, reason, now)?;
+            // Cancelling a parent cancels the child workflows its steps started (SPEC §8),
+            // in this same transaction, and theirs in turn.
+            let children: Vec<String> = sqlx::query_scalar(
+                "SELECT task_uuid FROM tasks WHERE parent_task_uuid = $1
+                 AND state NOT IN ('complete', 'error', 'cancelled', 'resolved_manually')",
+            )
+            .bind(task_uuid)
+            .fetch_all(&mut *tx)
+            .await?;
+            let why = format!("parent task {task_uuid} was cancelled: {given}");
+            for child in children {
+                Box::pin(act(tx, j, &child, action, actor, &why, now)).await?;
+            }
+            Ok(cancelled)
         }
         OperatorAction::GiveUp => {
             j.task_moves(task_uuid, state, &[TaskEvent::GiveUp], actor, reason, now)

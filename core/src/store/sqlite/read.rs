@@ -7,7 +7,7 @@ use super::txn::Txn;
 use crate::clock::Millis;
 use crate::job::{Checkpoint, StepFailure};
 use crate::state::{StepState, TaskState};
-use crate::store::{ExpiredAttempt, Expiry, RejectedCompletion};
+use crate::store::{ChildTask, ExpiredAttempt, Expiry, ParentLink, RejectedCompletion};
 use crate::task::{StepView, Task, TaskFilter, TaskSummary, Transition};
 use crate::template::{StepDefinition, TaskTemplate};
 use crate::{Error, Result};
@@ -242,6 +242,16 @@ pub(super) async fn get_task(pool: &SqlitePool, task_uuid: &str) -> Result<Task>
         priority: t.try_get::<i64, _>("priority")? as i32,
         correlation_id: t.try_get("correlation_id")?,
         parent_correlation_id: t.try_get("parent_correlation_id")?,
+        parent: match (
+            t.try_get::<Option<String>, _>("parent_task_uuid")?,
+            t.try_get::<Option<String>, _>("parent_step_uuid")?,
+        ) {
+            (Some(task_uuid), Some(step_uuid)) => Some(ParentLink {
+                task_uuid,
+                step_uuid,
+            }),
+            _ => None,
+        },
         idempotency_key: t.try_get("idempotency_key")?,
         created_at: t.try_get("created_at")?,
         updated_at: t.try_get("updated_at")?,
@@ -267,6 +277,7 @@ pub(super) async fn list_tasks(pool: &SqlitePool, f: &TaskFilter) -> Result<Vec<
         (&f.name, "name ="),
         (&f.initiator, "initiator ="),
         (&f.source_system, "source_system ="),
+        (&f.parent_task_uuid, "parent_task_uuid ="),
     ] {
         if let Some(v) = value {
             push(&mut sql, clause);
@@ -406,4 +417,43 @@ pub(super) async fn checkpoint_history(pool: &SqlitePool, step_uuid: &str) -> Re
             .await?;
     let history = row.ok_or_else(|| Error::not_found(format!("no step {step_uuid}")))?;
     Ok(opt_decode::<Vec<Value>>(history)?.unwrap_or_default())
+}
+
+/// Ended children of waiting workflow steps, then running children whose parent step was
+/// cancelled or whose parent task ended.
+const WORKFLOW_CHILDREN: &str = "
+    SELECT s.task_uuid AS parent_task, s.step_uuid AS parent_step, s.attempts,
+           s.state AS step_state, p.state AS parent_state, c.task_uuid AS child, c.state AS child_state
+    FROM steps s
+    JOIN tasks c ON c.parent_step_uuid = s.step_uuid
+    JOIN tasks p ON p.task_uuid = s.task_uuid
+    WHERE s.state = 'in_progress' AND s.step_type = 'workflow'
+      AND c.state IN ('complete', 'error', 'cancelled', 'resolved_manually')
+    UNION ALL
+    SELECT s.task_uuid, s.step_uuid, s.attempts, s.state, p.state, c.task_uuid, c.state
+    FROM tasks c
+    JOIN steps s ON s.step_uuid = c.parent_step_uuid
+    JOIN tasks p ON p.task_uuid = s.task_uuid
+    WHERE c.parent_step_uuid IS NOT NULL AND c.completed_at IS NULL
+      AND (s.state = 'cancelled' OR p.completed_at IS NOT NULL)
+    LIMIT $1";
+
+pub(super) async fn workflow_children(pool: &SqlitePool, limit: usize) -> Result<Vec<ChildTask>> {
+    let rows = sqlx::query(WORKFLOW_CHILDREN)
+        .bind(limit as i64)
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(ChildTask {
+                parent_task_uuid: r.try_get("parent_task")?,
+                parent_step_uuid: r.try_get("parent_step")?,
+                parent_attempt: r.try_get::<i64, _>("attempts")? as u32,
+                parent_step_state: parse(&r.try_get::<String, _>("step_state")?)?,
+                parent_task_state: parse(&r.try_get::<String, _>("parent_state")?)?,
+                child_task_uuid: r.try_get("child")?,
+                child_state: parse(&r.try_get::<String, _>("child_state")?)?,
+            })
+        })
+        .collect()
 }
