@@ -194,3 +194,87 @@ steps:
     assert_eq!(plain.get().await.unwrap().status, TaskState::Error);
     assert_eq!(t.dlq_stats().await.unwrap().total, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_past_its_limit_ends_the_child_workflow_it_waits_for() {
+    let config = Config {
+        poll_interval: Duration::from_millis(50),
+        lifecycle_check_every: Duration::from_millis(20),
+        ..Config::default()
+    };
+    let options = OpenOptions {
+        config,
+        ..OpenOptions::default()
+    };
+    let t = Tasker::open_with("sqlite::memory:", options).await.unwrap();
+    t.register_handler(
+        "hang",
+        handler_fn(|_| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            StepOutcome::success(json!({}))
+        }),
+    );
+    register(
+        &t,
+        r#"
+name: slow_kid
+namespace_name: life
+version: "1.0.0"
+steps:
+  - { name: hang, handler: { callable: hang } }
+"#,
+    )
+    .await;
+    register(
+        &t,
+        r#"
+name: impatient_parent
+namespace_name: life
+version: "1.0.0"
+lifecycle: { max_duration_minutes: 0.005 }
+steps:
+  - name: run_child
+    type: workflow
+    handler: { callable: WorkflowHandler, initialization: { task_template: slow_kid } }
+"#,
+    )
+    .await;
+    let handle = t
+        .create_task(TaskRequest::new("life", "impatient_parent", json!({})))
+        .await
+        .unwrap();
+    let parent = handle.wait(WAIT).await.unwrap();
+    assert_eq!(parent.status, TaskState::Error);
+    assert_eq!(
+        parent.step("run_child").unwrap().state,
+        StepState::Cancelled
+    );
+    let entry = &t
+        .dlq_list(&DlqFilter {
+            task_uuid: Some(handle.uuid.clone()),
+            ..DlqFilter::default()
+        })
+        .await
+        .unwrap()[0];
+    assert_eq!(
+        (entry.reason, entry.original_state),
+        (DlqReason::MaxDuration, TaskState::StepsInProcess)
+    );
+    // The child nobody waits for any more is cancelled, its running step with it.
+    let filter = tasker_core::TaskFilter {
+        parent_task_uuid: Some(handle.uuid.clone()),
+        ..Default::default()
+    };
+    let mut child = None;
+    for _ in 0..1000 {
+        let kids = t.list_tasks(&filter).await.unwrap();
+        if let Some(k) = kids.first().filter(|k| k.status.is_terminal()) {
+            child = Some(t.get_task(&k.uuid).await.unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let child = child.expect("the child ends within 10 s");
+    assert_eq!(child.status, TaskState::Cancelled);
+    assert_eq!(child.step("hang").unwrap().state, StepState::Cancelled);
+}

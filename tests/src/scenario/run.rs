@@ -262,6 +262,14 @@ impl Runner {
                         .into_iter()
                         .map(|d| format!("{at}{d}")),
                     );
+                    if let Some(dlq) = &expected.dlq {
+                        let entries = dlq_entries(tasker, &child.uuid).await?;
+                        out.diffs.extend(
+                            compare_dlq(dlq, &entries)
+                                .into_iter()
+                                .map(|d| format!("{at}{d}")),
+                        );
+                    }
                     if child.parent_correlation_id.as_deref() != Some(task.correlation_id.as_str())
                     {
                         out.diffs.push(format!(
