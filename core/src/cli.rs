@@ -5,6 +5,7 @@
 //! tasker-ctl run TEMPLATE --context JSON|@FILE [--db PATH] [--format table|json] [--timeout S]
 //! tasker-ctl template validate|convert|list|register|visualize ...
 //! tasker-ctl task create|get|list|steps|audit|visualize|cancel|give-up|resolve|reset-step|resolve-step|complete-step ...
+//! tasker-ctl dlq list|get|stats|resolve ...
 //! ```
 //!
 //! Exit codes: `0` success (for `run`: the task is `complete`), `1` the command worked but the
@@ -34,6 +35,7 @@ macro_rules! out {
 }
 
 mod diagram;
+mod dlq_cmd;
 mod run;
 mod table;
 mod task_cmd;
@@ -92,6 +94,7 @@ pub fn run_cli(args: Vec<OsString>, register: impl Fn(&Tasker) + Send + Sync + '
             Command::Run(args) => run::run(args, &register).await,
             Command::Task(cmd) => task_cmd::dispatch(cmd).await,
             Command::Template(cmd) => template_cmd::dispatch(cmd).await,
+            Command::Dlq(cmd) => dlq_cmd::dispatch(cmd).await,
         }
     });
     // Handlers abandoned by an interrupted or timed-out run must not keep the process alive.
@@ -213,6 +216,10 @@ enum Command {
     /// Validate, convert, register and list task templates.
     #[command(subcommand)]
     Template(template_cmd::TemplateCommand),
+    /// Inspect the dead-letter record (tasks a lifecycle limit moved to `error`) and record
+    /// resolutions.
+    #[command(subcommand)]
+    Dlq(dlq_cmd::DlqCommand),
 }
 
 /// Output format.

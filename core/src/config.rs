@@ -41,6 +41,13 @@ pub struct Config {
     /// is failed with `handler_not_found` (`TASKER_UNKNOWN_CALLABLE_GRACE_MS`): a host may
     /// create tasks before it has started the worker that serves them.
     pub unknown_callable_grace: Duration,
+    /// How long a task may go without progress in any non-terminal state before it is moved
+    /// to `error` with a DLQ entry (`TASKER_STALENESS_THRESHOLD_MINUTES`, fractions allowed;
+    /// `0` disables). Template `lifecycle` limits apply as well (see [`crate::lifecycle`]).
+    pub staleness_threshold: Duration,
+    /// How often the engine looks for tasks past their lifecycle limits or the staleness
+    /// threshold (`TASKER_LIFECYCLE_CHECK_MS`).
+    pub lifecycle_check_every: Duration,
 }
 
 impl Default for Config {
@@ -57,6 +64,8 @@ impl Default for Config {
             sqlite_sync: SqliteSync::Normal,
             fail_unknown_callables: true,
             unknown_callable_grace: Duration::from_secs(2),
+            staleness_threshold: Duration::from_secs(24 * 3600),
+            lifecycle_check_every: Duration::from_secs(10),
         }
     }
 }
@@ -108,6 +117,26 @@ impl Config {
         if let Some(v) = num("TASKER_MAX_PAYLOAD_BYTES")? {
             c.max_payload_bytes = v as usize;
         }
+        if let Some(v) = get("TASKER_STALENESS_THRESHOLD_MINUTES") {
+            let key = "TASKER_STALENESS_THRESHOLD_MINUTES";
+            let minutes = v
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|m| m.is_finite() && *m >= 0.0)
+                .ok_or_else(|| {
+                    crate::Error::validation(format!(
+                        "{key}={v:?} is not a number of minutes (0 disables the threshold)"
+                    ))
+                })?;
+            // At most a year, so `now + threshold` stays far from overflow.
+            c.staleness_threshold = Duration::from_millis(crate::lifecycle::minutes_to_ms(
+                minutes.min(525_600.0),
+            ) as u64);
+        }
+        if let Some(v) = num("TASKER_LIFECYCLE_CHECK_MS")? {
+            c.lifecycle_check_every = Duration::from_millis(v.max(10));
+        }
         if let Some(v) = get("TASKER_SQLITE_SYNC") {
             c.sqlite_sync = match v.to_ascii_lowercase().as_str() {
                 "normal" => SqliteSync::Normal,
@@ -132,9 +161,36 @@ mod tests {
         let c = Config::from_lookup(|k| match k {
             "TASKER_LEASE_MS" => Some("3000".into()),
             "TASKER_SQLITE_SYNC" => Some("FULL".into()),
+            "TASKER_STALENESS_THRESHOLD_MINUTES" => Some("90".into()),
+            "TASKER_LIFECYCLE_CHECK_MS" => Some("250".into()),
             _ => None,
         })
         .unwrap();
+        assert_eq!(c.staleness_threshold, Duration::from_secs(90 * 60));
+        assert_eq!(c.lifecycle_check_every, Duration::from_millis(250));
+        let d = Config::default();
+        assert_eq!(
+            (d.staleness_threshold, d.lifecycle_check_every),
+            (Duration::from_secs(24 * 3600), Duration::from_secs(10))
+        );
+        let fraction = Config::from_lookup(|k| {
+            (k == "TASKER_STALENESS_THRESHOLD_MINUTES").then(|| "0.5".into())
+        })
+        .unwrap();
+        assert_eq!(fraction.staleness_threshold, Duration::from_secs(30));
+        let off = Config::from_lookup(|k| {
+            (k == "TASKER_STALENESS_THRESHOLD_MINUTES").then(|| "0".into())
+        })
+        .unwrap();
+        assert_eq!(off.staleness_threshold, Duration::ZERO);
+        let e = Config::from_lookup(|k| {
+            (k == "TASKER_STALENESS_THRESHOLD_MINUTES").then(|| "-1".into())
+        })
+        .unwrap_err();
+        assert!(
+            e.message.contains("TASKER_STALENESS_THRESHOLD_MINUTES"),
+            "{e}"
+        );
         assert_eq!(c.lease, Duration::from_secs(3));
         assert_eq!(c.lease_renew_every, Duration::from_secs(1));
         assert_eq!(c.sqlite_sync, SqliteSync::Full);

@@ -83,6 +83,8 @@ pub(crate) struct Inner {
     pub(crate) bus: crate::events::Bus,
     /// Wakes the durable-event delivery loop.
     pub(crate) events_wake: Notify,
+    /// When the sweeper last ran the lifecycle check.
+    pub(crate) lifecycle_checks: crate::lifecycle::CheckSchedule,
 }
 
 /// Options for [`Tasker::open_with`].
@@ -189,6 +191,7 @@ impl Tasker {
             workflows_seen: std::sync::atomic::AtomicBool::new(false),
             bus: crate::events::Bus::default(),
             events_wake: Notify::new(),
+            lifecycle_checks: Default::default(),
         });
         crate::worker::spawn_completer(inner.clone(), results_rx);
         crate::worker::spawn_creator(inner.clone(), creations_rx);
@@ -542,8 +545,9 @@ impl Tasker {
     }
 
     /// Runs the maintenance pass now: enqueue due retries, end timed-out and lease-expired
-    /// attempts. The background sweeper does this on its own; tests with a test clock call it
-    /// after moving time.
+    /// attempts, and (when `lifecycle_check_every` has passed on the engine's clock) enforce
+    /// lifecycle limits. The background sweeper does this on its own; tests with a test clock
+    /// call it after moving time.
     pub async fn sweep(&self) -> Result<()> {
         crate::worker::sweep_once(&self.inner).await
     }

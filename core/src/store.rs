@@ -449,4 +449,34 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<crate::events::StoredEvent>>;
     /// When the next undelivered durable event falls due, if any.
     async fn next_event_due(&self) -> Result<Option<Millis>>;
+    /// The lifecycle check (SPEC §9), in one transaction: every unfinished task past its
+    /// template's `lifecycle` limits (read from the template snapshot it runs) or, when
+    /// `staleness_threshold_ms` is given, without progress for longer than that (see
+    /// [`crate::lifecycle::exceeded`] for the rules) moves to `error` by `lifecycle_exceeded`,
+    /// its unfinished steps are cancelled (late results are fenced off) and a DLQ entry with
+    /// the reason, the original state and a snapshot is inserted. At most `limit` tasks, oldest
+    /// first; returns them.
+    async fn enforce_lifecycle(
+        &self,
+        now: Millis,
+        staleness_threshold_ms: Option<i64>,
+        actor: &str,
+        limit: usize,
+    ) -> Result<Vec<crate::dlq::LifecycleExceeded>>;
+    /// DLQ entries matching `filter`, newest first, without snapshots.
+    async fn list_dlq(&self, filter: &crate::dlq::DlqFilter) -> Result<Vec<crate::dlq::DlqEntry>>;
+    /// One DLQ entry with its snapshot; `not_found` for an unknown id.
+    async fn get_dlq(&self, dlq_entry_uuid: &str) -> Result<crate::dlq::DlqEntry>;
+    /// Counts of DLQ entries by reason, resolution status, original state and namespace.
+    async fn dlq_stats(&self) -> Result<crate::dlq::DlqStats>;
+    /// Records a DLQ entry's resolution (`notes`, when given, replace earlier notes); the task
+    /// is not changed. `pending` re-opens an entry. Returns the updated entry.
+    async fn resolve_dlq(
+        &self,
+        dlq_entry_uuid: &str,
+        status: crate::dlq::DlqResolution,
+        notes: Option<&str>,
+        by: &str,
+        now: Millis,
+    ) -> Result<crate::dlq::DlqEntry>;
 }

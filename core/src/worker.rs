@@ -646,7 +646,8 @@ impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
     }
 }
 
-/// One maintenance pass: enqueue due retries; end attempts past their timeout or lease.
+/// One maintenance pass: enqueue due retries; end attempts past their timeout or lease; move
+/// tasks past their lifecycle limits to `error` (at most every `lifecycle_check_every`).
 pub(crate) async fn sweep_once(inner: &Inner) -> Result<()> {
     let now = inner.clock.now();
     let promoted = inner
@@ -700,7 +701,7 @@ pub(crate) async fn sweep_once(inner: &Inner) -> Result<()> {
     } else if promoted > 0 {
         inner.after_change(&[], true);
     }
-    Ok(())
+    crate::lifecycle::sweep(inner, now).await
 }
 
 /// Sleeps until the next retry, timeout or lease falls due (or a change is announced), then

@@ -10,7 +10,7 @@ pub mod format;
 pub mod run;
 
 pub use format::{
-    Action, ActionKind, CreateError, CreateOptions, Expect, Scenario, SecondCreate,
+    Action, ActionKind, CreateError, CreateOptions, DlqExpect, Expect, Scenario, SecondCreate,
     SecondCreateExpect, StepExpect, TemplateRef, When,
 };
 pub use run::{Outcome, Runner};

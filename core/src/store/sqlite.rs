@@ -8,8 +8,10 @@
 mod attempts;
 mod create;
 mod events;
+mod dlq;
 mod finish;
 mod journal;
+mod lifecycle;
 mod txn;
 
 use journal::Journal;
@@ -43,6 +45,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("sqlite/0001_init.sql")),
     (2, include_str!("sqlite/0002_batches.sql")),
     (3, include_str!("sqlite/0003_workflows.sql")),
+    (4, include_str!("sqlite/0004_lifecycle.sql")),
     (5, include_str!("sqlite/0005_events.sql")),
 ];
 
@@ -167,8 +170,11 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await?;
         }
+        // Versions need not be contiguous (branches number their migrations independently);
+        // only a version newer than every one this build knows means a newer Tasker.
+        let newest = MIGRATIONS.iter().map(|(v, _)| *v).max().unwrap_or(0);
         if let Some(max) = applied.iter().max()
-            && *max > MIGRATIONS.iter().map(|(v, _)| *v).max().unwrap_or(0)
+            && *max > newest
         {
             return Err(Error::new(
                 ErrorKind::Store,
@@ -469,5 +475,44 @@ impl Store for SqliteStore {
 
     async fn next_event_due(&self) -> Result<Option<Millis>> {
         events::next_event_due(&self.writer).await
+    }
+
+    async fn enforce_lifecycle(
+        &self,
+        now: Millis,
+        staleness_threshold_ms: Option<i64>,
+        actor: &str,
+        limit: usize,
+    ) -> Result<Vec<crate::dlq::LifecycleExceeded>> {
+        let mut tx = self.begin().await?;
+        let moved = lifecycle::enforce(&mut tx, now, staleness_threshold_ms, actor, limit).await?;
+        tx.commit().await?;
+        Ok(moved)
+    }
+
+    async fn list_dlq(&self, filter: &crate::dlq::DlqFilter) -> Result<Vec<crate::dlq::DlqEntry>> {
+        dlq::list(&self.reader, filter).await
+    }
+
+    async fn get_dlq(&self, dlq_entry_uuid: &str) -> Result<crate::dlq::DlqEntry> {
+        dlq::get(&self.reader, dlq_entry_uuid).await
+    }
+
+    async fn dlq_stats(&self) -> Result<crate::dlq::DlqStats> {
+        dlq::stats(&self.reader).await
+    }
+
+    async fn resolve_dlq(
+        &self,
+        dlq_entry_uuid: &str,
+        status: crate::dlq::DlqResolution,
+        notes: Option<&str>,
+        by: &str,
+        now: Millis,
+    ) -> Result<crate::dlq::DlqEntry> {
+        let mut tx = self.begin().await?;
+        let entry = dlq::resolve(&mut tx, dlq_entry_uuid, status, notes, by, now).await?;
+        tx.commit().await?;
+        Ok(entry)
     }
 }

@@ -4,7 +4,7 @@
 use serde_json::Value;
 use tasker_core::Task;
 
-use super::format::{Expect, StepExpect};
+use super::format::{DlqExpect, Expect, StepExpect};
 
 /// Whether `actual` contains `expected`: objects match when every expected key is present and
 /// matches (extra keys are fine), arrays when they have the same length and match element by
@@ -174,6 +174,57 @@ fn compare_step(
             ));
         }
     }
+}
+
+/// Every difference between the task's DLQ entries (`entries`, the one expected read with its
+/// snapshot) and `expected`.
+pub fn compare_dlq(expected: &DlqExpect, entries: &[tasker_core::DlqEntry]) -> Vec<String> {
+    let [entry] = entries else {
+        return vec![format!(
+            "dlq: expected exactly one entry for the task, found {}",
+            entries.len()
+        )];
+    };
+    let mut diffs = Vec::new();
+    if let Some(r) = expected.reason
+        && entry.reason != r
+    {
+        diffs.push(format!(
+            "dlq: expected reason {r}, found {} ({})",
+            entry.reason, entry.message
+        ));
+    }
+    if let Some(s) = expected.original_state
+        && entry.original_state != s
+    {
+        diffs.push(format!(
+            "dlq: expected original_state {s}, found {}",
+            entry.original_state
+        ));
+    }
+    if let Some(s) = expected.resolution_status
+        && entry.resolution_status != s
+    {
+        diffs.push(format!(
+            "dlq: expected resolution_status {s}, found {}",
+            entry.resolution_status
+        ));
+    }
+    for s in &expected.message_contains {
+        if !entry.message.contains(s.as_str()) {
+            diffs.push(format!(
+                "dlq: expected the message to contain {s:?}, found {:?}",
+                entry.message
+            ));
+        }
+    }
+    if let Some(want) = &expected.snapshot {
+        match &entry.snapshot {
+            Some(actual) => subset_match(want, actual, "dlq snapshot ", &mut diffs),
+            None => diffs.push("dlq: expected a snapshot, the entry has none".into()),
+        }
+    }
+    diffs
 }
 
 /// The difference between the steps created with the task (their `create` transitions before

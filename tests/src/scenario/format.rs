@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 use serde_json::Value;
-use tasker_core::{StepState, TaskState};
+use tasker_core::{DlqReason, DlqResolution, StepState, TaskState};
 
 /// One scenario file.
 #[derive(Debug, Clone, Deserialize)]
@@ -246,11 +246,35 @@ pub struct Expect {
     /// What the second creation must return.
     #[serde(default)]
     pub second_create: Option<SecondCreateExpect>,
+    /// The task must have exactly one dead-letter entry (SPEC §9), matching this.
+    #[serde(default)]
+    pub dlq: Option<DlqExpect>,
     /// The child task each named workflow step started (SPEC §8), checked like the task
     /// (`task`, `steps`, `step_count`, `absent_steps`, `executions`); the child must also
     /// carry the task's correlation id as its `parent_correlation_id`.
     #[serde(default)]
     pub child_tasks: BTreeMap<String, Expect>,
+}
+
+/// Expectations on the task's one DLQ entry; every given field must match.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DlqExpect {
+    /// The limit exceeded (`max_waiting_for_retry_minutes`, `staleness`, ...).
+    #[serde(default)]
+    pub reason: Option<DlqReason>,
+    /// The state the task was in when the limit was found exceeded.
+    #[serde(default)]
+    pub original_state: Option<TaskState>,
+    /// The entry's resolution status.
+    #[serde(default)]
+    pub resolution_status: Option<DlqResolution>,
+    /// Substrings the entry's message must contain.
+    #[serde(default)]
+    pub message_contains: Vec<String>,
+    /// The entry's snapshot, subset-matched (`{task: {...}, steps: [...]}`).
+    #[serde(default)]
+    pub snapshot: Option<Value>,
 }
 
 /// Expectations on one step; every given field must match.

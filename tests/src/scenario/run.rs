@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tasker_core::template::parse_str;
-use tasker_core::{Config, OpenOptions, Task, TaskRequest, TaskState, Tasker};
+use tasker_core::{Config, DlqEntry, DlqFilter, OpenOptions, Task, TaskRequest, TaskState, Tasker};
 use tokio::time::Instant;
 
-use super::compare::{compare_created_steps, compare_task};
+use super::compare::{compare_created_steps, compare_dlq, compare_task};
 use super::format::{Action, ActionKind, CreateError, CreateOptions, Scenario, When};
 
 /// How often the runner looks at the task while it waits for an action's condition. Short,
@@ -93,10 +93,12 @@ impl Runner {
     }
 
     /// Engine settings for scenarios: a short polling fallback so nothing waits a full second
-    /// on a missed wake-up; everything else as shipped.
+    /// on a missed wake-up, and a lifecycle check as often (scenarios use lifecycle limits of
+    /// a fraction of a minute); everything else as shipped.
     pub fn default_config() -> Config {
         Config {
             poll_interval: Duration::from_millis(50),
+            lifecycle_check_every: Duration::from_millis(50),
             ..Config::default()
         }
     }
@@ -260,6 +262,14 @@ impl Runner {
                         .into_iter()
                         .map(|d| format!("{at}{d}")),
                     );
+                    if let Some(dlq) = &expected.dlq {
+                        let entries = dlq_entries(tasker, &child.uuid).await?;
+                        out.diffs.extend(
+                            compare_dlq(dlq, &entries)
+                                .into_iter()
+                                .map(|d| format!("{at}{d}")),
+                        );
+                    }
                     if child.parent_correlation_id.as_deref() != Some(task.correlation_id.as_str())
                     {
                         out.diffs.push(format!(
@@ -280,6 +290,12 @@ impl Runner {
                 .map_err(|e| format!("cannot read the audit trail: {e}"))?;
             out.diffs.extend(compare_created_steps(expected, &audit));
         }
+        if let Some(expected) = &s.expect.dlq {
+            out.diffs.extend(compare_dlq(
+                expected,
+                &dlq_entries(tasker, &task.uuid).await?,
+            ));
+        }
         out.task = Some(task);
         Ok(())
     }
@@ -299,6 +315,28 @@ impl Runner {
             .map_err(|e| format!("registering {label}: {e}"))?;
         Ok((loaded.template.namespace, loaded.template.name))
     }
+}
+
+/// The task's DLQ entries, each read with its snapshot.
+async fn dlq_entries(tasker: &Tasker, task_uuid: &str) -> Result<Vec<DlqEntry>, String> {
+    let filter = DlqFilter {
+        task_uuid: Some(task_uuid.to_string()),
+        ..DlqFilter::default()
+    };
+    let listed = tasker
+        .dlq_list(&filter)
+        .await
+        .map_err(|e| format!("cannot list the DLQ: {e}"))?;
+    let mut entries = Vec::with_capacity(listed.len());
+    for e in listed {
+        entries.push(
+            tasker
+                .dlq_get(&e.dlq_entry_uuid)
+                .await
+                .map_err(|e| format!("cannot read a DLQ entry: {e}"))?,
+        );
+    }
+    Ok(entries)
 }
 
 /// The child task the workflow step `step` of `task` started, if any.

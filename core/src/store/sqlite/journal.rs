@@ -31,6 +31,7 @@ struct TaskRow {
     event: &'static str,
     actor: String,
     reason: Option<String>,
+    metadata: Option<String>,
     at: Millis,
 }
 
@@ -76,6 +77,7 @@ impl Journal {
             event: "create",
             actor: actor.to_string(),
             reason: None,
+            metadata: None,
             at,
         });
     }
@@ -134,6 +136,7 @@ impl Journal {
                 event: ev.as_str(),
                 actor: actor.to_string(),
                 reason: reason.map(str::to_string),
+                metadata: None,
                 at,
             });
             state = to;
@@ -150,6 +153,26 @@ impl Journal {
     /// Queues an event's outbox record.
     pub(super) fn outbox(&mut self, event: crate::events::DomainEvent) {
         self.outbox.push(event);
+    }
+
+    /// [`Journal::task_moves`] for one event, recording `metadata` (a JSON object) on the
+    /// transition.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn task_move_with_metadata(
+        &mut self,
+        task_uuid: &str,
+        from: TaskState,
+        event: TaskEvent,
+        actor: &str,
+        reason: Option<&str>,
+        metadata: &serde_json::Value,
+        at: Millis,
+    ) -> Result<TaskState> {
+        let state = self.task_moves(task_uuid, from, &[event], actor, reason, at)?;
+        if let Some(row) = self.tasks.last_mut() {
+            row.metadata = Some(metadata.to_string());
+        }
+        Ok(state)
     }
 
     /// The task's state as changed earlier in this operation, if it was.
@@ -267,7 +290,7 @@ impl Batch {
     }
 
     async fn task(&mut self, tx: &mut SqliteConnection, r: TaskRow) -> Result<()> {
-        self.make_room(tx, 7).await?;
+        self.make_room(tx, 8).await?;
         let values = self.placeholders(vec![
             Param::Text(Some(r.task_uuid)),
             Param::Text(r.from.map(|s| s.as_str().to_string())),
@@ -275,11 +298,12 @@ impl Batch {
             Param::Text(Some(r.event.to_string())),
             Param::Text(Some(r.actor)),
             Param::Text(r.reason),
+            Param::Text(r.metadata),
             Param::Int(Some(r.at)),
         ]);
         self.row(
             "task_transitions",
-            "INSERT INTO task_transitions (task_uuid, from_state, to_state, event, actor, reason, created_at) VALUES ",
+            "INSERT INTO task_transitions (task_uuid, from_state, to_state, event, actor, reason, metadata, created_at) VALUES ",
             &values,
         );
         Ok(())
