@@ -7,8 +7,8 @@
 
 mod attempts;
 mod create;
-mod events;
 mod dlq;
+mod events;
 mod finish;
 mod journal;
 mod lifecycle;
