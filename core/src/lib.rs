@@ -48,6 +48,7 @@ pub use config::Config;
 pub use dlq::{DlqEntry, DlqFilter, DlqReason, DlqResolution, DlqStats, LifecycleExceeded};
 pub use engine::{OpenOptions, TaskHandle, Tasker};
 pub use error::{Error, ErrorKind, Result};
+pub use events::{DomainEvent, EventFilter, EventSubscriber, StoredEvent, subscriber_fn};
 pub use job::{Checkpoint, ErrorType, StepFailure, StepHandlerResult, StepJob, StepOutcome};
 pub use state::{StepState, TaskState};
 pub use task::{Task, TaskFilter, TaskRequest, TaskSummary, Transition};

@@ -252,6 +252,38 @@ pub fn compare_created_steps(
     }
 }
 
+/// Differences between the outbox records of a task and `expected` (event name → attempts).
+pub fn compare_events(
+    expected: &std::collections::BTreeMap<String, Vec<u32>>,
+    records: &[tasker_core::events::StoredEvent],
+) -> Vec<String> {
+    let mut found: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
+    for r in records {
+        found
+            .entry(r.event.event_name.clone())
+            .or_default()
+            .push(r.event.metadata.attempt);
+    }
+    let mut diffs = Vec::new();
+    for (name, attempts) in expected {
+        let mut want = attempts.clone();
+        want.sort_unstable();
+        let mut got = found.remove(name).unwrap_or_default();
+        got.sort_unstable();
+        if want != got {
+            diffs.push(format!(
+                "events: {name}: expected records for attempts {want:?}, found {got:?}"
+            ));
+        }
+    }
+    for (name, got) in found {
+        diffs.push(format!(
+            "events: unexpected {name} records (attempts {got:?})"
+        ));
+    }
+    diffs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

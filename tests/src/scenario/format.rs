@@ -249,6 +249,11 @@ pub struct Expect {
     /// The task must have exactly one dead-letter entry (SPEC §9), matching this.
     #[serde(default)]
     pub dlq: Option<DlqExpect>,
+    /// The task's domain-event outbox records (SPEC §10): for each event name, the attempts
+    /// of the results that fired one, exactly (any order); names not listed must have none.
+    /// Each durable record must also reach a subscriber the runner registers.
+    #[serde(default)]
+    pub events: Option<BTreeMap<String, Vec<u32>>>,
     /// The child task each named workflow step started (SPEC §8), checked like the task
     /// (`task`, `steps`, `step_count`, `absent_steps`, `executions`); the child must also
     /// carry the task's correlation id as its `parent_correlation_id`.

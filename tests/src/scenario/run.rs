@@ -11,7 +11,7 @@ use tasker_core::template::parse_str;
 use tasker_core::{Config, DlqEntry, DlqFilter, OpenOptions, Task, TaskRequest, TaskState, Tasker};
 use tokio::time::Instant;
 
-use super::compare::{compare_created_steps, compare_dlq, compare_task};
+use super::compare::{compare_created_steps, compare_dlq, compare_events, compare_task};
 use super::format::{Action, ActionKind, CreateError, CreateOptions, Scenario, When};
 
 /// How often the runner looks at the task while it waits for an action's condition. Short,
@@ -175,6 +175,23 @@ impl Runner {
             r
         };
 
+        // Every event id a subscriber received (for `expect.events`).
+        let delivered: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
+        if s.expect.events.is_some() {
+            let d = delivered.clone();
+            tasker.subscribe(
+                "*",
+                tasker_core::events::subscriber_fn(move |e| {
+                    let d = d.clone();
+                    async move {
+                        d.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(e.event_id);
+                        Ok(())
+                    }
+                }),
+            );
+        }
         let created = tasker.create_task(request(&context, &s.create)).await;
         if let Some(expected) = &s.expect.create_error {
             match created {
@@ -289,6 +306,45 @@ impl Runner {
                 .await
                 .map_err(|e| format!("cannot read the audit trail: {e}"))?;
             out.diffs.extend(compare_created_steps(expected, &audit));
+        }
+        if let Some(expected) = &s.expect.events {
+            let filter = tasker_core::events::EventFilter {
+                task_uuid: Some(task.uuid.clone()),
+                limit: Some(1000),
+                ..Default::default()
+            };
+            let records = tasker
+                .domain_events(&filter)
+                .await
+                .map_err(|e| format!("cannot read the outbox: {e}"))?;
+            out.diffs.extend(compare_events(expected, &records));
+            // Durable records are delivered after their commit: wait for them, within the
+            // scenario's deadline.
+            let durable: Vec<&tasker_core::events::StoredEvent> = records
+                .iter()
+                .filter(|r| r.event.delivery_mode == tasker_core::events::DeliveryMode::Durable)
+                .collect();
+            loop {
+                let missing: Vec<&str> = {
+                    let seen = delivered.lock().unwrap_or_else(|p| p.into_inner());
+                    durable
+                        .iter()
+                        .filter(|r| !seen.contains(&r.event.event_id))
+                        .map(|r| r.event.event_name.as_str())
+                        .collect()
+                };
+                if missing.is_empty() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    out.diffs.push(format!(
+                        "events: durable records never reached the subscriber: {}",
+                        missing.join(", ")
+                    ));
+                    break;
+                }
+                tokio::time::sleep(CONDITION_POLL).await;
+            }
         }
         if let Some(expected) = &s.expect.dlq {
             out.diffs.extend(compare_dlq(
