@@ -397,3 +397,31 @@ steps:
     let payloads: Vec<&Value> = d.iter().map(|e| &e.payload).collect();
     assert!(payloads.iter().all(|p| **p == json!({"n": 1})));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_only_mentions_publishes_events_fires_nothing() {
+    let t = open_with(Arc::new(SystemClock)).await;
+    t.register_handler(
+        "ok",
+        handler_fn(|_| async { StepOutcome::success(json!({"ok": true})) }),
+    );
+    register(
+        &t,
+        r#"
+name: mentions
+namespace_name: ev
+version: "1.0.0"
+identity_strategy: always_unique
+steps:
+  - name: only
+    handler: { callable: ok, initialization: { note: "publishes_events", "publishes_events": 1 } }
+"#,
+    )
+    .await;
+    let task = t
+        .run_task(TaskRequest::new("ev", "mentions", json!({})), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(task.status, TaskState::Complete);
+    assert!(outbox(&t, &task.uuid).await.is_empty());
+}

@@ -336,12 +336,15 @@ impl<'a> Rows<'a> {
                         now,
                     )?;
                     if let Some(source) = row.try_get::<Option<String>, _>(3)? {
+                        // `instr` is only a cheap pre-filter: the text may also appear in
+                        // a handler's initialization, and then there are no declarations.
                         let (step_name, namespace, correlation_id, declarations): (
                             String,
                             String,
                             String,
-                            Vec<EventDeclaration>,
+                            Option<Vec<EventDeclaration>>,
                         ) = decode(&source)?;
+                        let declarations = declarations.unwrap_or_default();
                         let fired = emitted(
                             &declarations,
                             &r.resolution,
