@@ -296,6 +296,16 @@ async fn get(a: UuidArgs) -> CliResult {
         format!("{} ({})", task.initiator, task.source_system),
     ]);
     t.row(vec!["reason".into(), task.reason.clone()]);
+    t.row(vec!["correlation_id".into(), task.correlation_id.clone()]);
+    if let Some(p) = &task.parent_correlation_id {
+        t.row(vec!["parent_correlation_id".into(), p.clone()]);
+    }
+    if let Some(p) = &task.parent {
+        t.row(vec![
+            "parent".into(),
+            format!("step {} of task {}", p.step_uuid, p.task_uuid),
+        ]);
+    }
     t.row(vec![
         "created_at".into(),
         time_or_dash(Some(task.created_at)),
