@@ -207,8 +207,45 @@ pub fn child_failure(child: &Task, reason: Option<&str>) -> StepFailure {
     f
 }
 
+/// How deep workflow steps may nest: a template that (through others) starts itself would
+/// otherwise create tasks until someone cancels the first.
+pub const MAX_WORKFLOW_DEPTH: usize = 16;
+
+/// How many workflow steps above `task_uuid` started it and its ancestors.
+async fn nesting_depth(inner: &Inner, task_uuid: &str) -> Result<usize> {
+    let mut depth = 0;
+    let mut current = inner.store.get_task(task_uuid).await?;
+    while let Some(parent) = current.parent.take() {
+        depth += 1;
+        if depth > MAX_WORKFLOW_DEPTH {
+            break;
+        }
+        current = inner.store.get_task(&parent.task_uuid).await?;
+    }
+    Ok(depth)
+}
+
 /// Starts (or re-attaches to) the child of a claimed workflow step.
 async fn start_child(inner: &Inner, job: &StepJob) -> std::result::Result<(), StepFailure> {
+    let depth = nesting_depth(inner, &job.task_uuid).await.map_err(|e| {
+        let mut f = StepFailure::new(
+            ErrorType::WorkflowError,
+            format!(
+                "workflow step `{}`: cannot read its task's ancestry: {e}",
+                job.step_name
+            ),
+        );
+        f.retryable = e.kind.is_retryable();
+        f
+    })?;
+    if depth >= MAX_WORKFLOW_DEPTH {
+        return Err(permanent(format!(
+            "workflow step `{}` would start a child {} levels deep; workflow steps nest at most \
+             {MAX_WORKFLOW_DEPTH} levels (does a template start itself?)",
+            job.step_name,
+            depth + 1
+        )));
+    }
     let spec = child_spec(
         &job.definition.handler.initialization,
         &job.namespace,

@@ -1095,3 +1095,43 @@ async fn a_retried_workflow_step_waits_for_the_child_it_already_started() {
         json!(kids[0].uuid)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_that_starts_itself_stops_at_the_nesting_limit() {
+    let t = open().await;
+    t.register_handler("ok", ok());
+    register(&t, &workflow_parent("recursive", "recursive", "")).await;
+    let top = t
+        .create_task(req("recursive", json!({"n": 1})))
+        .await
+        .unwrap();
+    // The deepest task's workflow step fails; each level above waits on the one below.
+    let deepest = eventually(|| async {
+        let mut uuid = top.uuid.clone();
+        let mut levels = 0;
+        loop {
+            let kids = children(&t, &uuid).await;
+            match kids.first() {
+                Some(k) => {
+                    uuid = k.uuid.clone();
+                    levels += 1;
+                }
+                None => break,
+            }
+        }
+        let task = t.get_task(&uuid).await.ok()?;
+        (task.status == TaskState::BlockedByFailures).then_some((levels, task))
+    })
+    .await;
+    let (levels, task) = deepest;
+    assert_eq!(levels, tasker_core::workflow::MAX_WORKFLOW_DEPTH);
+    let e = task.step("child").unwrap().error.clone().unwrap();
+    assert_eq!(e.error_type, ErrorType::WorkflowError);
+    assert!(e.message.contains("nest at most"), "{}", e.message);
+    // Cancelling the top task ends the whole chain.
+    t.cancel(&top.uuid, "stop the recursion").await.unwrap();
+    assert_eq!(
+        t.get_task(&task.uuid).await.unwrap().status,
+        TaskState::Cancelled
+    );
+}
