@@ -345,7 +345,10 @@ impl Bus {
                 let call = crate::worker::CatchUnwind::new(subscriber.handle(&d.event));
                 let outcome = match call.await {
                     Ok(outcome) => outcome,
-                    Err(_) => Err(format!("the subscriber panicked on {}", d.event.event_name)),
+                    Err(p) => Err(format!(
+                        "the subscriber panicked on {}: {}",
+                        d.event.event_name, p.message
+                    )),
                 };
                 if let Err(e) = &outcome
                     && d.done.is_none()

@@ -595,19 +595,15 @@ async fn run_rust_handler(inner: &Inner, job: &StepJob) -> StepOutcome {
     let timeout = Duration::from_millis((job.timeout_at - inner.clock.now()).max(1) as u64);
     // The handler runs on this task (no task of its own to spawn and join); a panic is caught
     // at each poll, and on timeout the future is dropped, which cancels it at its next await.
-    let call = CatchUnwind(Box::pin(async move { handler.call(&ctx).await }));
+    let call = CatchUnwind::new(async move { handler.call(&ctx).await });
     match tokio::time::timeout(timeout, call).await {
         Ok(Ok(outcome)) => outcome,
         Ok(Err(panic)) => {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic payload".into());
-            let f = StepFailure::new(
+            let mut f = StepFailure::new(
                 ErrorType::HandlerError,
-                format!("handler `{}` panicked: {msg}", job.callable()),
+                format!("handler `{}` panicked: {}", job.callable(), panic.message),
             );
+            f.backtrace = panic.backtrace;
             StepOutcome::Failure(f)
         }
         Err(_) => StepOutcome::Failure(StepFailure::new(
@@ -621,27 +617,75 @@ async fn run_rust_handler(inner: &Inner, job: &StepJob) -> StepOutcome {
     }
 }
 
-/// A future whose panics become an `Err` with the panic payload.
+/// A caught panic: its message and, when the panic hook ran on this thread, its backtrace.
+#[derive(Debug, Clone)]
+pub(crate) struct Panic {
+    pub(crate) message: String,
+    pub(crate) backtrace: Option<String>,
+}
+
+thread_local! {
+    /// Set while a [`CatchUnwind`] polls its future on this thread.
+    static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The backtrace of the last panic caught on this thread.
+    static BACKTRACE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Installs (once per process) a panic hook that records the backtrace of panics raised inside
+/// a [`CatchUnwind`] and then runs the hook that was installed before, so an application's
+/// own hook keeps working.
+fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if CATCHING.with(|c| c.get()) {
+                let bt = std::backtrace::Backtrace::force_capture();
+                let at = info
+                    .location()
+                    .map(|l| format!("panicked at {}:{}:{}\n", l.file(), l.line(), l.column()))
+                    .unwrap_or_default();
+                BACKTRACE.with(|b| *b.borrow_mut() = Some(format!("{at}{bt}")));
+            }
+            previous(info);
+        }));
+    });
+}
+
+/// A future whose panics become an `Err` with the panic's message and backtrace.
 pub(crate) struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
 
 impl<F> CatchUnwind<F> {
     pub(crate) fn new(f: F) -> Self {
+        install_panic_hook();
         CatchUnwind(Box::pin(f))
     }
 }
 
 impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
-    type Output = std::thread::Result<F::Output>;
+    type Output = std::result::Result<F::Output, Panic>;
 
     fn poll(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         let inner = &mut self.get_mut().0;
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+        let was = CATCHING.with(|c| c.replace(true));
+        let polled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.as_mut().poll(cx)));
+        CATCHING.with(|c| c.set(was));
+        match polled {
             Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
             Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
-            Err(panic) => std::task::Poll::Ready(Err(panic)),
+            Err(payload) => {
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic payload".into());
+                let backtrace = BACKTRACE.with(|b| b.borrow_mut().take());
+                std::task::Poll::Ready(Err(Panic { message, backtrace }))
+            }
         }
     }
 }

@@ -338,6 +338,10 @@ async fn a_panicking_handler_fails_its_step_and_the_engine_keeps_going() {
     let err = bad.step("only").unwrap().error.clone().unwrap();
     assert_eq!(err.error_type, ErrorType::HandlerError);
     assert!(err.message.contains("kaboom at step"), "{}", err.message);
+    // The backtrace is recorded with the failure: where it panicked, then the frames.
+    let bt = err.backtrace.as_deref().expect("a backtrace");
+    assert!(bt.contains("core/tests/engine.rs"), "{bt}");
+    assert!(bt.lines().count() > 3, "{bt}");
     assert_eq!(bad.status, TaskState::BlockedByFailures);
     assert_eq!(good.wait(WAIT).await.unwrap().status, TaskState::Complete);
     assert_eq!(
