@@ -1139,3 +1139,83 @@ async fn a_template_that_starts_itself_stops_at_the_nesting_limit() {
         TaskState::Cancelled
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_completing_a_decision_or_analyzer_creates_its_steps() {
+    let t = open().await;
+    t.register_handler("ok", ok());
+    t.register_handler("perm", failing(u32::MAX, StepOutcome::permanent("down")).0);
+    register(
+        &t,
+        r#"
+name: manual_fanout
+namespace_name: eng
+version: "1.0.0"
+identity_strategy: always_unique
+steps:
+  - { name: start, handler: { callable: ok } }
+  - { name: route, type: decision, dependencies: [start], handler: { callable: perm }, retry: { max_attempts: 1 } }
+  - { name: yes, dependencies: [route], handler: { callable: ok } }
+  - { name: analyze, type: batchable, dependencies: [yes], handler: { callable: perm }, retry: { max_attempts: 1 } }
+  - name: work
+    type: batch_worker
+    dependencies: [analyze]
+    handler: { callable: ok }
+    batch_config: { batch_size: 10 }
+  - { name: total, type: deferred_convergence, dependencies: [work], handler: { callable: ok } }
+"#,
+    )
+    .await;
+    let handle = t
+        .create_task(req("manual_fanout", json!({})))
+        .await
+        .unwrap();
+    let blocked = handle.wait(WAIT).await.unwrap();
+    assert_eq!(blocked.status, TaskState::BlockedByFailures);
+    // An outcome naming a step outside the decision's branches is refused; nothing changes.
+    let e = t
+        .complete_step(
+            &handle.uuid,
+            "route",
+            json!({"decision_point_outcome": {"type": "create_steps", "step_names": ["nope"]}}),
+            "try",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Validation, "{e}");
+    assert!(e.message.contains("nope"), "{e}");
+    let still = handle.get().await.unwrap();
+    assert_eq!(still.step("route").unwrap().state, StepState::Error);
+    assert_eq!(still.steps.len(), 2);
+    // A valid outcome creates the branch; its analyzer fails in turn and is completed by hand
+    // with batches: the workers and the aggregator are created and run.
+    t.complete_step(
+        &handle.uuid,
+        "route",
+        json!({"decision_point_outcome": {"type": "create_steps", "step_names": ["yes"]}}),
+        "route by hand",
+    )
+    .await
+    .unwrap();
+    let blocked = handle.wait(WAIT).await.unwrap();
+    assert_eq!(blocked.step("analyze").unwrap().state, StepState::Error);
+    let outcome = tasker_core::batch::create_batch_outcome(25, 10).to_value();
+    t.complete_step(
+        &handle.uuid,
+        "analyze",
+        json!({ "batch_processing_outcome": outcome }),
+        "batches by hand",
+    )
+    .await
+    .unwrap();
+    let done = handle.wait(WAIT).await.unwrap();
+    assert_eq!(done.status, TaskState::Complete);
+    let mut names: Vec<&str> = done.steps.iter().map(|s| s.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "analyze", "route", "start", "total", "work_001", "work_002", "work_003", "yes"
+        ]
+    );
+}

@@ -24,7 +24,9 @@ use crate::events::{DomainEvent, EventSource, emitted};
 use crate::job::StepJob;
 use crate::orchestrator::SettleCause;
 use crate::state::{StepEvent, StepState, step_transition};
-use crate::store::{AttemptResult, ClaimRequest, Completion, Expiry, FinishReport, Resolution};
+use crate::store::{
+    AttemptResult, ClaimRequest, Completion, Expansion, Expiry, FinishReport, Resolution,
+};
 use crate::template::EventDeclaration;
 use crate::{Error, Result};
 
@@ -111,30 +113,7 @@ pub(super) async fn finish(
         let mut new_edges = Vec::new();
         for (r, task) in results.iter().zip(rows.applied.iter()) {
             if let (Some(x), Some(task)) = (&r.expansion, task) {
-                for st in &x.steps {
-                    let d = &st.definition;
-                    let batch = st
-                        .batch_group
-                        .as_ref()
-                        .map(|_| d.batch_config.clone().unwrap_or_default());
-                    new_steps.push(serde_json::json!([
-                        st.uuid,
-                        task,
-                        d.name,
-                        d.handler.callable,
-                        d.step_type.as_str(),
-                        json(d)?,
-                        json(&st.inputs)?,
-                        d.retry.max_attempts,
-                        d.timeout_seconds.map(|t| (t as i64).saturating_mul(1000)),
-                        st.batch_group,
-                        batch.as_ref().map(|b| b.parallelism),
-                        batch.as_ref().map(|b| b.failure_strategy),
-                    ]));
-                }
-                for (p, c) in &x.edges {
-                    new_edges.push(serde_json::json!([task, p, c]));
-                }
+                expansion_rows(task, x, &mut new_steps, &mut new_edges)?;
             }
         }
         if !new_steps.is_empty() {
@@ -218,10 +197,45 @@ pub(super) async fn finish(
     Ok((reports, jobs))
 }
 
+/// The rows of [`INSERT_STEPS`] and [`INSERT_EDGES`] for the steps `x` adds to `task`.
+pub(super) fn expansion_rows(
+    task: &str,
+    x: &Expansion,
+    steps: &mut Vec<serde_json::Value>,
+    edges: &mut Vec<serde_json::Value>,
+) -> Result<()> {
+    for st in &x.steps {
+        let d = &st.definition;
+        let batch = st
+            .batch_group
+            .as_ref()
+            .map(|_| d.batch_config.clone().unwrap_or_default());
+        steps.push(serde_json::json!([
+            st.uuid,
+            task,
+            d.name,
+            d.handler.callable,
+            d.step_type.as_str(),
+            json(d)?,
+            json(&st.inputs)?,
+            d.retry.max_attempts,
+            d.timeout_seconds.map(|t| (t as i64).saturating_mul(1000)),
+            st.batch_group,
+            batch.as_ref().map(|b| b.parallelism),
+            batch.as_ref().map(|b| b.failure_strategy),
+        ]));
+    }
+    for (p, c) in &x.edges {
+        edges.push(serde_json::json!([task, p, c]));
+    }
+    Ok(())
+}
+
 /// Steps a result creates: inserted unless the task has a step of that name (rows tagged `x`
 /// for those inserted), numbered after the task's last step, with the task's namespace and
 /// priority.
-const INSERT_STEPS: &str = "INSERT INTO steps (step_uuid, task_uuid, seq, name, namespace,
+pub(super) const INSERT_STEPS: &str =
+    "INSERT INTO steps (step_uuid, task_uuid, seq, name, namespace,
         callable, step_type, definition, inputs, state, max_attempts, priority, timeout_ms,
         batch_group, batch_parallelism, batch_strategy, created_at, updated_at)
      SELECT j.value->>0, t.task_uuid,
@@ -260,7 +274,8 @@ const FAIL_FAST: &str = concat!(
 
 /// Edges `[task, parent name, child name]` between steps that exist, into children that have
 /// not started.
-const INSERT_EDGES: &str = "INSERT OR IGNORE INTO step_edges (task_uuid, from_step, to_step)
+pub(super) const INSERT_EDGES: &str =
+    "INSERT OR IGNORE INTO step_edges (task_uuid, from_step, to_step)
      SELECT p.task_uuid, p.step_uuid, c.step_uuid FROM json_each(?) j
      JOIN steps p ON p.task_uuid = j.value->>0 AND p.name = j.value->>1
      JOIN steps c ON c.task_uuid = j.value->>0 AND c.name = j.value->>2

@@ -3,12 +3,15 @@
 
 use sqlx::{Row, SqliteConnection};
 
+use super::finish::{INSERT_EDGES, INSERT_STEPS, expansion_rows};
 use super::journal::Journal;
-use super::write::{json, move_step, parse_state, settle, task_state};
+use super::write::{decode, json, move_step, parse_state, settle, task_state};
 use crate::clock::Millis;
 use crate::orchestrator::SettleCause;
+use crate::orchestrator::{plan_batches, plan_decision};
 use crate::state::{StepEvent, StepState, TaskEvent, TaskState, task_transition};
 use crate::store::OperatorAction;
+use crate::template::TaskTemplate;
 use crate::{Error, ErrorKind, Result};
 
 /// Resolves a step reference (uuid or name) within a task.
@@ -167,6 +170,7 @@ async fn act(
                     .bind(&step_uuid)
                     .execute(&mut *tx)
                     .await?;
+                    expand_completed(tx, j, task_uuid, &step_uuid, result, actor, now).await?;
                 }
                 _ => {
                     sqlx::query(
@@ -191,4 +195,61 @@ async fn act(
             .await
         }
     }
+}
+
+/// A decision or analyzer completed by an operator creates the steps its result asks for, as a
+/// handler's result would (SPEC §6, §7). An outcome that cannot be applied refuses the whole
+/// action, naming what is wrong, so the operator can correct the result.
+async fn expand_completed(
+    tx: &mut SqliteConnection,
+    j: &mut Journal,
+    task_uuid: &str,
+    step_uuid: &str,
+    result: &serde_json::Value,
+    actor: &str,
+    now: Millis,
+) -> Result<()> {
+    let row = sqlx::query(
+        "SELECT s.name, s.step_type, ts.definition AS template FROM steps s
+         JOIN tasks t ON t.task_uuid = s.task_uuid
+         JOIN template_snapshots ts ON ts.content_hash = t.template_hash
+         WHERE s.step_uuid = $1 AND s.step_type IN ('decision', 'batchable')",
+    )
+    .bind(step_uuid)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else { return Ok(()) };
+    let name: String = row.try_get("name")?;
+    let template: TaskTemplate = decode(&row.try_get::<String, _>("template")?)?;
+    let planned = if row.try_get::<String, _>("step_type")? == "batchable" {
+        plan_batches(&template, &name, result)
+    } else {
+        plan_decision(&template, &name, result)
+    };
+    let x = planned.map_err(|f| {
+        Error::validation(format!(
+            "the result given for step `{name}` cannot be applied: {}",
+            f.message
+        ))
+    })?;
+    if x.steps.is_empty() {
+        return Ok(());
+    }
+    let (mut steps, mut edges) = (Vec::new(), Vec::new());
+    expansion_rows(task_uuid, &x, &mut steps, &mut edges)?;
+    let created = sqlx::query(INSERT_STEPS)
+        .bind(now)
+        .bind(now)
+        .bind(json(&steps)?)
+        .fetch_all(&mut *tx)
+        .await?;
+    for row in created {
+        let step: String = row.try_get(1)?;
+        j.step_created(&step, task_uuid, actor, now);
+    }
+    sqlx::query(INSERT_EDGES)
+        .bind(json(&edges)?)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
 }
