@@ -711,6 +711,25 @@ impl Inner {
         }
     }
 
+    /// Applies results the engine itself made (expiries, workflow steps) and announces what
+    /// they changed: events, waiters, workers.
+    pub(crate) async fn finish_and_announce(
+        &self,
+        results: &[crate::store::AttemptResult],
+    ) -> Result<Vec<crate::store::FinishReport>> {
+        let reports = self
+            .store
+            .finish(results, &self.worker_id, self.clock.now())
+            .await?;
+        self.after_finish(&reports);
+        let changed: Vec<_> = reports
+            .iter()
+            .filter_map(|r| Some((r.task_uuid.clone()?, r.task_state?)))
+            .collect();
+        self.after_change(&changed, true);
+        Ok(reports)
+    }
+
     /// Publishes the fast and broadcast events of committed results on the bus and wakes the
     /// delivery of durable ones. Never waits for a subscriber.
     pub(crate) fn after_finish(&self, reports: &[crate::store::FinishReport]) {

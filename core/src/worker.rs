@@ -735,13 +735,7 @@ pub(crate) async fn sweep_once(inner: &Inner) -> Result<()> {
                 }
             })
             .collect();
-        let reports = inner.store.finish(&results, &inner.worker_id, now).await?;
-        inner.after_finish(&reports);
-        let changed: Vec<_> = reports
-            .iter()
-            .filter_map(|r| Some((r.task_uuid.clone()?, r.task_state?)))
-            .collect();
-        inner.after_change(&changed, true);
+        inner.finish_and_announce(&results).await?;
     } else if promoted > 0 {
         inner.after_change(&[], true);
     }

@@ -417,16 +417,7 @@ pub(crate) async fn workflow_pass(inner: &Arc<Inner>) -> Result<bool> {
         }
     }
     if !results.is_empty() {
-        let reports = inner
-            .store
-            .finish(&results, &inner.worker_id, inner.clock.now())
-            .await?;
-        inner.after_finish(&reports);
-        let changed: Vec<_> = reports
-            .iter()
-            .filter_map(|r| Some((r.task_uuid.clone()?, r.task_state?)))
-            .collect();
-        inner.after_change(&changed, true);
+        inner.finish_and_announce(&results).await?;
     }
     Ok(more)
 }

@@ -2,13 +2,15 @@
 //! timeouts, result checks, task creation rules, concurrency, cancellation and operator
 //! actions. Tests wait on task state, never on a fixed sleep.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use common::{eventually, register};
 use serde_json::{Value, json};
 use tasker_core::clock::{Clock, SystemClock, TestClock};
-use tasker_core::template::parse_str;
 use tasker_core::{
     Config, ErrorKind, ErrorType, OpenOptions, StepOutcome, StepState, TaskRequest, TaskState,
     Tasker, handler_fn,
@@ -49,13 +51,6 @@ async fn open_with_clock(clock: &TestClock) -> Tasker {
     )
     .await
     .unwrap()
-}
-
-async fn register(tasker: &Tasker, yaml: &str) {
-    let t = parse_str(yaml, None, "test")
-        .unwrap_or_else(|e| panic!("{e}"))
-        .template;
-    tasker.register_template(&t).await.unwrap();
 }
 
 /// A one-step template `ns/name` whose step `only` runs `callable` with `extra` YAML lines.
@@ -736,20 +731,6 @@ async fn cancelling_a_running_task_fences_off_the_late_result() {
 
 /// Re-checks `probe` on every engine-state change (bounded), for effects that no task state
 /// reflects (a rejected late completion).
-async fn eventually<T, F, Fut>(probe: F) -> T
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    for _ in 0..1000 {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("condition not reached within 10 s");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_resolution_unblocks_dependents() {
     let t = open().await;

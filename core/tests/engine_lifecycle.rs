@@ -1,12 +1,14 @@
 //! Lifecycle limits through the engine handle, on a test clock: the sweeper's periodic check,
 //! waiters woken by the move to `error`, and the DLQ methods of `Tasker`.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::register;
 use serde_json::json;
 use tasker_core::clock::{Clock, TestClock};
-use tasker_core::template::parse_str;
 use tasker_core::{
     Config, DlqFilter, DlqReason, DlqResolution, ErrorKind, OpenOptions, StepOutcome, StepState,
     TaskRequest, TaskState, Tasker, handler_fn,
@@ -22,13 +24,6 @@ async fn open(clock: &TestClock, config: Config, background: bool) -> Tasker {
         background,
     };
     Tasker::open_with("sqlite::memory:", options).await.unwrap()
-}
-
-async fn register(tasker: &Tasker, yaml: &str) {
-    let t = parse_str(yaml, None, "test")
-        .unwrap_or_else(|e| panic!("{e}"))
-        .template;
-    tasker.register_template(&t).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

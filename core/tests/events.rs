@@ -2,14 +2,16 @@
 //! subscribers receive, redelivery, and that subscribers never hold steps back. Waits are on
 //! observable state, never on a fixed sleep.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::{eventually, register};
 use serde_json::{Value, json};
 use tasker_core::clock::{SystemClock, TestClock};
 use tasker_core::events::{DeliveryMode, DomainEvent, EventFilter, StoredEvent, subscriber_fn};
-use tasker_core::template::parse_str;
 use tasker_core::{Config, OpenOptions, StepOutcome, TaskRequest, TaskState, Tasker, handler_fn};
 use tokio::sync::Semaphore;
 
@@ -30,13 +32,6 @@ async fn open_with(clock: Arc<dyn tasker_core::clock::Clock>) -> Tasker {
     )
     .await
     .unwrap()
-}
-
-async fn register(t: &Tasker, yaml: &str) {
-    let tpl = parse_str(yaml, None, "test")
-        .unwrap_or_else(|e| panic!("{e}"))
-        .template;
-    t.register_template(&tpl).await.unwrap();
 }
 
 /// `flaky` fails once (retryably) then succeeds; `doomed` fails for good. Each declares
@@ -127,20 +122,6 @@ fn names_by_attempt(records: &[StoredEvent]) -> Vec<(String, u32)> {
         .collect();
     v.sort();
     v
-}
-
-async fn eventually<T, F, Fut>(probe: F) -> T
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    for _ in 0..1000 {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("condition not reached within 10 s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

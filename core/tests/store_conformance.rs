@@ -1833,6 +1833,21 @@ async fn create_child(
     }
 }
 
+/// A `workflow_parent` task whose workflow step `run` was claimed by the engine (`core`) and
+/// started a `child` task (registered as `conf/child`): `(child template, parent, [run], child)`.
+async fn parent_and_child(s: &Arc<dyn Store>) -> (TaskTemplate, String, Vec<StepJob>, String) {
+    let (p, child) = (workflow_parent(), linear("conf", "child", "work"));
+    s.put_template(&p, false, T0).await.unwrap();
+    s.put_template(&child, false, T0).await.unwrap();
+    let task = create(s, &p, json!({}), T0).await;
+    let run = s
+        .claim(&claim_req("core", &[], CallableFilter::Workflows, 10), T0)
+        .await
+        .unwrap();
+    let kid = create_child(s, &child, &task, &run[0].step_uuid, T0 + 1).await;
+    (child, task, run, kid)
+}
+
 async fn workflow_steps_are_claimed_apart_and_children_are_linked(db: Db) {
     let s = db.store();
     let (p, child) = (workflow_parent(), linear("conf", "child", "work"));
@@ -1913,15 +1928,7 @@ async fn workflow_steps_are_claimed_apart_and_children_are_linked(db: Db) {
 
 async fn cancelling_a_parent_cancels_its_children_in_the_same_transaction(db: Db) {
     let s = db.store();
-    let (p, child) = (workflow_parent(), linear("conf", "child", "work"));
-    s.put_template(&p, false, T0).await.unwrap();
-    s.put_template(&child, false, T0).await.unwrap();
-    let task = create(s, &p, json!({}), T0).await;
-    let run = s
-        .claim(&claim_req("core", &[], CallableFilter::Workflows, 10), T0)
-        .await
-        .unwrap();
-    let kid = create_child(s, &child, &task, &run[0].step_uuid, T0 + 1).await;
+    let (child, task, _, kid) = parent_and_child(s).await;
     // A grandchild, started by one of the child's steps.
     let a = claim_one(s, "w1", T0 + 2).await;
     let grandchild = create_child(s, &child, &kid, &a.step_uuid, T0 + 3).await;
@@ -1953,15 +1960,7 @@ async fn cancelling_a_parent_cancels_its_children_in_the_same_transaction(db: Db
 
 async fn children_outliving_their_parent_are_reported(db: Db) {
     let s = db.store();
-    let (p, child) = (workflow_parent(), linear("conf", "child", "work"));
-    s.put_template(&p, false, T0).await.unwrap();
-    s.put_template(&child, false, T0).await.unwrap();
-    let task = create(s, &p, json!({}), T0).await;
-    let run = s
-        .claim(&claim_req("core", &[], CallableFilter::Workflows, 10), T0)
-        .await
-        .unwrap();
-    let kid = create_child(s, &child, &task, &run[0].step_uuid, T0 + 1).await;
+    let (_, task, _, kid) = parent_and_child(s).await;
     // An operator completes the workflow step by hand and the parent finishes without the
     // child: the child still runs, and is reported for cancelling.
     s.operator_action(
