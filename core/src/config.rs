@@ -34,6 +34,11 @@ pub struct Config {
     pub max_payload_bytes: usize,
     /// SQLite durability (`TASKER_SQLITE_SYNC=normal|full`).
     pub sqlite_sync: SqliteSync,
+    /// PostgreSQL connections per process at most (`TASKER_PG_MAX_CONNECTIONS`).
+    pub pg_max_connections: u32,
+    /// Migrate the database schema on open (`TASKER_MIGRATE=false` refuses a schema that is
+    /// not current instead; `tasker-ctl migrate` applies it). SQLite always migrates.
+    pub migrate: bool,
     /// Fail steps whose callable no handler in this process knows (`handler_not_found`) instead
     /// of leaving them for another worker. True for the embedded one-process engine.
     pub fail_unknown_callables: bool,
@@ -62,6 +67,8 @@ impl Default for Config {
             claim_batch: 64,
             max_payload_bytes: 1 << 20,
             sqlite_sync: SqliteSync::Normal,
+            pg_max_connections: 10,
+            migrate: true,
             fail_unknown_callables: true,
             unknown_callable_grace: Duration::from_secs(2),
             staleness_threshold: Duration::from_secs(24 * 3600),
@@ -136,6 +143,20 @@ impl Config {
         }
         if let Some(v) = num("TASKER_LIFECYCLE_CHECK_MS")? {
             c.lifecycle_check_every = Duration::from_millis(v.max(10));
+        }
+        if let Some(v) = num("TASKER_PG_MAX_CONNECTIONS")? {
+            c.pg_max_connections = v.clamp(2, 1000) as u32;
+        }
+        if let Some(v) = get("TASKER_MIGRATE") {
+            c.migrate = match v.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
+                _ => {
+                    return Err(crate::Error::validation(format!(
+                        "TASKER_MIGRATE={v:?}: expected `true` or `false`"
+                    )));
+                }
+            };
         }
         if let Some(v) = get("TASKER_SQLITE_SYNC") {
             c.sqlite_sync = match v.to_ascii_lowercase().as_str() {

@@ -2,6 +2,11 @@
 //! every atomicity promise of the SPEC is a single method. The backend is picked at run time
 //! from the database URL.
 
+pub(crate) mod apply;
+pub(crate) mod journal;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+pub(crate) mod rows;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -15,16 +20,44 @@ use crate::state::{StepState, TaskState};
 use crate::task::{Task, TaskFilter, TaskSummary, Transition};
 use crate::template::{StepDefinition, TaskTemplate};
 
-/// Opens the store named by `url`: `sqlite::memory:`, `sqlite:PATH` (or a bare path).
+/// Opens the store named by `url`: `sqlite::memory:`, `sqlite:PATH` (or a bare path), or
+/// `postgres://…` (with the `postgres` feature). The schema is migrated unless
+/// `config.migrate` is off.
 pub async fn open(url: &str, config: &crate::Config) -> Result<std::sync::Arc<dyn Store>> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+    if is_postgres_url(url) {
+        #[cfg(feature = "postgres")]
+        return Ok(std::sync::Arc::new(
+            postgres::PgStore::open(url, config.pg_max_connections, config.migrate).await?,
+        ));
+        #[cfg(not(feature = "postgres"))]
         return Err(crate::Error::validation(
-            "PostgreSQL is not supported by this build yet; use an sqlite: URL",
+            "this build has no PostgreSQL support (cargo feature `postgres`); use an sqlite: URL",
         ));
     }
     Ok(std::sync::Arc::new(
         sqlite::SqliteStore::open(url, config.sqlite_sync).await?,
     ))
+}
+
+/// Whether `url` names a PostgreSQL database.
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// A change committed to the store, announced to every process that listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChange {
+    /// Steps became ready to claim.
+    Work,
+    /// A task reached `state`.
+    Task {
+        /// The task.
+        task_uuid: String,
+        /// Its new state.
+        state: TaskState,
+    },
+    /// Announcements may have been missed (the listening connection was re-made): look again.
+    Resync,
 }
 
 /// A task ready to be inserted: the row, its initial steps and edges.
@@ -479,4 +512,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         by: &str,
         now: Millis,
     ) -> Result<crate::dlq::DlqEntry>;
+    /// Changes committed by any process, where the backend can announce them (PostgreSQL's
+    /// `LISTEN`/`NOTIFY`); `None` when only this process writes (SQLite), whose own writes
+    /// the engine announces itself.
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<StoreChange>> {
+        None
+    }
 }

@@ -14,7 +14,7 @@ mod journal;
 mod lifecycle;
 mod txn;
 
-use journal::Journal;
+use journal::{Flush, Journal};
 use txn::Txn;
 mod operator;
 mod read;

@@ -1,22 +1,19 @@
 //! The attempt lifecycle in SQLite: claim, finish (with fencing), checkpoint, lease renewal
 //! and promotion of due retries. Each function runs inside a transaction opened by the caller.
 
-use serde_json::{Map, Value};
-use sqlx::sqlite::SqliteRow;
 use sqlx::{AssertSqlSafe, Row, SqliteConnection};
 
-use super::journal::{Journal, Param, bind_all};
-use super::write::{decode, json, move_step, parse_state, settle_many};
+use super::journal::{Flush, Journal, Param, bind_all};
+use super::write::{json, move_step, settle_many};
 use crate::Result;
 use crate::clock::Millis;
 use crate::job::{Checkpoint, StepJob};
 use crate::orchestrator::SettleCause;
 use crate::state::{StepEvent, StepState};
-use crate::store::{AttemptResult, CallableFilter, ClaimRequest, Completion, Expiry, Resolution};
-use crate::template::StepDefinition;
-
-/// How many checkpoints a step keeps (SPEC §7).
-const CHECKPOINT_HISTORY: usize = 20;
+use crate::store::apply;
+pub(super) use crate::store::apply::Rejection;
+pub(super) use crate::store::rows::{self, CURRENT_COLUMNS, Current, claimed_job, staleness};
+use crate::store::{CallableFilter, ClaimRequest, Completion};
 
 /// Claims ready steps; their transitions go into `j`, which the caller flushes.
 pub(super) async fn claim(
@@ -115,130 +112,13 @@ pub(super) fn claim_statement(
     Some((sql, params))
 }
 
-/// The job of one row returned by the claim statement (named columns, so a leading tag column
-/// does not matter); its `claim` transition goes into `j`.
-pub(super) fn claimed_job(row: &SqliteRow, j: &mut Journal, req: &ClaimRequest) -> Result<StepJob> {
-    let step_uuid: String = row.try_get("step_uuid")?;
-    let task_uuid: String = row.try_get("task_uuid")?;
-    let attempt = row.try_get::<i64, _>("attempts")? as u32;
-    let started_at: Millis = row.try_get("started_at")?;
-    j.step_moves(
-        &step_uuid,
-        &task_uuid,
-        StepState::Enqueued,
-        &[StepEvent::Claim],
-        Some(attempt),
-        &req.worker_id,
-        None,
-        started_at,
-    )?;
-    let (task_name, task_version, correlation_id, context, template_hash): (
-        String,
-        String,
-        String,
-        Value,
-        String,
-    ) = decode(&row.try_get::<String, _>("task")?)?;
-    let definition: StepDefinition = decode(&row.try_get::<String, _>("definition")?)?;
-    let inputs: Map<String, Value> = decode(&row.try_get::<String, _>("inputs")?)?;
-    let checkpoint: Option<String> = row.try_get("checkpoint")?;
-    let checkpoint: Option<Checkpoint> = checkpoint.map(|c| decode(&c)).transpose()?;
-    let failed: Option<String> = row.try_get("failed_dependencies")?;
-    Ok(StepJob {
-        dependency_results: decode(&row.try_get::<String, _>("dependency_results")?)?,
-        failed_dependencies: failed.map(|f| decode(&f)).transpose()?.unwrap_or_default(),
-        step_uuid,
-        task_uuid,
-        step_name: row.try_get("name")?,
-        attempt,
-        worker_id: req.worker_id.clone(),
-        namespace: row.try_get("namespace")?,
-        task_name,
-        task_version,
-        template_hash,
-        correlation_id,
-        definition,
-        context,
-        inputs,
-        checkpoint,
-        started_at,
-        timeout_at: row.try_get("timeout_at")?,
-    })
-}
-
-pub(super) struct Current {
-    pub(super) task_uuid: String,
-    pub(super) state: StepState,
-    pub(super) attempts: u32,
-    pub(super) worker_id: Option<String>,
-    pub(super) lease_expires_at: Option<Millis>,
-    pub(super) timeout_at: Option<Millis>,
-}
-
 pub(super) async fn current(tx: &mut SqliteConnection, step_uuid: &str) -> Result<Option<Current>> {
-    let row = sqlx::query(
-        "SELECT task_uuid, state, attempts, worker_id, lease_expires_at, timeout_at
-         FROM steps WHERE step_uuid = $1",
-    )
-    .bind(step_uuid)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(row) = row else { return Ok(None) };
-    Ok(Some(Current {
-        task_uuid: row.try_get("task_uuid")?,
-        state: parse_state(&row.try_get::<String, _>("state")?)?,
-        attempts: row.try_get::<i64, _>("attempts")? as u32,
-        worker_id: row.try_get("worker_id")?,
-        lease_expires_at: row.try_get("lease_expires_at")?,
-        timeout_at: row.try_get("timeout_at")?,
-    }))
-}
-
-/// Why a completion for `attempt` by `worker` does not apply, if it does not.
-pub(super) fn staleness(
-    c: &Current,
-    attempt: u32,
-    worker: Option<&str>,
-    expiry: Option<Expiry>,
-    now: Millis,
-) -> Option<String> {
-    if c.state != StepState::InProgress {
-        return Some(format!("step is {}, not in_progress", c.state));
-    }
-    if c.attempts != attempt {
-        return Some(format!(
-            "attempt {attempt} is not current (current attempt is {})",
-            c.attempts
-        ));
-    }
-    if let Some(w) = worker
-        && c.worker_id.as_deref() != Some(w)
-    {
-        return Some(format!(
-            "attempt {attempt} is held by worker {}",
-            c.worker_id.as_deref().unwrap_or("none")
-        ));
-    }
-    match expiry {
-        Some(Expiry::Timeout) if c.timeout_at.is_none_or(|t| t > now) => {
-            Some("attempt has not timed out".into())
-        }
-        Some(Expiry::LeaseExpired) if c.lease_expires_at.is_none_or(|t| t > now) => {
-            Some("lease was renewed".into())
-        }
-        _ => None,
-    }
-}
-
-/// A completion that arrived for an attempt that is no longer current.
-pub(super) struct Rejection<'a> {
-    pub(super) step_uuid: &'a str,
-    pub(super) task_uuid: Option<&'a str>,
-    pub(super) attempt: u32,
-    pub(super) worker: Option<&'a str>,
-    pub(super) reason: &'a str,
-    /// The refused outcome, as JSON, for investigation.
-    pub(super) outcome: Option<String>,
+    let sql = format!("SELECT {CURRENT_COLUMNS} FROM steps WHERE step_uuid = $1");
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(step_uuid)
+        .fetch_optional(&mut *tx)
+        .await?;
+    row.as_ref().map(rows::current).transpose()
 }
 
 pub(super) async fn record_rejection(
@@ -260,19 +140,6 @@ pub(super) async fn record_rejection(
     .execute(&mut *tx)
     .await?;
     Ok(())
-}
-
-impl AttemptResult {
-    pub(super) fn resolution_summary(&self) -> Value {
-        match &self.resolution {
-            Resolution::Succeeded { result, .. } => {
-                serde_json::json!({"outcome": "success", "result": result})
-            }
-            Resolution::Retry { failure, .. } | Resolution::Failed { failure } => {
-                serde_json::json!({"outcome": "failure", "error": failure})
-            }
-        }
-    }
 }
 
 /// Stores `cp` for attempt `attempt` held by `worker_id`, with the attempt's new lease and
@@ -305,11 +172,7 @@ pub(super) async fn checkpoint(
             .bind(step_uuid)
             .fetch_one(&mut *tx)
             .await?;
-    let mut history: Vec<Value> = history.map(|h| decode(&h)).transpose()?.unwrap_or_default();
-    history.push(serde_json::json!({"cursor": cp.cursor, "items_processed": cp.items_processed, "attempt": attempt, "at": now}));
-    if history.len() > CHECKPOINT_HISTORY {
-        history.drain(..history.len() - CHECKPOINT_HISTORY);
-    }
+    let history = apply::checkpoint_history(history, cp, attempt, now)?;
     let mut j = Journal::default();
     move_step(
         tx,
@@ -329,7 +192,7 @@ pub(super) async fn checkpoint(
             timeout_at = $4 WHERE step_uuid = $5",
     )
     .bind(json(cp)?)
-    .bind(json(&history)?)
+    .bind(history)
     .bind(lease_until)
     .bind(timeout_at)
     .bind(step_uuid)

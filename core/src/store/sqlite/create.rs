@@ -6,18 +6,17 @@
 
 use std::collections::HashMap;
 
-use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, Row, SqliteConnection};
 
 use super::attempts::claim_statement;
-use super::finish::Rows;
 use super::journal::{Journal, Param, bind_all};
 use super::write::{SETTLE, json as to_json, settle_params, settle_task};
+use crate::Result;
 use crate::clock::Millis;
 use crate::job::StepJob;
 use crate::orchestrator::SettleCause;
+use crate::store::apply::{NewRows, Rows};
 use crate::store::{ClaimRequest, Created, NewTask};
-use crate::{Error, Result};
 
 const IDENTITIES: &str = "SELECT identity_hash, task_uuid FROM tasks
      WHERE identity_hash IN (SELECT value FROM json_each(?));\n";
@@ -141,89 +140,11 @@ pub(super) async fn create_tasks(
         }
     }
     let mut none = Vec::new();
-    let mut absorbed = Rows::without_results(&mut none, claim, actor, now);
+    let mut absorbed = Rows::new(&[], &[], &mut none, claim, actor, now);
     absorbed.absorb(j, &rows)?;
     let (tallies, jobs) = absorbed.into_parts();
     for t in &new {
         settle_task(j, &tallies, &t.uuid, SettleCause::Start, actor, None, now)?;
     }
     Ok((created, jobs))
-}
-
-/// The rows to insert for a group of new tasks, one JSON array per table.
-struct NewRows {
-    snapshots: Vec<Value>,
-    tasks: Vec<Value>,
-    steps: Vec<Value>,
-    edges: Vec<Value>,
-}
-
-impl NewRows {
-    fn of(new: &[&NewTask]) -> Result<NewRows> {
-        let mut rows = NewRows {
-            snapshots: Vec::new(),
-            tasks: Vec::with_capacity(new.len()),
-            steps: Vec::new(),
-            edges: Vec::new(),
-        };
-        let mut snapshots: Vec<&str> = Vec::new();
-        for t in new {
-            let tpl = &t.template;
-            let r = &t.request;
-            if !snapshots.contains(&t.template_hash.as_str()) {
-                snapshots.push(&t.template_hash);
-                rows.snapshots
-                    .push(json!([t.template_hash, t.template_json.as_ref()]));
-            }
-            rows.tasks.push(json!([
-                t.uuid,
-                tpl.namespace,
-                tpl.name,
-                tpl.version,
-                t.template_hash,
-                to_json(&r.context)?,
-                r.initiator,
-                r.source_system,
-                r.reason,
-                to_json(&r.tags)?,
-                r.priority,
-                t.correlation_id,
-                r.parent_correlation_id,
-                r.idempotency_key,
-                t.identity_hash,
-                t.parent.as_ref().map(|p| &p.task_uuid),
-                t.parent.as_ref().map(|p| &p.step_uuid),
-            ]));
-            let mut uuids: HashMap<&str, &str> = HashMap::with_capacity(t.steps.len());
-            for (i, s) in t.steps.iter().enumerate() {
-                let d = &s.definition;
-                uuids.insert(d.name.as_str(), s.uuid.as_str());
-                rows.steps.push(json!([
-                    s.uuid,
-                    t.uuid,
-                    i + 1,
-                    d.name,
-                    tpl.namespace,
-                    d.handler.callable,
-                    d.step_type.as_str(),
-                    to_json(d)?,
-                    to_json(&s.inputs)?,
-                    d.retry.max_attempts,
-                    r.priority,
-                    d.timeout_seconds.map(|t| (t as i64).saturating_mul(1000)),
-                ]));
-            }
-            for (parent, child) in &t.edges {
-                let (Some(p), Some(c)) = (uuids.get(parent.as_str()), uuids.get(child.as_str()))
-                else {
-                    return Err(Error::internal(format!(
-                        "task {} has an edge {parent} -> {child} between steps it does not create",
-                        t.uuid
-                    )));
-                };
-                rows.edges.push(json!([t.uuid, p, c]));
-            }
-        }
-        Ok(rows)
-    }
 }

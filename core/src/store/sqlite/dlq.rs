@@ -1,46 +1,12 @@
 //! The dead-letter record in SQLite: list, get, stats and resolve (entries are inserted by the
 //! lifecycle check, `lifecycle.rs`).
 
-use serde_json::Value;
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, Sqlite, SqliteConnection, SqlitePool};
+use sqlx::{Sqlite, SqliteConnection, SqlitePool};
 
-use super::write::decode;
 use crate::clock::Millis;
 use crate::dlq::{DlqEntry, DlqFilter, DlqResolution, DlqStats};
+use crate::store::rows::{DLQ_COLUMNS as COLUMNS, DLQ_STATS, dlq_entry, dlq_stats};
 use crate::{Error, Result};
-
-const COLUMNS: &str = "dlq_entry_uuid, task_uuid, namespace, name, version, reason, message,
-    original_state, resolution_status, resolution_notes, resolved_by, resolved_at, created_at,
-    updated_at";
-
-fn parse<T: std::str::FromStr>(s: &str, what: &str) -> Result<T> {
-    s.parse()
-        .map_err(|_| Error::internal(format!("unknown {what} {s:?} in the database")))
-}
-
-fn entry(r: &SqliteRow, snapshot: Option<Value>) -> Result<DlqEntry> {
-    Ok(DlqEntry {
-        dlq_entry_uuid: r.try_get("dlq_entry_uuid")?,
-        task_uuid: r.try_get("task_uuid")?,
-        namespace: r.try_get("namespace")?,
-        name: r.try_get("name")?,
-        version: r.try_get("version")?,
-        reason: parse(&r.try_get::<String, _>("reason")?, "DLQ reason")?,
-        message: r.try_get("message")?,
-        original_state: parse(&r.try_get::<String, _>("original_state")?, "task state")?,
-        snapshot,
-        resolution_status: parse(
-            &r.try_get::<String, _>("resolution_status")?,
-            "DLQ resolution status",
-        )?,
-        resolution_notes: r.try_get("resolution_notes")?,
-        resolved_by: r.try_get("resolved_by")?,
-        resolved_at: r.try_get("resolved_at")?,
-        created_at: r.try_get("created_at")?,
-        updated_at: r.try_get("updated_at")?,
-    })
-}
 
 pub(super) async fn list(pool: &SqlitePool, f: &DlqFilter) -> Result<Vec<DlqEntry>> {
     let sql = format!(
@@ -58,7 +24,7 @@ pub(super) async fn list(pool: &SqlitePool, f: &DlqFilter) -> Result<Vec<DlqEntr
         .bind(i64::from(f.offset.unwrap_or(0)))
         .fetch_all(pool)
         .await?;
-    rows.iter().map(|r| entry(r, None)).collect()
+    rows.iter().map(|r| dlq_entry(r, false)).collect()
 }
 
 /// One entry with its snapshot, read through any connection (the pool, or the transaction
@@ -73,8 +39,7 @@ async fn fetch<'e>(
         .fetch_optional(e)
         .await?
         .ok_or_else(|| Error::not_found(format!("no DLQ entry {dlq_entry_uuid}")))?;
-    let snapshot: Value = decode(&row.try_get::<String, _>("snapshot")?)?;
-    entry(&row, Some(snapshot))
+    dlq_entry(&row, true)
 }
 
 pub(super) async fn get(pool: &SqlitePool, dlq_entry_uuid: &str) -> Result<DlqEntry> {
@@ -82,42 +47,8 @@ pub(super) async fn get(pool: &SqlitePool, dlq_entry_uuid: &str) -> Result<DlqEn
 }
 
 pub(super) async fn stats(pool: &SqlitePool) -> Result<DlqStats> {
-    let rows = sqlx::query(
-        "SELECT 'reason' AS k, reason AS v, COUNT(*) AS n FROM dlq_entries GROUP BY reason
-         UNION ALL SELECT 'status', resolution_status, COUNT(*) FROM dlq_entries
-           GROUP BY resolution_status
-         UNION ALL SELECT 'state', original_state, COUNT(*) FROM dlq_entries
-           GROUP BY original_state
-         UNION ALL SELECT 'namespace', namespace, COUNT(*) FROM dlq_entries GROUP BY namespace
-         UNION ALL SELECT 'total', NULL, COUNT(*) FROM dlq_entries
-         UNION ALL SELECT 'oldest_pending', NULL, MIN(created_at) FROM dlq_entries
-           WHERE resolution_status = 'pending'",
-    )
-    .fetch_all(pool)
-    .await?;
-    let mut s = DlqStats::default();
-    for r in rows {
-        let key: String = r.try_get("k")?;
-        let value: Option<String> = r.try_get("v")?;
-        let n: Option<i64> = r.try_get("n")?;
-        let count = n.unwrap_or(0).max(0) as u64;
-        let bucket = match key.as_str() {
-            "total" => {
-                s.total = count;
-                continue;
-            }
-            "oldest_pending" => {
-                s.oldest_pending_at = n;
-                continue;
-            }
-            "reason" => &mut s.by_reason,
-            "status" => &mut s.by_resolution_status,
-            "state" => &mut s.by_original_state,
-            _ => &mut s.by_namespace,
-        };
-        bucket.insert(value.unwrap_or_default(), count);
-    }
-    Ok(s)
+    let rows = sqlx::query(DLQ_STATS).fetch_all(pool).await?;
+    dlq_stats(&rows)
 }
 
 pub(super) async fn resolve(

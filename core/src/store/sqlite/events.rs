@@ -2,36 +2,12 @@
 //! recording delivery outcomes and listing records. Records are written by `finish`, through
 //! the journal, in the transaction that commits the result that fired them.
 
-use sqlx::sqlite::SqliteRow;
-use sqlx::{AssertSqlSafe, Row, SqliteConnection, SqlitePool};
+use sqlx::{AssertSqlSafe, SqliteConnection, SqlitePool};
 
-use super::write::decode;
-use crate::Error;
 use crate::Result;
 use crate::clock::Millis;
-use crate::events::{DeliveryMode, DomainEvent, EventFilter, StoredEvent};
-
-const COLUMNS: &str = "seq, event_id, event_name, delivery_mode, payload, metadata, \
-                       delivered_at, delivery_attempts, last_error";
-
-fn stored(row: &SqliteRow) -> Result<StoredEvent> {
-    let mode: String = row.try_get("delivery_mode")?;
-    Ok(StoredEvent {
-        seq: row.try_get("seq")?,
-        event: DomainEvent {
-            event_id: row.try_get("event_id")?,
-            event_name: row.try_get("event_name")?,
-            delivery_mode: DeliveryMode::parse(&mode).ok_or_else(|| {
-                Error::internal(format!("unknown delivery mode {mode:?} in the outbox"))
-            })?,
-            payload: decode(&row.try_get::<String, _>("payload")?)?,
-            metadata: decode(&row.try_get::<String, _>("metadata")?)?,
-        },
-        delivered_at: row.try_get("delivered_at")?,
-        delivery_attempts: row.try_get::<i64, _>("delivery_attempts")? as u32,
-        last_error: row.try_get("last_error")?,
-    })
-}
+use crate::events::{EventFilter, StoredEvent};
+use crate::store::rows::{EVENT_COLUMNS as COLUMNS, stored_event as stored};
 
 /// Claims up to `limit` undelivered durable events that are due and not claimed by a live
 /// delivery, oldest first, until `claimed_until`.

@@ -9,26 +9,18 @@
 //! trips, not SQLite's own work, are the hot path's cost (see `journal.rs`), which is why the
 //! statements travel together and their rows are told apart by a leading tag column.
 
-use sqlx::sqlite::SqliteRow;
-use sqlx::{AssertSqlSafe, Row, SqliteConnection};
+use sqlx::{AssertSqlSafe, SqliteConnection};
 
-use super::attempts::{
-    Rejection, claim_statement, claimed_job, current, record_rejection, staleness,
-};
+use super::attempts::{Rejection, claim_statement, current, record_rejection, staleness};
 use super::journal::{Journal, Param, bind_all};
-use super::write::{
-    SETTLE, Tallies, add_count_row, decode, json, parse_state, settle_params, settle_task,
-};
+use super::write::{SETTLE, json, settle_params, settle_task};
+use crate::Result;
 use crate::clock::Millis;
-use crate::events::{DomainEvent, EventSource, emitted};
 use crate::job::StepJob;
 use crate::orchestrator::SettleCause;
-use crate::state::{StepEvent, StepState, step_transition};
-use crate::store::{
-    AttemptResult, ClaimRequest, Completion, Expansion, Expiry, FinishReport, Resolution,
-};
-use crate::template::EventDeclaration;
-use crate::{Error, Result};
+use crate::store::apply::{FinishRow, Target, finish_row};
+pub(super) use crate::store::apply::{Rows, expansion_rows};
+use crate::store::{AttemptResult, ClaimRequest, Completion, FinishReport, Resolution};
 
 /// One result, applied and fenced in one statement: the row changes only while the attempt is
 /// still the current one (held by the reporting worker, when one reports; still expired, for
@@ -92,17 +84,7 @@ pub(super) async fn finish(
     // A result that creates steps needs to know whether it applied before its steps go in:
     // the updates go first, in a round trip of their own (decisions and batches only).
     let mut applied: Vec<Option<String>> = vec![None; results.len()];
-    let mut rows = Rows {
-        results,
-        targets: &targets,
-        applied: &mut applied,
-        tallies: Tallies::new(),
-        jobs: Vec::new(),
-        claim,
-        actor,
-        now,
-        events: vec![Vec::new(); results.len()],
-    };
+    let mut rows = Rows::new(results, &targets, &mut applied, claim, actor, now);
     if results.iter().any(|r| r.expansion.is_some()) {
         let found = bind_all(sqlx::query(AssertSqlSafe(std::mem::take(&mut sql))), params)
             .fetch_all(&mut *tx)
@@ -197,40 +179,6 @@ pub(super) async fn finish(
     Ok((reports, jobs))
 }
 
-/// The rows of [`INSERT_STEPS`] and [`INSERT_EDGES`] for the steps `x` adds to `task`.
-pub(super) fn expansion_rows(
-    task: &str,
-    x: &Expansion,
-    steps: &mut Vec<serde_json::Value>,
-    edges: &mut Vec<serde_json::Value>,
-) -> Result<()> {
-    for st in &x.steps {
-        let d = &st.definition;
-        let batch = st
-            .batch_group
-            .as_ref()
-            .map(|_| d.batch_config.clone().unwrap_or_default());
-        steps.push(serde_json::json!([
-            st.uuid,
-            task,
-            d.name,
-            d.handler.callable,
-            d.step_type.as_str(),
-            json(d)?,
-            json(&st.inputs)?,
-            d.retry.max_attempts,
-            d.timeout_seconds.map(|t| (t as i64).saturating_mul(1000)),
-            st.batch_group,
-            batch.as_ref().map(|b| b.parallelism),
-            batch.as_ref().map(|b| b.failure_strategy),
-        ]));
-    }
-    for (p, c) in &x.edges {
-        edges.push(serde_json::json!([task, p, c]));
-    }
-    Ok(())
-}
-
 /// Steps a result creates: inserted unless the task has a step of that name (rows tagged `x`
 /// for those inserted), numbered after the task's last step, with the task's namespace and
 /// priority.
@@ -281,229 +229,30 @@ pub(super) const INSERT_EDGES: &str =
      JOIN steps c ON c.task_uuid = j.value->>0 AND c.name = j.value->>2
      WHERE c.state = 'pending';\n";
 
-/// What the tagged rows of a write say (results applied, steps created and enqueued, task
-/// tallies, claimed jobs), gathered across its round trips. Task creation uses it too, with
-/// no results.
-pub(super) struct Rows<'a> {
-    results: &'a [AttemptResult],
-    targets: &'a [(&'static [StepEvent], Option<String>)],
-    applied: &'a mut Vec<Option<String>>,
-    tallies: Tallies,
-    jobs: Vec<StepJob>,
-    claim: Option<&'a ClaimRequest>,
-    actor: &'a str,
-    now: Millis,
-    /// The domain events each applied result fired, by result.
-    events: Vec<Vec<DomainEvent>>,
-}
-
-impl<'a> Rows<'a> {
-    /// Rows of a write without results (task creation).
-    pub(super) fn without_results(
-        applied: &'a mut Vec<Option<String>>,
-        claim: Option<&'a ClaimRequest>,
-        actor: &'a str,
-        now: Millis,
-    ) -> Self {
-        Rows {
-            results: &[],
-            targets: &[],
-            applied,
-            tallies: Tallies::new(),
-            jobs: Vec::new(),
-            claim,
-            actor,
-            now,
-            events: Vec::new(),
-        }
-    }
-
-    /// The tallies and claimed jobs gathered.
-    pub(super) fn into_parts(self) -> (Tallies, Vec<StepJob>) {
-        (self.tallies, self.jobs)
-    }
-
-    /// Takes in rows in statement order (applied results, created steps, enqueued steps,
-    /// tallies, claimed jobs), journaling in that order, which keeps the audit trail causal.
-    pub(super) fn absorb(&mut self, j: &mut Journal, rows: &[SqliteRow]) -> Result<()> {
-        let (actor, now) = (self.actor, self.now);
-        for row in rows {
-            let tag: String = row.try_get(0)?;
-            match tag.as_str() {
-                "f" => {
-                    let i = row.try_get::<i64, _>(1)? as usize;
-                    let task_uuid: String = row.try_get(2)?;
-                    let (Some(r), Some((events, reason))) =
-                        (self.results.get(i), self.targets.get(i))
-                    else {
-                        return Err(Error::internal(format!(
-                            "finish returned unknown result {i}"
-                        )));
-                    };
-                    j.step_moves(
-                        &r.step_uuid,
-                        &task_uuid,
-                        StepState::InProgress,
-                        events,
-                        Some(r.attempt),
-                        r.worker_id.as_deref().unwrap_or(actor),
-                        reason.as_deref(),
-                        now,
-                    )?;
-                    if let Some(source) = row.try_get::<Option<String>, _>(3)? {
-                        // `instr` is only a cheap pre-filter: the text may also appear in
-                        // a handler's initialization, and then there are no declarations.
-                        let (step_name, namespace, correlation_id, declarations): (
-                            String,
-                            String,
-                            String,
-                            Option<Vec<EventDeclaration>>,
-                        ) = decode(&source)?;
-                        let declarations = declarations.unwrap_or_default();
-                        let fired = emitted(
-                            &declarations,
-                            &r.resolution,
-                            &EventSource {
-                                task_uuid: &task_uuid,
-                                step_uuid: &r.step_uuid,
-                                step_name: &step_name,
-                                namespace: &namespace,
-                                correlation_id: &correlation_id,
-                                attempt: r.attempt,
-                                fired_by: r.worker_id.as_deref().unwrap_or(actor),
-                                fired_at: now,
-                            },
-                        );
-                        for e in fired.iter().filter(|e| e.delivery_mode.in_outbox()) {
-                            j.outbox(e.clone());
-                        }
-                        self.events[i] = fired;
-                    }
-                    self.applied[i] = Some(task_uuid);
-                }
-                "x" => {
-                    let step: String = row.try_get(1)?;
-                    let task: String = row.try_get(2)?;
-                    j.step_created(&step, &task, actor, now);
-                }
-                "e" => {
-                    let step: String = row.try_get(1)?;
-                    let task: String = row.try_get(2)?;
-                    j.step_moves(
-                        &step,
-                        &task,
-                        StepState::Pending,
-                        &[StepEvent::Enqueue],
-                        None,
-                        actor,
-                        None,
-                        now,
-                    )?;
-                }
-                "k" => {
-                    let step: String = row.try_get(1)?;
-                    let task: String = row.try_get(2)?;
-                    let from: StepState = parse_state(&row.try_get::<String, _>(3)?)?;
-                    let failed: String = row.try_get(4)?;
-                    j.step_moves(
-                        &step,
-                        &task,
-                        from,
-                        &[StepEvent::Cancel],
-                        None,
-                        actor,
-                        Some(&format!(
-                            "fail_fast: batch worker `{failed}` failed for good"
-                        )),
-                        now,
-                    )?;
-                }
-                "c" => add_count_row(&mut self.tallies, row, 1)?,
-                "j" => {
-                    let req = self
-                        .claim
-                        .ok_or_else(|| Error::internal("claim rows without a claim"))?;
-                    self.jobs.push(claimed_job(row, j, req)?);
-                }
-                other => return Err(Error::internal(format!("unexpected row tag {other:?}"))),
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The events a result takes its step through (from `in_progress`), the reason recorded with
-/// them, and the parameters of [`FINISH_ONE`] for it, as result number `index`.
-#[allow(clippy::type_complexity)]
-fn finish_params(
-    r: &AttemptResult,
-    index: usize,
-    now: Millis,
-) -> Result<((&'static [StepEvent], Option<String>), Vec<Param>)> {
-    let (events, result, error, completed_at, next_attempt_at, reason): (
-        &'static [StepEvent],
-        Option<String>,
-        Option<String>,
-        Option<Millis>,
-        Option<Millis>,
-        Option<String>,
-    ) = match &r.resolution {
-        Resolution::Succeeded { result, .. } => (
-            &[StepEvent::Succeed, StepEvent::Complete],
-            Some(json(result)?),
-            None,
-            Some(now),
-            None,
-            None,
-        ),
-        Resolution::Retry {
-            failure,
-            next_attempt_at,
-            ..
-        } => (
-            &[StepEvent::Fail, StepEvent::RetryDecided],
-            None,
-            Some(json(failure)?),
-            None,
-            Some(*next_attempt_at),
-            Some(format!("{}: {}", failure.error_type, failure.message)),
-        ),
-        Resolution::Failed { failure } => (
-            &[StepEvent::Fail, StepEvent::GiveUp],
-            None,
-            Some(json(failure)?),
-            Some(now),
-            None,
-            Some(format!("{}: {}", failure.error_type, failure.message)),
-        ),
-    };
-    // The final state comes from the state table, checked before anything is written.
-    let to = events
-        .iter()
-        .try_fold(StepState::InProgress, |s, e| step_transition(s, *e))?;
-    let timeout_guard = (r.expiry == Some(Expiry::Timeout)).then_some(now);
-    let lease_guard = (r.expiry == Some(Expiry::LeaseExpired)).then_some(now);
-    let worker = r.worker_id.clone();
+/// The events result number `index` takes its step through and the parameters of
+/// [`FINISH_ONE`] for it.
+fn finish_params(r: &AttemptResult, index: usize, now: Millis) -> Result<(Target, Vec<Param>)> {
+    let (target, f): (Target, FinishRow) = finish_row(r, now)?;
     let params = vec![
-        Param::Text(Some(to.as_str().to_string())),
-        Param::Text(result),
-        Param::Text(error),
-        Param::Int(completed_at),
-        Param::Int(next_attempt_at),
-        Param::Int(r.started_at),
+        Param::Text(Some(f.to.as_str().to_string())),
+        Param::Text(f.result),
+        Param::Text(f.error),
+        Param::Int(f.completed_at),
+        Param::Int(f.next_attempt_at),
+        Param::Int(f.started_at),
         Param::Int(Some(now)),
-        Param::Text(Some(r.step_uuid.clone())),
-        Param::Int(Some(i64::from(r.attempt))),
-        Param::Text(worker.clone()),
-        Param::Text(worker),
-        Param::Int(timeout_guard),
-        Param::Int(timeout_guard),
-        Param::Int(lease_guard),
-        Param::Int(lease_guard),
+        Param::Text(Some(f.step_uuid)),
+        Param::Int(Some(f.attempt)),
+        Param::Text(f.worker.clone()),
+        Param::Text(f.worker),
+        Param::Int(f.timeout_guard),
+        Param::Int(f.timeout_guard),
+        Param::Int(f.lease_guard),
+        Param::Int(f.lease_guard),
         Param::Int(Some(index as i64)),
     ];
     debug_assert_eq!(params.len(), FINISH_PARAMS);
-    Ok(((events, reason), params))
+    Ok((target, params))
 }
 
 /// The slow path of `finish`: explains why a result did not apply and records late

@@ -1,210 +1,48 @@
-//! Transitions and task-state changes buffered during one store operation and written, when
-//! it ends, in as few statements as possible. Every statement is a round trip to SQLite's
-//! connection thread, and those round trips, not SQLite's own work, dominate the engine's hot
-//! path; so one operation's audit rows go out together in multi-row inserts.
+//! Writing a [`Journal`] to SQLite: every statement is a round trip to SQLite's connection
+//! thread, so one operation's audit rows go out together in multi-row inserts, in one
+//! multi-statement batch.
 
 use sqlx::{AssertSqlSafe, SqliteConnection};
 
 use crate::Result;
 use crate::clock::Millis;
-use crate::state::{StepEvent, StepState, TaskEvent, TaskState, step_transition, task_transition};
+use crate::state::TaskState;
+pub(crate) use crate::store::journal::Journal;
+use crate::store::journal::{StepRow, TaskRow};
 
 /// Bind parameters per flushed statement batch, well under SQLite's limit of 32766.
 const MAX_PARAMS: usize = 20_000;
 
-struct StepRow {
-    step_uuid: String,
-    task_uuid: String,
-    from: Option<StepState>,
-    to: StepState,
-    event: &'static str,
-    actor: String,
-    reason: Option<String>,
-    attempt: Option<u32>,
-    at: Millis,
-}
-
-struct TaskRow {
-    task_uuid: String,
-    from: Option<TaskState>,
-    to: TaskState,
-    event: &'static str,
-    actor: String,
-    reason: Option<String>,
-    metadata: Option<String>,
-    at: Millis,
-}
-
-/// The buffer. Create one per operation and `flush` it before the transaction commits.
-#[derive(Default)]
-pub(super) struct Journal {
-    steps: Vec<StepRow>,
-    tasks: Vec<TaskRow>,
-    /// Latest state per task changed in this operation, not yet written to `tasks`.
-    task_states: Vec<(String, TaskState, Millis)>,
-    /// Domain events for the outbox (SPEC §10), written with the results that fired them.
-    outbox: Vec<crate::events::DomainEvent>,
-}
-
-impl Journal {
-    /// Records a new step's first row (`create`, into `pending`).
-    pub(super) fn step_created(
-        &mut self,
-        step_uuid: &str,
-        task_uuid: &str,
-        actor: &str,
-        at: Millis,
-    ) {
-        self.steps.push(StepRow {
-            step_uuid: step_uuid.to_string(),
-            task_uuid: task_uuid.to_string(),
-            from: None,
-            to: StepState::Pending,
-            event: "create",
-            actor: actor.to_string(),
-            reason: None,
-            attempt: None,
-            at,
-        });
-    }
-
-    /// Records a new task's first row (`create`, into `pending`).
-    pub(super) fn task_created(&mut self, task_uuid: &str, actor: &str, at: Millis) {
-        self.tasks.push(TaskRow {
-            task_uuid: task_uuid.to_string(),
-            from: None,
-            to: TaskState::Pending,
-            event: "create",
-            actor: actor.to_string(),
-            reason: None,
-            metadata: None,
-            at,
-        });
-    }
-
-    /// Walks a step through `events` (each checked against the state table) and records every
-    /// transition; returns the final state, which the caller writes to the step row.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn step_moves(
-        &mut self,
-        step_uuid: &str,
-        task_uuid: &str,
-        from: StepState,
-        events: &[StepEvent],
-        attempt: Option<u32>,
-        actor: &str,
-        reason: Option<&str>,
-        at: Millis,
-    ) -> Result<StepState> {
-        let mut state = from;
-        for ev in events {
-            let to = step_transition(state, *ev)?;
-            self.steps.push(StepRow {
-                step_uuid: step_uuid.to_string(),
-                task_uuid: task_uuid.to_string(),
-                from: Some(state),
-                to,
-                event: ev.as_str(),
-                actor: actor.to_string(),
-                reason: reason.map(str::to_string),
-                attempt,
-                at,
-            });
-            state = to;
-        }
-        Ok(state)
-    }
-
-    /// Walks a task through `events`, recording every transition; the task row is updated at
-    /// flush time.
-    pub(super) fn task_moves(
-        &mut self,
-        task_uuid: &str,
-        from: TaskState,
-        events: &[TaskEvent],
-        actor: &str,
-        reason: Option<&str>,
-        at: Millis,
-    ) -> Result<TaskState> {
-        let mut state = from;
-        for ev in events {
-            let to = task_transition(state, *ev)?;
-            self.tasks.push(TaskRow {
-                task_uuid: task_uuid.to_string(),
-                from: Some(state),
-                to,
-                event: ev.as_str(),
-                actor: actor.to_string(),
-                reason: reason.map(str::to_string),
-                metadata: None,
-                at,
-            });
-            state = to;
-        }
-        if state != from {
-            match self.task_states.iter_mut().find(|(t, _, _)| t == task_uuid) {
-                Some(entry) => *entry = (task_uuid.to_string(), state, at),
-                None => self.task_states.push((task_uuid.to_string(), state, at)),
-            }
-        }
-        Ok(state)
-    }
-
-    /// Queues an event's outbox record.
-    pub(super) fn outbox(&mut self, event: crate::events::DomainEvent) {
-        self.outbox.push(event);
-    }
-
-    /// [`Journal::task_moves`] for one event, recording `metadata` (a JSON object) on the
-    /// transition.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn task_move_with_metadata(
-        &mut self,
-        task_uuid: &str,
-        from: TaskState,
-        event: TaskEvent,
-        actor: &str,
-        reason: Option<&str>,
-        metadata: &serde_json::Value,
-        at: Millis,
-    ) -> Result<TaskState> {
-        let state = self.task_moves(task_uuid, from, &[event], actor, reason, at)?;
-        if let Some(row) = self.tasks.last_mut() {
-            row.metadata = Some(metadata.to_string());
-        }
-        Ok(state)
-    }
-
-    /// The task's state as changed earlier in this operation, if it was.
-    pub(super) fn task_state(&self, task_uuid: &str) -> Option<TaskState> {
-        self.task_states
-            .iter()
-            .find(|(t, _, _)| t == task_uuid)
-            .map(|(_, s, _)| *s)
-    }
-
+/// Writes a journal to SQLite.
+pub(super) trait Flush {
     /// Writes everything buffered, in order.
-    pub(super) async fn flush(&mut self, tx: &mut SqliteConnection) -> Result<()> {
+    async fn flush(&mut self, tx: &mut SqliteConnection) -> Result<()>;
+    /// [`Flush::flush`], with `tail` (a statement without parameters, such as `COMMIT`) run
+    /// in the same round trip as the last rows.
+    async fn flush_then(&mut self, tx: &mut SqliteConnection, tail: &str) -> Result<()>;
+}
+
+impl Flush for Journal {
+    async fn flush(&mut self, tx: &mut SqliteConnection) -> Result<()> {
         self.flush_then(tx, "").await
     }
 
-    /// [`Journal::flush`], with `tail` (a statement without parameters, such as `COMMIT`) run
-    /// in the same round trip as the last rows.
-    pub(super) async fn flush_then(&mut self, tx: &mut SqliteConnection, tail: &str) -> Result<()> {
+    async fn flush_then(&mut self, tx: &mut SqliteConnection, tail: &str) -> Result<()> {
+        let d = self.drain();
         let mut batch = Batch::default();
-        for r in std::mem::take(&mut self.steps) {
+        for r in d.steps {
             batch.step(tx, r).await?;
         }
         batch.close_inserts();
-        for r in std::mem::take(&mut self.tasks) {
+        for r in d.tasks {
             batch.task(tx, r).await?;
         }
         batch.close_inserts();
-        for (task, state, at) in std::mem::take(&mut self.task_states) {
+        for (task, state, at) in d.task_states {
             batch.task_state(tx, task, state, at).await?;
         }
         batch.close_inserts();
-        for e in std::mem::take(&mut self.outbox) {
+        for e in d.outbox {
             batch.event(tx, e).await?;
         }
         batch.close_inserts();

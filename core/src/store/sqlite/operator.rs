@@ -4,14 +4,13 @@
 use sqlx::{Row, SqliteConnection};
 
 use super::finish::{INSERT_EDGES, INSERT_STEPS, expansion_rows};
-use super::journal::Journal;
-use super::write::{decode, json, move_step, parse_state, settle, task_state};
+use super::journal::{Flush, Journal};
+use super::write::{json, move_step, parse_state, settle, task_state};
 use crate::clock::Millis;
 use crate::orchestrator::SettleCause;
-use crate::orchestrator::{plan_batches, plan_decision};
 use crate::state::{StepEvent, StepState, TaskEvent, TaskState, task_transition};
 use crate::store::OperatorAction;
-use crate::template::TaskTemplate;
+use crate::store::apply::operator_expansion;
 use crate::{Error, ErrorKind, Result};
 
 /// Resolves a step reference (uuid or name) within a task.
@@ -197,9 +196,8 @@ async fn act(
     }
 }
 
-/// A decision or analyzer completed by an operator creates the steps its result asks for, as a
-/// handler's result would (SPEC §6, §7). An outcome that cannot be applied refuses the whole
-/// action, naming what is wrong, so the operator can correct the result.
+/// A decision or analyzer completed by an operator creates the steps its result asks for (see
+/// [`operator_expansion`]).
 async fn expand_completed(
     tx: &mut SqliteConnection,
     j: &mut Journal,
@@ -219,19 +217,12 @@ async fn expand_completed(
     .fetch_optional(&mut *tx)
     .await?;
     let Some(row) = row else { return Ok(()) };
-    let name: String = row.try_get("name")?;
-    let template: TaskTemplate = decode(&row.try_get::<String, _>("template")?)?;
-    let planned = if row.try_get::<String, _>("step_type")? == "batchable" {
-        plan_batches(&template, &name, result)
-    } else {
-        plan_decision(&template, &name, result)
-    };
-    let x = planned.map_err(|f| {
-        Error::validation(format!(
-            "the result given for step `{name}` cannot be applied: {}",
-            f.message
-        ))
-    })?;
+    let x = operator_expansion(
+        &row.try_get::<String, _>("name")?,
+        &row.try_get::<String, _>("step_type")?,
+        &row.try_get::<String, _>("template")?,
+        result,
+    )?;
     if x.steps.is_empty() {
         return Ok(());
     }

@@ -5,26 +5,12 @@ use sqlx::{AssertSqlSafe, Row, SqlitePool};
 
 use super::txn::Txn;
 use crate::clock::Millis;
-use crate::job::{Checkpoint, StepFailure};
-use crate::state::{StepState, TaskState};
-use crate::store::{ChildTask, ExpiredAttempt, Expiry, ParentLink, RejectedCompletion};
-use crate::task::{StepView, Task, TaskFilter, TaskSummary, Transition};
-use crate::template::{StepDefinition, TaskTemplate};
+use crate::state::TaskState;
+use crate::store::rows::{self, Cols, decode, opt_decode};
+use crate::store::{ChildTask, ExpiredAttempt, RejectedCompletion};
+use crate::task::{Task, TaskFilter, TaskSummary, Transition};
+use crate::template::TaskTemplate;
 use crate::{Error, Result};
-
-fn decode<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
-    serde_json::from_str(s)
-        .map_err(|e| Error::internal(format!("corrupt JSON in the database: {e}")))
-}
-
-fn opt_decode<T: serde::de::DeserializeOwned>(s: Option<String>) -> Result<Option<T>> {
-    s.map(|s| decode(&s)).transpose()
-}
-
-fn parse<T: std::str::FromStr>(s: &str) -> Result<T> {
-    s.parse()
-        .map_err(|_| Error::internal(format!("unknown state {s:?} in the database")))
-}
 
 pub(super) async fn get_template(
     pool: &SqlitePool,
@@ -42,52 +28,7 @@ pub(super) async fn get_template(
     for r in rows {
         found.push((r.try_get("version")?, r.try_get("definition")?));
     }
-    let pick = match version {
-        Some(v) => found.iter().find(|(fv, _)| fv == v),
-        None => found.iter().max_by(|a, b| compare_versions(&a.0, &b.0)),
-    };
-    match pick {
-        Some((_, def)) => decode(def),
-        None => {
-            let mut known: Vec<&str> = found.iter().map(|(v, _)| v.as_str()).collect();
-            known.sort_by(|a, b| compare_versions(a, b));
-            let what = match version {
-                Some(v) => format!("{namespace}/{name} version {v}"),
-                None => format!("{namespace}/{name}"),
-            };
-            let msg = if known.is_empty() {
-                format!("no template {what} is registered")
-            } else {
-                format!(
-                    "no template {what} is registered; known versions: {}",
-                    known.join(", ")
-                )
-            };
-            Err(Error::not_found(msg).with_details(serde_json::json!({"known_versions": known})))
-        }
-    }
-}
-
-/// Orders versions numerically part by part (`1.10.0` > `1.9.2`), falling back to text.
-pub(crate) fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
-    let parts = |s: &str| -> Vec<Result<u64, String>> {
-        s.split(['.', '-', '+'])
-            .map(|p| p.parse::<u64>().map_err(|_| p.to_string()))
-            .collect()
-    };
-    let (pa, pb) = (parts(a), parts(b));
-    for (x, y) in pa.iter().zip(pb.iter()) {
-        let o = match (x, y) {
-            (Ok(x), Ok(y)) => x.cmp(y),
-            (Ok(_), Err(_)) => std::cmp::Ordering::Greater,
-            (Err(_), Ok(_)) => std::cmp::Ordering::Less,
-            (Err(x), Err(y)) => x.cmp(y),
-        };
-        if o.is_ne() {
-            return o;
-        }
-    }
-    pa.len().cmp(&pb.len())
+    rows::pick_template(namespace, name, version, &found)
 }
 
 pub(super) async fn list_templates(pool: &SqlitePool) -> Result<Vec<TaskTemplate>> {
@@ -121,21 +62,7 @@ pub(super) async fn expired_attempts(
     .bind(limit as i64)
     .fetch_all(pool)
     .await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for r in rows {
-        let timeout_at: Option<Millis> = r.try_get("timeout_at")?;
-        out.push(ExpiredAttempt {
-            step_uuid: r.try_get("step_uuid")?,
-            attempt: r.try_get::<i64, _>("attempts")? as u32,
-            expiry: if timeout_at.is_some_and(|t| t <= now) {
-                Expiry::Timeout
-            } else {
-                Expiry::LeaseExpired
-            },
-            definition: decode::<StepDefinition>(&r.try_get::<String, _>("definition")?)?,
-        });
-    }
-    Ok(out)
+    rows.iter().map(|r| rows::expired_attempt(r, now)).collect()
 }
 
 pub(super) async fn next_due(pool: &SqlitePool) -> Result<Option<Millis>> {
@@ -155,7 +82,7 @@ pub(super) async fn task_state(pool: &SqlitePool, task_uuid: &str) -> Result<Tas
         .bind(task_uuid)
         .fetch_optional(pool)
         .await?;
-    parse(&s.ok_or_else(|| Error::not_found(format!("no task {task_uuid}")))?)
+    rows::task_state_of(s, task_uuid)
 }
 
 pub(super) async fn get_task(pool: &SqlitePool, task_uuid: &str) -> Result<Task> {
@@ -203,69 +130,20 @@ pub(super) async fn get_task(pool: &SqlitePool, task_uuid: &str) -> Result<Task>
     let t = task_row.ok_or_else(|| Error::not_found(format!("no task {task_uuid}")))?;
     let mut steps = Vec::with_capacity(step_rows.len());
     for r in step_rows {
-        let uuid: String = r.try_get("step_uuid")?;
+        let uuid = r.text("step_uuid")?;
         let mut dependencies = Vec::new();
         for e in &edges {
-            if e.try_get::<String, _>("child")? == uuid {
-                dependencies.push(e.try_get("parent")?);
+            if e.text("child")? == uuid {
+                dependencies.push(e.text("parent")?);
             }
         }
-        steps.push(StepView {
-            uuid,
-            name: r.try_get("name")?,
-            step_type: r.try_get("step_type")?,
-            callable: r.try_get("callable")?,
-            state: parse::<StepState>(&r.try_get::<String, _>("state")?)?,
-            attempts: r.try_get::<i64, _>("attempts")? as u32,
-            max_attempts: r.try_get::<i64, _>("max_attempts")? as u32,
-            result: opt_decode::<Value>(r.try_get("result")?)?,
-            error: opt_decode::<StepFailure>(r.try_get("error")?)?,
-            checkpoint: opt_decode::<Checkpoint>(r.try_get("checkpoint")?)?,
-            started_at: r.try_get("started_at")?,
-            completed_at: r.try_get("completed_at")?,
-            next_attempt_at: r.try_get("next_attempt_at")?,
-            worker_id: r.try_get("worker_id")?,
-            dependencies,
-        });
+        steps.push(rows::step_view(&r, dependencies)?);
     }
-    Ok(Task {
-        uuid: t.try_get("task_uuid")?,
-        namespace: t.try_get("namespace")?,
-        name: t.try_get("name")?,
-        version: t.try_get("version")?,
-        status: parse(&t.try_get::<String, _>("state")?)?,
-        context: decode(&t.try_get::<String, _>("context")?)?,
-        initiator: t.try_get("initiator")?,
-        source_system: t.try_get("source_system")?,
-        reason: t.try_get("reason")?,
-        tags: decode(&t.try_get::<String, _>("tags")?)?,
-        priority: t.try_get::<i64, _>("priority")? as i32,
-        correlation_id: t.try_get("correlation_id")?,
-        parent_correlation_id: t.try_get("parent_correlation_id")?,
-        parent: match (
-            t.try_get::<Option<String>, _>("parent_task_uuid")?,
-            t.try_get::<Option<String>, _>("parent_step_uuid")?,
-        ) {
-            (Some(task_uuid), Some(step_uuid)) => Some(ParentLink {
-                task_uuid,
-                step_uuid,
-            }),
-            _ => None,
-        },
-        idempotency_key: t.try_get("idempotency_key")?,
-        created_at: t.try_get("created_at")?,
-        updated_at: t.try_get("updated_at")?,
-        completed_at: t.try_get("completed_at")?,
-        steps,
-        replayed: false,
-    })
+    rows::task(&t, steps)
 }
 
 pub(super) async fn list_tasks(pool: &SqlitePool, f: &TaskFilter) -> Result<Vec<TaskSummary>> {
-    let mut sql = String::from(
-        "SELECT task_uuid, namespace, name, version, state, initiator, source_system, created_at,
-                completed_at FROM tasks WHERE 1 = 1",
-    );
+    let mut sql = format!("SELECT {} FROM tasks WHERE 1 = 1", rows::SUMMARY_COLUMNS);
     let mut texts: Vec<String> = Vec::new();
     let mut n = 1;
     let mut push = |sql: &mut String, clause: &str| {
@@ -312,44 +190,7 @@ pub(super) async fn list_tasks(pool: &SqlitePool, f: &TaskFilter) -> Result<Vec<
         .bind(i64::from(f.limit.unwrap_or(50).clamp(1, 1000)))
         .bind(i64::from(f.offset.unwrap_or(0)));
     let rows = q.fetch_all(pool).await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(TaskSummary {
-                uuid: r.try_get("task_uuid")?,
-                namespace: r.try_get("namespace")?,
-                name: r.try_get("name")?,
-                version: r.try_get("version")?,
-                status: parse(&r.try_get::<String, _>("state")?)?,
-                initiator: r.try_get("initiator")?,
-                source_system: r.try_get("source_system")?,
-                created_at: r.try_get("created_at")?,
-                completed_at: r.try_get("completed_at")?,
-            })
-        })
-        .collect()
-}
-
-fn transition(r: &sqlx::sqlite::SqliteRow, with_step: bool) -> Result<Transition> {
-    Ok(Transition {
-        step_name: if with_step {
-            r.try_get("step_name")?
-        } else {
-            None
-        },
-        from_state: r.try_get("from_state")?,
-        to_state: r.try_get("to_state")?,
-        event: r.try_get("event")?,
-        actor: r.try_get("actor")?,
-        reason: r.try_get("reason")?,
-        attempt: if with_step {
-            r.try_get::<Option<i64>, _>("attempt")?.map(|a| a as u32)
-        } else {
-            None
-        },
-        metadata: opt_decode(r.try_get("metadata")?)?.unwrap_or(Value::Null),
-        created_at: r.try_get("created_at")?,
-        sort_key: r.try_get("id")?,
-    })
+    rows.iter().map(rows::task_summary).collect()
 }
 
 pub(super) async fn task_transitions(
@@ -361,7 +202,7 @@ pub(super) async fn task_transitions(
         .bind(task_uuid)
         .fetch_all(pool)
         .await?;
-    rows.iter().map(|r| transition(r, false)).collect()
+    rows.iter().map(|r| rows::transition(r, false)).collect()
 }
 
 pub(super) async fn step_transitions(
@@ -385,7 +226,7 @@ pub(super) async fn step_transitions(
             "task {task_uuid} has no step {s:?}"
         )));
     }
-    rows.iter().map(|r| transition(r, true)).collect()
+    rows.iter().map(|r| rows::transition(r, true)).collect()
 }
 
 pub(super) async fn rejected_completions(
@@ -396,17 +237,7 @@ pub(super) async fn rejected_completions(
         .bind(task_uuid)
         .fetch_all(pool)
         .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(RejectedCompletion {
-                step_uuid: r.try_get("step_uuid")?,
-                attempt: r.try_get::<i64, _>("attempt")? as u32,
-                worker_id: r.try_get("worker_id")?,
-                reason: r.try_get("reason")?,
-                created_at: r.try_get("created_at")?,
-            })
-        })
-        .collect()
+    rows.iter().map(rows::rejected_completion).collect()
 }
 
 pub(super) async fn checkpoint_history(pool: &SqlitePool, step_uuid: &str) -> Result<Vec<Value>> {
@@ -443,17 +274,5 @@ pub(super) async fn workflow_children(pool: &SqlitePool, limit: usize) -> Result
         .bind(limit as i64)
         .fetch_all(pool)
         .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(ChildTask {
-                parent_task_uuid: r.try_get("parent_task")?,
-                parent_step_uuid: r.try_get("parent_step")?,
-                parent_attempt: r.try_get::<i64, _>("attempts")? as u32,
-                parent_step_state: parse(&r.try_get::<String, _>("step_state")?)?,
-                parent_task_state: parse(&r.try_get::<String, _>("parent_state")?)?,
-                child_task_uuid: r.try_get("child")?,
-                child_state: parse(&r.try_get::<String, _>("child_state")?)?,
-            })
-        })
-        .collect()
+    rows.iter().map(rows::child_task).collect()
 }

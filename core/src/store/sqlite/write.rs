@@ -2,23 +2,18 @@
 //! and task settling. Each function runs inside a transaction opened by the caller; business
 //! decisions (retry, evaluation) come from `orchestrator` and `state`.
 
-use std::collections::HashMap;
-
-use sqlx::sqlite::SqliteRow;
 use sqlx::{AssertSqlSafe, Row, SqliteConnection};
 
 use super::journal::{Journal, Param, bind_all};
 
 use crate::clock::Millis;
-use crate::orchestrator::{SettleCause, settle_events};
-use crate::state::{StepCounts, StepEvent, StepState, TaskEvent, TaskState};
+use crate::orchestrator::SettleCause;
+use crate::state::{StepEvent, StepState, TaskState};
 use crate::store::TemplatePut;
+pub(super) use crate::store::apply::{Tallies, add_count_row, settle_task};
+pub(super) use crate::store::rows::{json, parse_state};
 use crate::template::TaskTemplate;
 use crate::{Error, ErrorKind, Result};
-
-pub(super) fn json(v: &impl serde::Serialize) -> Result<String> {
-    serde_json::to_string(v).map_err(|e| Error::internal(format!("cannot encode JSON: {e}")))
-}
 
 pub(super) async fn put_template(
     tx: &mut SqliteConnection,
@@ -108,13 +103,7 @@ pub(super) async fn task_state(tx: &mut SqliteConnection, task_uuid: &str) -> Re
         .bind(task_uuid)
         .fetch_optional(&mut *tx)
         .await?;
-    let s = s.ok_or_else(|| Error::not_found(format!("no task {task_uuid}")))?;
-    parse_state(&s)
-}
-
-pub(super) fn parse_state<T: std::str::FromStr>(s: &str) -> Result<T> {
-    s.parse()
-        .map_err(|_| Error::internal(format!("unknown state {s:?} in the database")))
+    crate::store::rows::task_state_of(s, task_uuid)
 }
 
 /// Enqueues the task's pending steps whose parents are all satisfied, then evaluates the task
@@ -247,52 +236,4 @@ pub(super) async fn settle_many(
         }
     }
     Ok(out)
-}
-
-/// Each task's state and the tally of its steps by state, as read by a settle.
-pub(super) type Tallies = HashMap<String, (Option<TaskState>, StepCounts)>;
-
-/// Adds one row of a tally query — task uuid, task state, step state (or NULL for a task
-/// without steps), count — whose columns start at `first`.
-pub(super) fn add_count_row(tallies: &mut Tallies, row: &SqliteRow, first: usize) -> Result<()> {
-    let entry = tallies.entry(row.try_get(first)?).or_default();
-    entry.0 = Some(parse_state(&row.try_get::<String, _>(first + 1)?)?);
-    if let Some(s) = row.try_get::<Option<String>, _>(first + 2)? {
-        let s: StepState = parse_state(&s)?;
-        for _ in 0..row.try_get::<i64, _>(first + 3)? {
-            entry.1.add(s);
-        }
-    }
-    Ok(())
-}
-
-/// Moves a task to its next resting state from its tally (read after its ready steps were
-/// enqueued), recording the transitions in `j`.
-pub(super) fn settle_task(
-    j: &mut Journal,
-    tallies: &Tallies,
-    task_uuid: &str,
-    cause: SettleCause,
-    actor: &str,
-    reason: Option<&str>,
-    now: Millis,
-) -> Result<TaskState> {
-    let Some((Some(db_state), step_counts)) = tallies.get(task_uuid) else {
-        return Err(Error::not_found(format!("no task {task_uuid}")));
-    };
-    let current = j.task_state(task_uuid).unwrap_or(*db_state);
-    if current.is_terminal() {
-        return Ok(current);
-    }
-    let mut state = current;
-    if cause == SettleCause::Start {
-        state = j.task_moves(task_uuid, state, &[TaskEvent::Start], actor, None, now)?;
-    }
-    let events = settle_events(state, step_counts, cause);
-    j.task_moves(task_uuid, state, &events, actor, reason, now)
-}
-
-pub(super) fn decode<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
-    serde_json::from_str(s)
-        .map_err(|e| Error::internal(format!("corrupt JSON in the database: {e}")))
 }

@@ -1,0 +1,1310 @@
+//! PostgreSQL writes: templates, task creation, claims, results, checkpoints, leases, retries
+//! and operator actions. Each function runs inside the caller's transaction. Rows travel as
+//! arrays (`unnest`) or JSON arrays (`json_array_elements`), so statement texts do not depend
+//! on how many rows there are and stay prepared.
+
+use serde_json::Value;
+use sqlx::postgres::PgRow;
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row};
+
+use super::{OUTBOX_LOCK, TASK_CHANNEL, WORK_CHANNEL};
+use crate::clock::Millis;
+use crate::job::{Checkpoint, StepJob};
+use crate::orchestrator::SettleCause;
+use crate::state::{StepEvent, StepState, TaskEvent, TaskState, task_transition};
+use crate::store::apply::{
+    NewRows, Rejection, Rows, Tallies, Target, checkpoint_history, expansion_rows, finish_row,
+    operator_expansion, settle_task,
+};
+use crate::store::journal::Journal;
+use crate::store::rows::{self, CURRENT_COLUMNS, Cols, Current, json, parse_state, staleness};
+use crate::store::{
+    AttemptResult, CallableFilter, ClaimRequest, Completion, Created, FinishReport, NewTask,
+    OperatorAction, Resolution, TemplatePut,
+};
+use crate::template::TaskTemplate;
+use crate::{Error, ErrorKind, Result};
+
+// ---------------------------------------------------------------- journal
+
+/// Writes a journal: transitions, task-state changes and their announcements in one statement,
+/// outbox records (in commit order, see [`OUTBOX_LOCK`]) in a second when there are any.
+pub(super) async fn flush(tx: &mut PgConnection, j: &mut Journal) -> Result<()> {
+    let d = j.drain();
+    if d.steps.is_empty() && d.tasks.is_empty() && d.task_states.is_empty() && d.outbox.is_empty() {
+        return Ok(());
+    }
+    let work = d.steps.iter().any(|s| s.to == StepState::Enqueued);
+    let mut s_step = Vec::with_capacity(d.steps.len());
+    let mut s_task = Vec::with_capacity(d.steps.len());
+    let mut s_from: Vec<Option<&str>> = Vec::with_capacity(d.steps.len());
+    let mut s_to = Vec::with_capacity(d.steps.len());
+    let mut s_event = Vec::with_capacity(d.steps.len());
+    let mut s_actor = Vec::with_capacity(d.steps.len());
+    let mut s_reason = Vec::with_capacity(d.steps.len());
+    let mut s_attempt: Vec<Option<i64>> = Vec::with_capacity(d.steps.len());
+    let mut s_at = Vec::with_capacity(d.steps.len());
+    for r in &d.steps {
+        s_step.push(r.step_uuid.as_str());
+        s_task.push(r.task_uuid.as_str());
+        s_from.push(r.from.map(|s| s.as_str()));
+        s_to.push(r.to.as_str());
+        s_event.push(r.event);
+        s_actor.push(r.actor.as_str());
+        s_reason.push(r.reason.as_deref());
+        s_attempt.push(r.attempt.map(i64::from));
+        s_at.push(r.at);
+    }
+    let mut t_task = Vec::with_capacity(d.tasks.len());
+    let mut t_from: Vec<Option<&str>> = Vec::with_capacity(d.tasks.len());
+    let mut t_to = Vec::with_capacity(d.tasks.len());
+    let mut t_event = Vec::with_capacity(d.tasks.len());
+    let mut t_actor = Vec::with_capacity(d.tasks.len());
+    let mut t_reason = Vec::with_capacity(d.tasks.len());
+    let mut t_meta = Vec::with_capacity(d.tasks.len());
+    let mut t_at = Vec::with_capacity(d.tasks.len());
+    for r in &d.tasks {
+        t_task.push(r.task_uuid.as_str());
+        t_from.push(r.from.map(|s| s.as_str()));
+        t_to.push(r.to.as_str());
+        t_event.push(r.event);
+        t_actor.push(r.actor.as_str());
+        t_reason.push(r.reason.as_deref());
+        t_meta.push(r.metadata.as_deref());
+        t_at.push(r.at);
+    }
+    let mut u_task = Vec::with_capacity(d.task_states.len());
+    let mut u_state = Vec::with_capacity(d.task_states.len());
+    let mut u_at = Vec::with_capacity(d.task_states.len());
+    let mut u_done: Vec<Option<i64>> = Vec::with_capacity(d.task_states.len());
+    let mut notes = Vec::with_capacity(d.task_states.len());
+    for (task, state, at) in &d.task_states {
+        u_task.push(task.as_str());
+        u_state.push(state.as_str());
+        u_at.push(*at);
+        u_done.push(state.is_terminal().then_some(*at));
+        notes.push(format!("{task} {}", state.as_str()));
+    }
+    sqlx::query(
+        "WITH st AS (
+            INSERT INTO step_transitions (step_uuid, task_uuid, from_state, to_state, event,
+                actor, reason, attempt, created_at)
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                $6::text[], $7::text[], $8::int8[], $9::int8[])),
+         tt AS (
+            INSERT INTO task_transitions (task_uuid, from_state, to_state, event, actor, reason,
+                metadata, created_at)
+            SELECT * FROM unnest($10::text[], $11::text[], $12::text[], $13::text[], $14::text[],
+                $15::text[], $16::text[], $17::int8[])),
+         ts AS (
+            UPDATE tasks t SET state = u.state, updated_at = u.at, state_entered_at = u.at,
+                completed_at = COALESCE(u.done, t.completed_at)
+            FROM unnest($18::text[], $19::text[], $20::int8[], $21::int8[])
+                AS u(task_uuid, state, at, done)
+            WHERE t.task_uuid = u.task_uuid),
+         n1 AS (SELECT pg_notify($22, n) FROM unnest($23::text[]) n),
+         n2 AS (SELECT pg_notify($24, '') WHERE $25)
+         SELECT (SELECT COUNT(*) FROM n1) + (SELECT COUNT(*) FROM n2)",
+    )
+    .bind(&s_step)
+    .bind(&s_task)
+    .bind(&s_from)
+    .bind(&s_to)
+    .bind(&s_event)
+    .bind(&s_actor)
+    .bind(&s_reason)
+    .bind(&s_attempt)
+    .bind(&s_at)
+    .bind(&t_task)
+    .bind(&t_from)
+    .bind(&t_to)
+    .bind(&t_event)
+    .bind(&t_actor)
+    .bind(&t_reason)
+    .bind(&t_meta)
+    .bind(&t_at)
+    .bind(&u_task)
+    .bind(&u_state)
+    .bind(&u_at)
+    .bind(&u_done)
+    .bind(TASK_CHANNEL)
+    .bind(&notes)
+    .bind(WORK_CHANNEL)
+    .bind(work)
+    .execute(&mut *tx)
+    .await?;
+    if !d.outbox.is_empty() {
+        // Sequence numbers are taken at insert, not at commit: holding this lock to the
+        // commit makes the outbox's order the commit order, so a consumer paging by `seq`
+        // never skips a record that commits late.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(OUTBOX_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let mut rows = Vec::with_capacity(d.outbox.len());
+        for e in &d.outbox {
+            rows.push(serde_json::json!([
+                e.event_id,
+                e.event_name,
+                e.delivery_mode.as_str(),
+                e.metadata.task_uuid,
+                e.metadata.step_uuid,
+                json(&e.payload)?,
+                json(&e.metadata)?,
+                e.metadata.fired_at,
+            ]));
+        }
+        sqlx::query(
+            "INSERT INTO domain_events (event_id, event_name, delivery_mode, task_uuid, step_uuid,
+                payload, metadata, created_at, next_delivery_at)
+             SELECT v->>0, v->>1, v->>2, v->>3, v->>4, v->>5, v->>6, (v->>7)::int8, (v->>7)::int8
+             FROM json_array_elements($1::json) v
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(json(&rows)?)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Locks the rows of the tasks `step_uuids` belong to (and of `tasks`), in one order.
+async fn lock_tasks(tx: &mut PgConnection, step_uuids: &[&str], tasks: &[&str]) -> Result<()> {
+    sqlx::query(
+        "SELECT 1 FROM tasks WHERE task_uuid IN (
+            SELECT task_uuid FROM steps WHERE step_uuid = ANY($1)
+            UNION SELECT unnest($2::text[]))
+         ORDER BY task_uuid FOR UPDATE",
+    )
+    .bind(step_uuids)
+    .bind(tasks)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- templates
+
+pub(super) async fn put_template(
+    tx: &mut PgConnection,
+    t: &TaskTemplate,
+    force: bool,
+    now: Millis,
+) -> Result<TemplatePut> {
+    let hash = t.content_hash();
+    let existing: Option<String> = sqlx::query_scalar(
+        "SELECT content_hash FROM templates WHERE namespace = $1 AND name = $2 AND version = $3
+         FOR UPDATE",
+    )
+    .bind(&t.namespace)
+    .bind(&t.name)
+    .bind(&t.version)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let outcome = match existing {
+        Some(h) if h == hash => return Ok(TemplatePut::Unchanged),
+        Some(_) if !force => {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "template {} is already registered with different content; \
+                     bump its version or register with force",
+                    t.key()
+                ),
+            ));
+        }
+        Some(_) => TemplatePut::Replaced,
+        None => TemplatePut::Inserted,
+    };
+    let def = json(t)?;
+    // A concurrent first registration of the same key: the later one keeps the earlier row
+    // when the content is the same, and is refused otherwise (unless forced).
+    let stored: Option<String> = sqlx::query_scalar(
+        "INSERT INTO templates (namespace, name, version, content_hash, definition, registered_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $6)
+         ON CONFLICT (namespace, name, version)
+         DO UPDATE SET content_hash = excluded.content_hash, definition = excluded.definition,
+                       updated_at = excluded.updated_at
+         WHERE $7 OR templates.content_hash = excluded.content_hash
+         RETURNING content_hash",
+    )
+    .bind(&t.namespace)
+    .bind(&t.name)
+    .bind(&t.version)
+    .bind(&hash)
+    .bind(&def)
+    .bind(now)
+    .bind(force)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if stored.is_none() {
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            format!(
+                "template {} was just registered with different content; \
+                 bump its version or register with force",
+                t.key()
+            ),
+        ));
+    }
+    sqlx::query(
+        "INSERT INTO template_snapshots (content_hash, definition) VALUES ($1, $2)
+         ON CONFLICT (content_hash) DO NOTHING",
+    )
+    .bind(&hash)
+    .bind(&def)
+    .execute(&mut *tx)
+    .await?;
+    Ok(outcome)
+}
+
+// ---------------------------------------------------------------- settle
+
+/// Enqueues the `pending` steps of `tasks` whose parents are all satisfied (rows tagged `e`)
+/// and tallies those tasks' steps by state after that (rows tagged `c`), in one statement.
+///
+/// A parent satisfies its child when `complete` or `resolved_manually`, and also when it is a
+/// batch worker that failed for good under the `isolate` strategy. Batch workers are enqueued
+/// in creation order while fewer than their group's `parallelism` are busy.
+const SETTLE: &str = "
+WITH e AS (
+  UPDATE steps SET state = 'enqueued', enqueued_at = $1, updated_at = $1
+  WHERE task_uuid = ANY($2) AND state = 'pending'
+    AND NOT EXISTS (
+      SELECT 1 FROM step_edges e JOIN steps p ON p.step_uuid = e.from_step
+      WHERE e.to_step = steps.step_uuid AND p.state NOT IN ('complete', 'resolved_manually')
+        AND NOT (p.state = 'error' AND COALESCE(p.batch_strategy, '') = 'isolate'))
+    AND (SELECT state FROM tasks t WHERE t.task_uuid = steps.task_uuid)
+        NOT IN ('complete', 'error', 'cancelled', 'resolved_manually')
+    AND (steps.batch_parallelism IS NULL OR steps.step_uuid IN (
+      SELECT step_uuid FROM (
+        SELECT w.step_uuid, w.batch_parallelism AS cap,
+          ROW_NUMBER() OVER (PARTITION BY w.task_uuid, w.batch_group ORDER BY w.seq) AS rank,
+          (SELECT COUNT(*) FROM steps b
+           WHERE b.task_uuid = w.task_uuid AND b.batch_group = w.batch_group
+             AND b.state IN ('enqueued', 'in_progress', 'waiting_for_retry')) AS busy
+        FROM steps w
+        WHERE w.task_uuid = ANY($2) AND w.state = 'pending' AND w.batch_group IS NOT NULL) r
+      WHERE rank + busy <= cap))
+  RETURNING step_uuid, task_uuid)
+SELECT 'e' AS tag, step_uuid AS a, task_uuid AS b, NULL::text AS c, NULL::int8 AS d FROM e
+UNION ALL
+SELECT 'c', t.task_uuid, t.state,
+       CASE WHEN e.step_uuid IS NOT NULL THEN 'enqueued' ELSE s.state END, COUNT(s.step_uuid)
+FROM tasks t LEFT JOIN steps s ON s.task_uuid = t.task_uuid
+LEFT JOIN e ON e.step_uuid = s.step_uuid
+WHERE t.task_uuid = ANY($2)
+GROUP BY t.task_uuid, t.state, CASE WHEN e.step_uuid IS NOT NULL THEN 'enqueued' ELSE s.state END";
+
+/// Runs [`SETTLE`] for `tasks`.
+async fn settle_rows(tx: &mut PgConnection, tasks: &[&str], now: Millis) -> Result<Vec<PgRow>> {
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(sqlx::query(SETTLE)
+        .bind(now)
+        .bind(tasks)
+        .fetch_all(&mut *tx)
+        .await?)
+}
+
+/// Enqueues the ready steps of `tasks` and walks each to its next resting state.
+#[allow(clippy::too_many_arguments)]
+async fn settle_many(
+    tx: &mut PgConnection,
+    j: &mut Journal,
+    tasks: &[String],
+    cause: SettleCause,
+    actor: &str,
+    reason: Option<&str>,
+    now: Millis,
+) -> Result<Vec<TaskState>> {
+    // A task this operation already finished keeps its state; its steps are not enqueued.
+    let open: Vec<&str> = tasks
+        .iter()
+        .filter(|t| !j.task_state(t).is_some_and(|s| s.is_terminal()))
+        .map(String::as_str)
+        .collect();
+    let found = settle_rows(tx, &open, now).await?;
+    let mut none = Vec::new();
+    let mut rows = Rows::new(&[], &[], &mut none, None, actor, now);
+    rows.absorb(j, &found)?;
+    let (tallies, _) = rows.into_parts();
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        match j.task_state(t) {
+            Some(s) if s.is_terminal() => out.push(s),
+            _ => out.push(settle_task(j, &tallies, t, cause, actor, reason, now)?),
+        }
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- creation
+
+/// Creates `tasks` (those whose identity exists, or repeats one earlier in the group or one
+/// a concurrent transaction just committed, come back as [`Created::Existing`]), settles the
+/// new ones and runs `claim`; everything is journaled and flushed.
+pub(super) async fn create_tasks(
+    tx: &mut PgConnection,
+    tasks: &[NewTask],
+    actor: &str,
+    claim_req: Option<&ClaimRequest>,
+    now: Millis,
+) -> Result<(Vec<Created>, Vec<StepJob>)> {
+    let mut j = Journal::default();
+    // Within the group, a later task with the same identity gets the earlier one.
+    let mut first: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut candidates: Vec<&NewTask> = Vec::new();
+    for t in tasks {
+        match &t.identity_hash {
+            Some(h) if first.contains_key(h.as_str()) => {}
+            Some(h) => {
+                first.insert(h.as_str(), candidates.len());
+                candidates.push(t);
+            }
+            None => candidates.push(t),
+        }
+    }
+    let rows = NewRows::of(&candidates)?;
+    sqlx::query(
+        "INSERT INTO template_snapshots (content_hash, definition)
+         SELECT v->>0, v->>1 FROM json_array_elements($1::json) v
+         ON CONFLICT (content_hash) DO NOTHING",
+    )
+    .bind(json(&rows.snapshots)?)
+    .execute(&mut *tx)
+    .await?;
+    // A task whose identity exists is not inserted (waiting, if another transaction is
+    // inserting it, for that one to commit or roll back).
+    let inserted: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO tasks (task_uuid, namespace, name, version, template_hash, state, context,
+            initiator, source_system, reason, tags, priority, correlation_id,
+            parent_correlation_id, idempotency_key, identity_hash, parent_task_uuid,
+            parent_step_uuid, created_at, updated_at, state_entered_at)
+         SELECT v->>0, v->>1, v->>2, v->>3, v->>4, 'pending', v->>5, v->>6, v->>7, v->>8, v->>9,
+            (v->>10)::int8, v->>11, v->>12, v->>13, v->>14, v->>15, v->>16, $1, $1, $1
+         FROM json_array_elements($2::json) v
+         ON CONFLICT (identity_hash) DO NOTHING
+         RETURNING task_uuid",
+    )
+    .bind(now)
+    .bind(json(&rows.tasks)?)
+    .fetch_all(&mut *tx)
+    .await?;
+    let is_new = |uuid: &str| inserted.iter().any(|i| i == uuid);
+    let existing: Vec<&str> = candidates
+        .iter()
+        .filter(|t| !is_new(&t.uuid))
+        .filter_map(|t| t.identity_hash.as_deref())
+        .collect();
+    let mut known: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    if !existing.is_empty() {
+        for r in
+            sqlx::query("SELECT identity_hash, task_uuid FROM tasks WHERE identity_hash = ANY($1)")
+                .bind(&existing)
+                .fetch_all(&mut *tx)
+                .await?
+        {
+            known.insert(r.try_get(0)?, r.try_get(1)?);
+        }
+    }
+    let mut created = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        if is_new(&t.uuid) {
+            created.push(Created::New(t.uuid.clone()));
+            continue;
+        }
+        let winner = t.identity_hash.as_ref().and_then(|h| {
+            known.get(h).cloned().or_else(|| {
+                first
+                    .get(h.as_str())
+                    .map(|i| candidates[*i].uuid.clone())
+                    .filter(|u| is_new(u))
+            })
+        });
+        match winner {
+            Some(uuid) => created.push(Created::Existing {
+                uuid,
+                by_key: t.identity_from_key,
+            }),
+            None => {
+                return Err(Error::internal(format!(
+                    "task {} was neither inserted nor found by its identity",
+                    t.uuid
+                )));
+            }
+        }
+    }
+    let new: Vec<&NewTask> = candidates
+        .iter()
+        .copied()
+        .filter(|t| is_new(&t.uuid))
+        .collect();
+    if !new.is_empty() {
+        let rows = NewRows::of(&new)?;
+        sqlx::query(
+            "INSERT INTO steps (step_uuid, task_uuid, seq, name, namespace, callable, step_type,
+                definition, inputs, state, max_attempts, priority, timeout_ms, created_at,
+                updated_at)
+             SELECT v->>0, v->>1, (v->>2)::int8, v->>3, v->>4, v->>5, v->>6, v->>7, v->>8,
+                'pending', (v->>9)::int8, (v->>10)::int8, (v->>11)::int8, $1, $1
+             FROM json_array_elements($2::json) v",
+        )
+        .bind(now)
+        .bind(json(&rows.steps)?)
+        .execute(&mut *tx)
+        .await?;
+        if !rows.edges.is_empty() {
+            sqlx::query(
+                "INSERT INTO step_edges (task_uuid, from_step, to_step)
+                 SELECT v->>0, v->>1, v->>2 FROM json_array_elements($1::json) v",
+            )
+            .bind(json(&rows.edges)?)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for t in &new {
+            j.task_created(&t.uuid, actor, now);
+            for s in &t.steps {
+                j.step_created(&s.uuid, &t.uuid, actor, now);
+            }
+        }
+        let uuids: Vec<&str> = new.iter().map(|t| t.uuid.as_str()).collect();
+        let found = settle_rows(tx, &uuids, now).await?;
+        let mut none = Vec::new();
+        let mut absorbed = Rows::new(&[], &[], &mut none, None, actor, now);
+        absorbed.absorb(&mut j, &found)?;
+        let (tallies, _) = absorbed.into_parts();
+        for t in &new {
+            settle_task(
+                &mut j,
+                &tallies,
+                &t.uuid,
+                SettleCause::Start,
+                actor,
+                None,
+                now,
+            )?;
+        }
+    }
+    let jobs = match claim_req {
+        Some(req) => claim(tx, &mut j, req, now).await?,
+        None => Vec::new(),
+    };
+    flush(tx, &mut j).await?;
+    Ok((created, jobs))
+}
+
+// ---------------------------------------------------------------- claim
+
+/// The claim statement and its text parameters (bound after the five fixed ones), or `None`
+/// when the request cannot match anything. Other transactions' claims are skipped, not
+/// waited for.
+fn claim_statement(req: &ClaimRequest) -> Option<(String, Vec<Vec<String>>)> {
+    if req.limit == 0 {
+        return None;
+    }
+    let mut lists: Vec<Vec<String>> = Vec::new();
+    let mut filter = String::new();
+    let mut in_list = |filter: &mut String, column: &str, negate: bool, values: &[String]| {
+        lists.push(values.to_vec());
+        let n = 5 + lists.len();
+        if negate {
+            filter.push_str(&format!(" AND {column} <> ALL(${n})"));
+        } else {
+            filter.push_str(&format!(" AND {column} = ANY(${n})"));
+        }
+    };
+    if !req.namespaces.is_empty() {
+        in_list(&mut filter, "namespace", false, &req.namespaces);
+    }
+    match &req.callables {
+        CallableFilter::Only(c) if c.is_empty() => return None,
+        CallableFilter::Only(c) => in_list(&mut filter, "callable", false, c),
+        CallableFilter::AnyExcept(c) if c.is_empty() => {}
+        CallableFilter::AnyExcept(c) => in_list(&mut filter, "callable", true, c),
+        CallableFilter::Steps(s) if s.is_empty() => return None,
+        CallableFilter::Steps(s) => in_list(&mut filter, "step_uuid", false, s),
+        CallableFilter::Workflows => filter.push_str(" AND step_type = 'workflow'"),
+    }
+    if req.callables != CallableFilter::Workflows {
+        filter.push_str(" AND step_type <> 'workflow'");
+    }
+    if let Some(before) = req.enqueued_before {
+        // A number, not user text: safe to inline.
+        filter.push_str(&format!(" AND enqueued_at <= {before}"));
+    }
+    let limit = req.limit;
+    let sql = format!(
+        "WITH picked AS (
+            SELECT step_uuid FROM steps WHERE state = 'enqueued'{filter}
+            ORDER BY priority DESC, enqueued_at LIMIT {limit}
+            FOR UPDATE SKIP LOCKED),
+         claimed AS (
+            UPDATE steps s SET state = 'in_progress', attempts = s.attempts + 1, worker_id = $1,
+                lease_expires_at = $2 + $3, started_at = GREATEST($2, COALESCE(s.enqueued_at, $2)),
+                updated_at = $2, next_attempt_at = NULL, timeout_at = $2 + COALESCE(s.timeout_ms, $4)
+            FROM picked WHERE s.step_uuid = picked.step_uuid
+            RETURNING s.step_uuid, s.task_uuid, s.name, s.attempts, s.definition, s.inputs,
+                s.checkpoint, s.timeout_at, s.started_at, s.namespace, s.step_type, s.priority,
+                s.enqueued_at)
+         SELECT $5::text AS tag, c.step_uuid, c.task_uuid, c.name, c.attempts, c.definition,
+            c.inputs, c.checkpoint, c.timeout_at, c.started_at, c.namespace,
+            json_build_array(t.name, t.version, t.correlation_id, t.context::json,
+                t.template_hash)::text AS task,
+            (WITH RECURSIVE anc(id) AS (
+                SELECT from_step FROM step_edges WHERE to_step = c.step_uuid
+                UNION
+                SELECT e.from_step FROM step_edges e JOIN anc ON e.to_step = anc.id)
+             SELECT COALESCE(json_object_agg(a.name, a.result::json), '{{}}')::text
+             FROM steps a JOIN anc ON a.step_uuid = anc.id
+             WHERE a.state IN ('complete', 'resolved_manually')) AS dependency_results,
+            CASE WHEN c.step_type = 'deferred_convergence' THEN
+              (SELECT COALESCE(json_object_agg(p.name, p.error::json), '{{}}')::text
+               FROM step_edges e JOIN steps p ON p.step_uuid = e.from_step
+               WHERE e.to_step = c.step_uuid AND p.state = 'error') END AS failed_dependencies
+         FROM claimed c JOIN tasks t ON t.task_uuid = c.task_uuid
+         ORDER BY c.priority DESC, c.enqueued_at"
+    );
+    Some((sql, lists))
+}
+
+/// Claims ready steps; their transitions go into `j`.
+async fn claim(
+    tx: &mut PgConnection,
+    j: &mut Journal,
+    req: &ClaimRequest,
+    now: Millis,
+) -> Result<Vec<StepJob>> {
+    let Some((sql, lists)) = claim_statement(req) else {
+        return Ok(Vec::new());
+    };
+    let mut q = sqlx::query(AssertSqlSafe(sql))
+        .bind(&req.worker_id)
+        .bind(now)
+        .bind(req.lease_ms)
+        .bind(req.default_timeout_ms)
+        .bind("j");
+    for l in lists {
+        q = q.bind(l);
+    }
+    let found = q.fetch_all(&mut *tx).await?;
+    found
+        .iter()
+        .map(|row| rows::claimed_job(row, j, req))
+        .collect()
+}
+
+pub(super) async fn claim_and_flush(
+    tx: &mut PgConnection,
+    req: &ClaimRequest,
+    now: Millis,
+) -> Result<Vec<StepJob>> {
+    let mut j = Journal::default();
+    let jobs = claim(tx, &mut j, req, now).await?;
+    flush(tx, &mut j).await?;
+    Ok(jobs)
+}
+
+// ---------------------------------------------------------------- results
+
+/// Every result applied and fenced in one statement: a row changes only while its attempt is
+/// still the current one (held by the reporting worker, when one reports; still expired, for
+/// engine-made expiries). A step that declares `publishes_events` returns what its events'
+/// metadata needs.
+const FINISH: &str = "
+UPDATE steps s SET state = r.state, result = COALESCE(r.result, s.result),
+    error = COALESCE(r.error, s.error), completed_at = COALESCE(r.completed_at, s.completed_at),
+    next_attempt_at = r.next_attempt_at, lease_expires_at = NULL, timeout_at = NULL,
+    started_at = COALESCE(r.started_at, s.started_at), updated_at = $1
+FROM unnest($2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[], $8::text[],
+            $9::int8[], $10::text[], $11::int8[], $12::int8[], $13::int8[])
+    AS r(state, result, error, completed_at, next_attempt_at, started_at, step_uuid, attempt,
+         worker, timeout_guard, lease_guard, idx)
+WHERE s.step_uuid = r.step_uuid AND s.state = 'in_progress' AND s.attempts = r.attempt
+  AND (r.worker IS NULL OR s.worker_id = r.worker)
+  AND (r.timeout_guard IS NULL OR s.timeout_at <= r.timeout_guard)
+  AND (r.lease_guard IS NULL OR s.lease_expires_at <= r.lease_guard)
+RETURNING 'f', r.idx, s.task_uuid,
+  CASE WHEN strpos(s.definition, '\"publishes_events\"') > 0 THEN json_build_array(s.name,
+    s.namespace, (SELECT correlation_id FROM tasks t WHERE t.task_uuid = s.task_uuid),
+    s.definition::json -> 'publishes_events')::text END";
+
+/// Steps a result creates: inserted unless the task has a step of that name (rows tagged `x`
+/// for those inserted), numbered after the task's last step, with the task's namespace and
+/// priority. Rows: see [`expansion_rows`].
+const INSERT_STEPS: &str = "
+INSERT INTO steps (step_uuid, task_uuid, seq, name, namespace, callable, step_type, definition,
+    inputs, state, max_attempts, priority, timeout_ms, batch_group, batch_parallelism,
+    batch_strategy, created_at, updated_at)
+SELECT v.value->>0, t.task_uuid,
+    (SELECT COALESCE(MAX(seq), 0) FROM steps s WHERE s.task_uuid = t.task_uuid) + v.ord,
+    v.value->>2, t.namespace, v.value->>3, v.value->>4, v.value->>5, v.value->>6, 'pending',
+    (v.value->>7)::int8, t.priority, (v.value->>8)::int8, v.value->>9, (v.value->>10)::int8,
+    v.value->>11, $1, $1
+FROM json_array_elements($2::json) WITH ORDINALITY AS v(value, ord)
+JOIN tasks t ON t.task_uuid = v.value->>1
+ON CONFLICT (task_uuid, name) DO NOTHING
+RETURNING 'x', step_uuid, task_uuid";
+
+/// Edges `[task, parent name, child name]` between steps that exist, into children that have
+/// not started.
+const INSERT_EDGES: &str = "
+INSERT INTO step_edges (task_uuid, from_step, to_step)
+SELECT p.task_uuid, p.step_uuid, c.step_uuid FROM json_array_elements($1::json) v
+JOIN steps p ON p.task_uuid = v->>0 AND p.name = v->>1
+JOIN steps c ON c.task_uuid = v->>0 AND c.name = v->>2
+WHERE c.state = 'pending'
+ON CONFLICT DO NOTHING";
+
+/// Batch workers (SPEC §7, `failure_strategy: fail_fast`) that failed for good in this
+/// transaction (their row changed at `$1`) cancel the other unfinished workers of their group
+/// (rows tagged `k`, with their state before and the failed worker's name).
+const FAIL_FAST: &str = "
+WITH k AS (
+  SELECT DISTINCT ON (s.step_uuid) s.step_uuid, s.task_uuid, s.state, f.name
+  FROM steps f JOIN steps s ON s.task_uuid = f.task_uuid AND s.batch_group = f.batch_group
+  WHERE f.updated_at = $1 AND f.step_uuid = ANY($2) AND f.state = 'error'
+    AND f.batch_strategy = 'fail_fast' AND s.step_uuid <> f.step_uuid
+    AND s.state IN ('pending', 'enqueued', 'in_progress', 'waiting_for_retry')
+  ORDER BY s.step_uuid, f.name),
+u AS (
+  UPDATE steps SET state = 'cancelled', lease_expires_at = NULL, timeout_at = NULL,
+      next_attempt_at = NULL, completed_at = $1, updated_at = $1
+  WHERE step_uuid IN (SELECT step_uuid FROM k))
+SELECT 'k', step_uuid, task_uuid, state, name FROM k";
+
+/// Applies `results`, settles their tasks and runs `claim`; everything is journaled and
+/// flushed.
+pub(super) async fn finish(
+    tx: &mut PgConnection,
+    results: &[AttemptResult],
+    actor: &str,
+    claim_req: Option<&ClaimRequest>,
+    now: Millis,
+) -> Result<(Vec<FinishReport>, Vec<StepJob>)> {
+    let mut j = Journal::default();
+    let steps: Vec<&str> = results.iter().map(|r| r.step_uuid.as_str()).collect();
+    let mut targets: Vec<Target> = Vec::with_capacity(results.len());
+    let mut applied: Vec<Option<String>> = vec![None; results.len()];
+    let mut cols = FinishColumns::default();
+    for (i, r) in results.iter().enumerate() {
+        let (target, f) = finish_row(r, now)?;
+        targets.push(target);
+        cols.push(f, i as i64);
+    }
+    let mut rows = Rows::new(results, &targets, &mut applied, claim_req, actor, now);
+    if !results.is_empty() {
+        lock_tasks(tx, &steps, &[]).await?;
+        let found = sqlx::query(FINISH)
+            .bind(now)
+            .bind(&cols.state)
+            .bind(&cols.result)
+            .bind(&cols.error)
+            .bind(&cols.completed_at)
+            .bind(&cols.next_attempt_at)
+            .bind(&cols.started_at)
+            .bind(&cols.step_uuid)
+            .bind(&cols.attempt)
+            .bind(&cols.worker)
+            .bind(&cols.timeout_guard)
+            .bind(&cols.lease_guard)
+            .bind(&cols.index)
+            .fetch_all(&mut *tx)
+            .await?;
+        // The statement's rows come in no particular order: journal in result order.
+        let mut found: Vec<&PgRow> = found.iter().collect();
+        found.sort_by_key(|r| r.int_at(1).unwrap_or(i64::MAX));
+        rows.absorb(&mut j, &found)?;
+        let (mut new_steps, mut new_edges) = (Vec::new(), Vec::new());
+        for (r, task) in results.iter().zip(rows.applied.iter()) {
+            if let (Some(x), Some(task)) = (&r.expansion, task) {
+                expansion_rows(task, x, &mut new_steps, &mut new_edges)?;
+            }
+        }
+        if !new_steps.is_empty() {
+            let created = sqlx::query(INSERT_STEPS)
+                .bind(now)
+                .bind(json(&new_steps)?)
+                .fetch_all(&mut *tx)
+                .await?;
+            rows.absorb(&mut j, &created)?;
+        }
+        if !new_edges.is_empty() {
+            sqlx::query(INSERT_EDGES)
+                .bind(json(&new_edges)?)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let failed: Vec<&str> = results
+            .iter()
+            .filter(|r| matches!(r.resolution, Resolution::Failed { .. }))
+            .map(|r| r.step_uuid.as_str())
+            .collect();
+        if !failed.is_empty() {
+            let killed = sqlx::query(FAIL_FAST)
+                .bind(now)
+                .bind(&failed)
+                .fetch_all(&mut *tx)
+                .await?;
+            rows.absorb(&mut j, &killed)?;
+        }
+        let mut tasks: Vec<&str> = Vec::new();
+        for t in rows.applied.iter().flatten() {
+            if !tasks.contains(&t.as_str()) {
+                tasks.push(t);
+            }
+        }
+        let tasks: Vec<String> = tasks.into_iter().map(str::to_string).collect();
+        let found = settle_rows(
+            tx,
+            &tasks.iter().map(String::as_str).collect::<Vec<_>>(),
+            now,
+        )
+        .await?;
+        rows.absorb(&mut j, &found)?;
+    }
+    let mut events = std::mem::take(&mut rows.events);
+    let (tallies, _) = rows.into_parts();
+    let jobs = match claim_req {
+        Some(req) => claim(tx, &mut j, req, now).await?,
+        None => Vec::new(),
+    };
+    let reports = reports(
+        tx,
+        &mut j,
+        results,
+        applied,
+        &tallies,
+        &mut events,
+        actor,
+        now,
+    )
+    .await?;
+    flush(tx, &mut j).await?;
+    Ok((reports, jobs))
+}
+
+/// The columns of [`FINISH`]'s `unnest`.
+#[derive(Default)]
+struct FinishColumns {
+    state: Vec<&'static str>,
+    result: Vec<Option<String>>,
+    error: Vec<Option<String>>,
+    completed_at: Vec<Option<i64>>,
+    next_attempt_at: Vec<Option<i64>>,
+    started_at: Vec<Option<i64>>,
+    step_uuid: Vec<String>,
+    attempt: Vec<i64>,
+    worker: Vec<Option<String>>,
+    timeout_guard: Vec<Option<i64>>,
+    lease_guard: Vec<Option<i64>>,
+    index: Vec<i64>,
+}
+
+impl FinishColumns {
+    fn push(&mut self, f: crate::store::apply::FinishRow, index: i64) {
+        self.state.push(f.to.as_str());
+        self.result.push(f.result);
+        self.error.push(f.error);
+        self.completed_at.push(f.completed_at);
+        self.next_attempt_at.push(f.next_attempt_at);
+        self.started_at.push(f.started_at);
+        self.step_uuid.push(f.step_uuid);
+        self.attempt.push(f.attempt);
+        self.worker.push(f.worker);
+        self.timeout_guard.push(f.timeout_guard);
+        self.lease_guard.push(f.lease_guard);
+        self.index.push(index);
+    }
+}
+
+/// Settles each task with an applied result and reports every result (explaining and
+/// recording those that did not apply).
+#[allow(clippy::too_many_arguments)]
+async fn reports(
+    tx: &mut PgConnection,
+    j: &mut Journal,
+    results: &[AttemptResult],
+    applied: Vec<Option<String>>,
+    tallies: &Tallies,
+    events: &mut [Vec<crate::events::DomainEvent>],
+    actor: &str,
+    now: Millis,
+) -> Result<Vec<FinishReport>> {
+    let mut settled: Vec<(String, TaskState)> = Vec::new();
+    for task_uuid in applied.iter().flatten() {
+        if !settled.iter().any(|(t, _)| t == task_uuid) {
+            let state = settle_task(
+                j,
+                tallies,
+                task_uuid,
+                SettleCause::StepResult,
+                actor,
+                None,
+                now,
+            )?;
+            settled.push((task_uuid.clone(), state));
+        }
+    }
+    let mut out = Vec::with_capacity(results.len());
+    for (i, (r, applied)) in results.iter().zip(applied).enumerate() {
+        out.push(match applied {
+            Some(task_uuid) => FinishReport {
+                step_uuid: r.step_uuid.clone(),
+                task_state: settled
+                    .iter()
+                    .find(|(t, _)| *t == task_uuid)
+                    .map(|(_, s)| *s),
+                task_uuid: Some(task_uuid),
+                completion: Completion::Accepted,
+                events: std::mem::take(&mut events[i]),
+            },
+            None => reject(tx, r, now).await?,
+        });
+    }
+    Ok(out)
+}
+
+async fn current(tx: &mut PgConnection, step_uuid: &str) -> Result<Option<Current>> {
+    let sql = format!("SELECT {CURRENT_COLUMNS} FROM steps WHERE step_uuid = $1 FOR UPDATE");
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(step_uuid)
+        .fetch_optional(&mut *tx)
+        .await?;
+    row.as_ref().map(rows::current).transpose()
+}
+
+async fn record_rejection(tx: &mut PgConnection, r: Rejection<'_>, now: Millis) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO rejected_completions (step_uuid, task_uuid, attempt, worker_id, reason, outcome, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(r.step_uuid)
+    .bind(r.task_uuid)
+    .bind(i64::from(r.attempt))
+    .bind(r.worker)
+    .bind(r.reason)
+    .bind(r.outcome)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Explains why a result did not apply and records late completions (engine-made expiries
+/// that lost a race are not late completions).
+async fn reject(tx: &mut PgConnection, r: &AttemptResult, now: Millis) -> Result<FinishReport> {
+    let Some(c) = current(tx, &r.step_uuid).await? else {
+        return Ok(FinishReport {
+            step_uuid: r.step_uuid.clone(),
+            task_uuid: None,
+            completion: Completion::Rejected("no such step".into()),
+            task_state: None,
+            events: Vec::new(),
+        });
+    };
+    let reason = staleness(&c, r.attempt, r.worker_id.as_deref(), r.expiry, now)
+        .unwrap_or_else(|| format!("attempt {} is not current", r.attempt));
+    if r.expiry.is_none() {
+        let rejection = Rejection {
+            step_uuid: &r.step_uuid,
+            task_uuid: Some(&c.task_uuid),
+            attempt: r.attempt,
+            worker: r.worker_id.as_deref(),
+            reason: &reason,
+            outcome: serde_json::to_string(&r.resolution_summary()).ok(),
+        };
+        record_rejection(tx, rejection, now).await?;
+    }
+    Ok(FinishReport {
+        step_uuid: r.step_uuid.clone(),
+        task_uuid: Some(c.task_uuid),
+        completion: Completion::Rejected(reason),
+        task_state: None,
+        events: Vec::new(),
+    })
+}
+
+// ---------------------------------------------------------------- attempts
+
+/// Stores a checkpoint for the current attempt, with its new lease and timeout.
+pub(super) async fn checkpoint(
+    tx: &mut PgConnection,
+    step_uuid: &str,
+    (attempt, worker_id): (u32, &str),
+    cp: &Checkpoint,
+    (lease_until, timeout_at): (Millis, Millis),
+    now: Millis,
+) -> Result<Completion> {
+    let Some(c) = current(tx, step_uuid).await? else {
+        return Ok(Completion::Rejected("no such step".into()));
+    };
+    if let Some(reason) = staleness(&c, attempt, Some(worker_id), None, now) {
+        let rejection = Rejection {
+            step_uuid,
+            task_uuid: Some(&c.task_uuid),
+            attempt,
+            worker: Some(worker_id),
+            reason: &reason,
+            outcome: json(cp).ok(),
+        };
+        record_rejection(tx, rejection, now).await?;
+        return Ok(Completion::Rejected(reason));
+    }
+    let history: Option<String> =
+        sqlx::query_scalar("SELECT checkpoint_history FROM steps WHERE step_uuid = $1")
+            .bind(step_uuid)
+            .fetch_one(&mut *tx)
+            .await?;
+    let history = checkpoint_history(history, cp, attempt, now)?;
+    let mut j = Journal::default();
+    let state = j.step_moves(
+        step_uuid,
+        &c.task_uuid,
+        c.state,
+        &[StepEvent::Checkpoint],
+        Some(attempt),
+        worker_id,
+        None,
+        now,
+    )?;
+    sqlx::query(
+        "UPDATE steps SET state = $1, updated_at = $2, checkpoint = $3, checkpoint_history = $4,
+            lease_expires_at = $5, timeout_at = $6 WHERE step_uuid = $7",
+    )
+    .bind(state.as_str())
+    .bind(now)
+    .bind(json(cp)?)
+    .bind(history)
+    .bind(lease_until)
+    .bind(timeout_at)
+    .bind(step_uuid)
+    .execute(&mut *tx)
+    .await?;
+    flush(tx, &mut j).await?;
+    Ok(Completion::Accepted)
+}
+
+/// Extends the leases of the listed attempts still held by `worker_id` (a superseded attempt
+/// stays expired).
+pub(super) async fn renew_leases(
+    pool: &PgPool,
+    worker_id: &str,
+    attempts: &[(String, u32)],
+    lease_until: Millis,
+    now: Millis,
+) -> Result<u64> {
+    let steps: Vec<&str> = attempts.iter().map(|(s, _)| s.as_str()).collect();
+    let numbers: Vec<i64> = attempts.iter().map(|(_, a)| i64::from(*a)).collect();
+    Ok(sqlx::query(
+        "UPDATE steps s SET lease_expires_at = $1, updated_at = $2
+         FROM unnest($4::text[], $5::int8[]) AS a(step_uuid, attempt)
+         WHERE s.step_uuid = a.step_uuid AND s.attempts = a.attempt
+           AND s.worker_id = $3 AND s.state = 'in_progress'",
+    )
+    .bind(lease_until)
+    .bind(now)
+    .bind(worker_id)
+    .bind(&steps)
+    .bind(&numbers)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// Enqueues retries whose time has come and settles their tasks.
+pub(super) async fn promote_due_retries(
+    tx: &mut PgConnection,
+    actor: &str,
+    now: Millis,
+) -> Result<u64> {
+    sqlx::query(
+        "SELECT 1 FROM tasks WHERE task_uuid IN (
+            SELECT task_uuid FROM steps WHERE state = 'waiting_for_retry' AND next_attempt_at <= $1)
+         ORDER BY task_uuid FOR UPDATE",
+    )
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    let found = sqlx::query(
+        "UPDATE steps SET state = 'enqueued', enqueued_at = $1, updated_at = $1
+         WHERE state = 'waiting_for_retry' AND next_attempt_at <= $1
+         RETURNING step_uuid, task_uuid",
+    )
+    .bind(now)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut j = Journal::default();
+    let mut tasks: Vec<String> = Vec::new();
+    for row in &found {
+        let step = row.text("step_uuid")?;
+        let task = row.text("task_uuid")?;
+        j.step_moves(
+            &step,
+            &task,
+            StepState::WaitingForRetry,
+            &[StepEvent::RetryReady],
+            None,
+            actor,
+            None,
+            now,
+        )?;
+        if !tasks.contains(&task) {
+            tasks.push(task);
+        }
+    }
+    settle_many(
+        tx,
+        &mut j,
+        &tasks,
+        SettleCause::RetryReady,
+        actor,
+        None,
+        now,
+    )
+    .await?;
+    flush(tx, &mut j).await?;
+    Ok(found.len() as u64)
+}
+
+// ---------------------------------------------------------------- operator actions
+
+/// Applies an operator action (SPEC §5.9) after checking the state machines, so a refused
+/// action changes nothing.
+pub(super) async fn operator_action(
+    tx: &mut PgConnection,
+    task_uuid: &str,
+    action: &OperatorAction,
+    actor: &str,
+    reason: &str,
+    now: Millis,
+) -> Result<TaskState> {
+    let mut j = Journal::default();
+    let state = act(tx, &mut j, task_uuid, action, actor, reason, now).await?;
+    flush(tx, &mut j).await?;
+    Ok(state)
+}
+
+async fn locked_state(tx: &mut PgConnection, task_uuid: &str) -> Result<TaskState> {
+    let s: Option<String> =
+        sqlx::query_scalar("SELECT state FROM tasks WHERE task_uuid = $1 FOR UPDATE")
+            .bind(task_uuid)
+            .fetch_optional(&mut *tx)
+            .await?;
+    rows::task_state_of(s, task_uuid)
+}
+
+/// Moves a step through `events`, journaling each transition, and stores the final state
+/// with `extra` assignments (`SET` items using `$1` now and `$2` the step).
+#[allow(clippy::too_many_arguments)]
+async fn move_step(
+    tx: &mut PgConnection,
+    j: &mut Journal,
+    step_uuid: &str,
+    task_uuid: &str,
+    from: StepState,
+    event: StepEvent,
+    actor: &str,
+    reason: Option<&str>,
+    extra: &str,
+    now: Millis,
+) -> Result<()> {
+    let state = j.step_moves(
+        step_uuid,
+        task_uuid,
+        from,
+        &[event],
+        None,
+        actor,
+        reason,
+        now,
+    )?;
+    let sql = format!("UPDATE steps SET state = $3, updated_at = $1{extra} WHERE step_uuid = $2");
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(now)
+        .bind(step_uuid)
+        .bind(state.as_str())
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+async fn act(
+    tx: &mut PgConnection,
+    j: &mut Journal,
+    task_uuid: &str,
+    action: &OperatorAction,
+    actor: &str,
+    reason: &str,
+    now: Millis,
+) -> Result<TaskState> {
+    let state = locked_state(tx, task_uuid).await?;
+    let given = reason;
+    let reason = Some(reason);
+    match action {
+        OperatorAction::Cancel => {
+            // Check before touching steps, so a refused cancel changes nothing.
+            task_transition(state, TaskEvent::Cancel)?;
+            let found = sqlx::query(
+                "SELECT step_uuid, state FROM steps WHERE task_uuid = $1
+                 AND state NOT IN ('complete', 'cancelled', 'resolved_manually', 'error')
+                 ORDER BY seq",
+            )
+            .bind(task_uuid)
+            .fetch_all(&mut *tx)
+            .await?;
+            for row in found {
+                let s: StepState = parse_state(&row.text("state")?)?;
+                move_step(
+                    tx,
+                    j,
+                    &row.text("step_uuid")?,
+                    task_uuid,
+                    s,
+                    StepEvent::Cancel,
+                    actor,
+                    reason,
+                    ", lease_expires_at = NULL, timeout_at = NULL, completed_at = $1",
+                    now,
+                )
+                .await?;
+            }
+            let cancelled =
+                j.task_moves(task_uuid, state, &[TaskEvent::Cancel], actor, reason, now)?;
+            // Cancelling a parent cancels the child workflows its steps started (SPEC §8), in
+            // this same transaction, and theirs in turn.
+            let children: Vec<String> = sqlx::query_scalar(
+                "SELECT task_uuid FROM tasks WHERE parent_task_uuid = $1
+                 AND state NOT IN ('complete', 'error', 'cancelled', 'resolved_manually')
+                 ORDER BY task_uuid",
+            )
+            .bind(task_uuid)
+            .fetch_all(&mut *tx)
+            .await?;
+            let why = format!("parent task {task_uuid} was cancelled: {given}");
+            for child in children {
+                Box::pin(act(tx, j, &child, action, actor, &why, now)).await?;
+            }
+            Ok(cancelled)
+        }
+        OperatorAction::GiveUp => {
+            j.task_moves(task_uuid, state, &[TaskEvent::GiveUp], actor, reason, now)
+        }
+        OperatorAction::ResolveManually => j.task_moves(
+            task_uuid,
+            state,
+            &[TaskEvent::ManualResolution],
+            actor,
+            reason,
+            now,
+        ),
+        OperatorAction::ResetStep { step }
+        | OperatorAction::ResolveStep { step }
+        | OperatorAction::CompleteStep { step, .. } => {
+            if state.is_terminal() {
+                return Err(Error::new(
+                    ErrorKind::InvalidTransition,
+                    format!("task {task_uuid} is {state}; its steps can no longer be changed"),
+                ));
+            }
+            let row = sqlx::query(
+                "SELECT step_uuid, state FROM steps WHERE task_uuid = $1
+                 AND (step_uuid = $2 OR name = $2) FOR UPDATE",
+            )
+            .bind(task_uuid)
+            .bind(step)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("task {task_uuid} has no step {step:?}")))?;
+            let step_uuid = row.text("step_uuid")?;
+            let s: StepState = parse_state(&row.text("state")?)?;
+            let (event, extra) = match action {
+                OperatorAction::ResetStep { .. } => (
+                    StepEvent::Reset,
+                    ", attempts = 0, next_attempt_at = NULL, completed_at = NULL, \
+                     enqueued_at = NULL, worker_id = NULL",
+                ),
+                OperatorAction::ResolveStep { .. } => (
+                    StepEvent::ResolveManually,
+                    ", completed_at = $1, lease_expires_at = NULL, timeout_at = NULL",
+                ),
+                _ => (
+                    StepEvent::CompleteManually,
+                    ", completed_at = $1, lease_expires_at = NULL, timeout_at = NULL",
+                ),
+            };
+            move_step(
+                tx, j, &step_uuid, task_uuid, s, event, actor, reason, extra, now,
+            )
+            .await?;
+            if let OperatorAction::CompleteStep { result, .. } = action {
+                sqlx::query("UPDATE steps SET result = $1 WHERE step_uuid = $2")
+                    .bind(json(result)?)
+                    .bind(&step_uuid)
+                    .execute(&mut *tx)
+                    .await?;
+                expand_completed(tx, j, task_uuid, &step_uuid, result, actor, now).await?;
+            }
+            let states = settle_many(
+                tx,
+                j,
+                &[task_uuid.to_string()],
+                SettleCause::OperatorFix,
+                actor,
+                reason,
+                now,
+            )
+            .await?;
+            Ok(states[0])
+        }
+    }
+}
+
+/// A decision or analyzer completed by an operator creates the steps its result asks for (see
+/// [`operator_expansion`]).
+async fn expand_completed(
+    tx: &mut PgConnection,
+    j: &mut Journal,
+    task_uuid: &str,
+    step_uuid: &str,
+    result: &Value,
+    actor: &str,
+    now: Millis,
+) -> Result<()> {
+    let row = sqlx::query(
+        "SELECT s.name, s.step_type, ts.definition AS template FROM steps s
+         JOIN tasks t ON t.task_uuid = s.task_uuid
+         JOIN template_snapshots ts ON ts.content_hash = t.template_hash
+         WHERE s.step_uuid = $1 AND s.step_type IN ('decision', 'batchable')",
+    )
+    .bind(step_uuid)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else { return Ok(()) };
+    let x = operator_expansion(
+        &row.text("name")?,
+        &row.text("step_type")?,
+        &row.text("template")?,
+        result,
+    )?;
+    if x.steps.is_empty() {
+        return Ok(());
+    }
+    let (mut steps, mut edges) = (Vec::new(), Vec::new());
+    expansion_rows(task_uuid, &x, &mut steps, &mut edges)?;
+    let created = sqlx::query(INSERT_STEPS)
+        .bind(now)
+        .bind(json(&steps)?)
+        .fetch_all(&mut *tx)
+        .await?;
+    for row in created {
+        j.step_created(&row.text_at(1)?, task_uuid, actor, now);
+    }
+    sqlx::query(INSERT_EDGES)
+        .bind(json(&edges)?)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
