@@ -142,14 +142,51 @@ impl TaskHandle {
     }
 }
 
+/// Relays the changes other processes commit (where the store announces them) to this
+/// process's workers and waiters, as its own changes are.
+fn spawn_change_listener(inner: &Arc<Inner>) {
+    let Some(mut changes) = inner.store.changes() else {
+        return;
+    };
+    let inner = Arc::downgrade(inner);
+    let mut shutdown = match inner.upgrade() {
+        Some(i) => i.shutdown.subscribe(),
+        None => return,
+    };
+    tokio::spawn(async move {
+        loop {
+            let change = tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => break,
+                c = changes.recv() => c,
+            };
+            let Some(inner) = inner.upgrade() else { break };
+            match change {
+                Ok(crate::store::StoreChange::Task { task_uuid, state }) => {
+                    inner.after_change(&[(task_uuid, state)], false);
+                }
+                // Missed announcements: workers look for work; waiters rely on their poll.
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    inner.work.send_modify(|g| *g += 1);
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    });
+}
+
 impl Tasker {
     /// Opens the engine on `url` (`sqlite::memory:`, `sqlite:PATH`) with configuration from
     /// the environment. Must be called inside a tokio runtime.
     pub async fn open(url: &str) -> Result<Tasker> {
+        let mut config = Config::from_env()?;
+        // On a shared database another process may serve a callable this one does not know.
+        if crate::store::is_postgres_url(url) {
+            config.fail_unknown_callables = false;
+        }
         Self::open_with(
             url,
             OpenOptions {
-                config: Config::from_env()?,
+                config,
                 ..OpenOptions::default()
             },
         )
@@ -195,6 +232,7 @@ impl Tasker {
         });
         crate::worker::spawn_completer(inner.clone(), results_rx);
         crate::worker::spawn_creator(inner.clone(), creations_rx);
+        spawn_change_listener(&inner);
         if options.background {
             crate::worker::spawn_background(&inner);
         }

@@ -2091,5 +2091,27 @@ fn sqlite_file(handles: usize) -> Pin<Box<dyn Future<Output = Db> + Send>> {
     })
 }
 
+/// Handles onto a fresh database on the test server (each its own connection pool, like
+/// separate processes).
+#[cfg(feature = "postgres")]
+fn postgres(handles: usize) -> Pin<Box<dyn Future<Output = Db> + Send>> {
+    Box::pin(async move {
+        use tasker_core::store::postgres::{PgStore, create_scratch_database, test_server_url};
+        let server = test_server_url();
+        let url = create_scratch_database(&server, "tasker_test")
+            .await
+            .unwrap_or_else(|e| {
+                panic!("PostgreSQL at {server} is needed (`./run test` starts one): {e}")
+            });
+        let mut stores: Vec<Arc<dyn Store>> = Vec::new();
+        for _ in 0..handles.max(1) {
+            stores.push(Arc::new(PgStore::open(&url, 4, true).await.unwrap()));
+        }
+        Db { stores, _dir: None }
+    })
+}
+
+#[cfg(feature = "postgres")]
+all_tests!(postgres_backend, super::postgres);
 all_tests!(sqlite_memory_backend, super::sqlite_memory);
 all_tests!(sqlite_file_backend, super::sqlite_file);

@@ -760,5 +760,24 @@ fn sqlite_file() -> Pin<Box<dyn Future<Output = Db> + Send>> {
     })
 }
 
+#[cfg(feature = "postgres")]
+fn postgres() -> Pin<Box<dyn Future<Output = Db> + Send>> {
+    Box::pin(async move {
+        use tasker_core::store::postgres::{PgStore, create_scratch_database, test_server_url};
+        let server = test_server_url();
+        let url = create_scratch_database(&server, "tasker_test")
+            .await
+            .unwrap_or_else(|e| {
+                panic!("PostgreSQL at {server} is needed (`./run test` starts one): {e}")
+            });
+        Db {
+            store: Arc::new(PgStore::open(&url, 4, true).await.unwrap()),
+            _dir: None,
+        }
+    })
+}
+
+#[cfg(feature = "postgres")]
+all_tests!(postgres_backend, super::postgres);
 all_tests!(sqlite_memory_backend, super::sqlite_memory);
 all_tests!(sqlite_file_backend, super::sqlite_file);

@@ -13,7 +13,7 @@ pub use format::{
     Action, ActionKind, CreateError, CreateOptions, DlqExpect, Expect, Scenario, SecondCreate,
     SecondCreateExpect, StepExpect, TemplateRef, When,
 };
-pub use run::{Outcome, Runner};
+pub use run::{Backend, Outcome, Runner};
 
 use std::path::{Path, PathBuf};
 

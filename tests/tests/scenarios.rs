@@ -1,9 +1,10 @@
 //! Runs every scenario in `tests/scenarios/` with the Rust kit, concurrently (each on its own
-//! in-memory engine), prints one line per scenario and fails once at the end listing every
-//! failure. `SCENARIO=name_substring` runs a subset.
+//! engine and fresh database), once on SQLite and once on PostgreSQL, prints one line per
+//! scenario and fails once at the end listing every failure. `SCENARIO=name_substring` runs a
+//! subset.
 
 use tasker_conformance::scenario::{
-    Outcome, Runner, Scenario, scenario_files, scenarios_dir, tests_dir,
+    Backend, Outcome, Runner, Scenario, scenario_files, scenarios_dir, tests_dir,
 };
 
 /// Scenarios that fail because of a known engine bug: (scenario name, why). A listed scenario
@@ -11,9 +12,28 @@ use tasker_conformance::scenario::{
 const KNOWN_FAILURES: &[(&str, &str)] = &[];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn all_scenarios() {
+async fn all_scenarios_on_sqlite() {
+    all_scenarios(Backend::SqliteMemory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn all_scenarios_on_postgres() {
+    all_scenarios(Backend::Postgres(
+        tasker_core::store::postgres::test_server_url(),
+    ))
+    .await;
+}
+
+async fn all_scenarios(backend: Backend) {
     let filter = std::env::var("SCENARIO").ok();
-    let runner = Runner::new(tests_dir()).with_handlers(tasker_examples::register_handlers);
+    let label = backend.name();
+    let runner = Runner::new(tests_dir())
+        .with_handlers(tasker_examples::register_handlers)
+        .with_config(tasker_core::Config {
+            pg_max_connections: 3,
+            ..Runner::default_config()
+        })
+        .with_backend(backend);
     let files = scenario_files(&scenarios_dir()).expect("tests/scenarios is readable");
     assert!(
         !files.is_empty(),
@@ -23,6 +43,13 @@ async fn all_scenarios() {
 
     let mut problems = Vec::new();
     let mut runs = tokio::task::JoinSet::new();
+    // Each PostgreSQL engine holds a few connections: a bounded number of scenarios at once
+    // keeps the server under its connection limit.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(if label == "postgres" {
+        8
+    } else {
+        1024
+    }));
     let mut names = Vec::new();
     for file in &files {
         let scenario = match Scenario::load(file) {
@@ -51,7 +78,11 @@ async fn all_scenarios() {
         }
         names.push(scenario.name.clone());
         let runner = runner.clone();
-        runs.spawn(async move { runner.run(&scenario).await });
+        let slots = slots.clone();
+        runs.spawn(async move {
+            let _slot = slots.acquire_owned().await;
+            runner.run(&scenario).await
+        });
     }
     if names.is_empty() {
         problems.push(format!("SCENARIO={filter:?} matches no scenario"));
@@ -77,7 +108,7 @@ async fn all_scenarios() {
             }
         };
         println!(
-            "scenario {:<40} {verdict} ({} ms)",
+            "{label:<8} scenario {:<40} {verdict} ({} ms)",
             o.name,
             o.elapsed.as_millis()
         );
@@ -87,7 +118,7 @@ async fn all_scenarios() {
     }
     assert!(
         problems.is_empty(),
-        "{} scenario problem(s):\n{}",
+        "{} scenario problem(s) on {label}:\n{}",
         problems.len(),
         problems.join("\n")
     );

@@ -239,6 +239,14 @@ fn open_error(url: &str, e: sqlx::Error) -> Error {
     )
 }
 
+/// The server the test suites use: `TASKER_TEST_DATABASE_URL`, else `DATABASE_URL`, else the
+/// local server on the default port (`./run test` starts a throwaway one when none answers).
+pub fn test_server_url() -> String {
+    std::env::var("TASKER_TEST_DATABASE_URL")
+        .or_else(|_| std::env::var("DATABASE_URL"))
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
 /// Creates a new, empty database beside the one `admin_url` names (which must allow
 /// `CREATE DATABASE`) and returns its URL: a scratch database for a test or a trial run.
 pub async fn create_scratch_database(admin_url: &str, prefix: &str) -> Result<String> {

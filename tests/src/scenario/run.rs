@@ -26,6 +26,41 @@ pub struct Runner {
     base: PathBuf,
     setups: Vec<Setup>,
     config: Config,
+    backend: Backend,
+}
+
+/// Where a runner's engines keep their state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// A fresh in-memory SQLite database per scenario.
+    SqliteMemory,
+    /// A fresh database per scenario on the PostgreSQL server at this URL.
+    Postgres(String),
+}
+
+impl Backend {
+    /// A short name for reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::SqliteMemory => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    async fn database_url(&self) -> Result<String, String> {
+        match self {
+            Backend::SqliteMemory => Ok("sqlite::memory:".into()),
+            Backend::Postgres(server) => {
+                tasker_core::store::postgres::create_scratch_database(server, "tasker_test")
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "cannot create a database on {server} (`./run test` starts one): {e}"
+                        )
+                    })
+            }
+        }
+    }
 }
 
 /// The result of one scenario.
@@ -89,6 +124,7 @@ impl Runner {
             base: base.into(),
             setups: vec![Arc::new(crate::kit::register_handlers)],
             config: Self::default_config(),
+            backend: Backend::SqliteMemory,
         }
     }
 
@@ -106,6 +142,12 @@ impl Runner {
     /// Also runs `setup` on every engine (e.g. to register an example's handlers).
     pub fn with_handlers(mut self, setup: impl Fn(&Tasker) + Send + Sync + 'static) -> Self {
         self.setups.push(Arc::new(setup));
+        self
+    }
+
+    /// Runs the engines on `backend`.
+    pub fn with_backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
         self
     }
 
@@ -130,7 +172,13 @@ impl Runner {
             config: self.config.clone(),
             ..OpenOptions::default()
         };
-        match Tasker::open_with("sqlite::memory:", options).await {
+        let opened = match self.backend.database_url().await {
+            Ok(url) => Tasker::open_with(&url, options)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match opened {
             Ok(tasker) => {
                 if let Err(e) = self.drive(&tasker, scenario, deadline, &mut outcome).await {
                     outcome.diffs.push(e);
