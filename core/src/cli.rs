@@ -36,6 +36,7 @@ macro_rules! out {
 
 mod diagram;
 mod dlq_cmd;
+mod process_cmd;
 mod run;
 mod table;
 mod task_cmd;
@@ -95,6 +96,8 @@ pub fn run_cli(args: Vec<OsString>, register: impl Fn(&Tasker) + Send + Sync + '
             Command::Task(cmd) => task_cmd::dispatch(cmd).await,
             Command::Template(cmd) => template_cmd::dispatch(cmd).await,
             Command::Dlq(cmd) => dlq_cmd::dispatch(cmd).await,
+            Command::Worker(args) => process_cmd::worker(args, &register).await,
+            Command::Migrate(args) => process_cmd::migrate(args).await,
         }
     });
     // Handlers abandoned by an interrupted or timed-out run must not keep the process alive.
@@ -220,6 +223,11 @@ enum Command {
     /// resolutions.
     #[command(subcommand)]
     Dlq(dlq_cmd::DlqCommand),
+    /// Serve steps with the bundled Rust handlers until SIGTERM (production mode: any number
+    /// of workers share one PostgreSQL database).
+    Worker(process_cmd::WorkerArgs),
+    /// Bring a database's schema up to date.
+    Migrate(process_cmd::MigrateArgs),
 }
 
 /// Output format.
@@ -265,9 +273,11 @@ impl DbTarget {
     }
 }
 
-/// The file a database URL designates, when it designates one (`None` for in-memory).
+/// The file a database URL designates, when it designates one (`None` for in-memory and
+/// server databases).
 pub(crate) fn db_file(url: &str) -> Option<PathBuf> {
-    if url.contains(":memory:") || url.contains("mode=memory") {
+    if url.contains(":memory:") || url.contains("mode=memory") || crate::store::is_postgres_url(url)
+    {
         return None;
     }
     let path = match url

@@ -34,6 +34,9 @@ pub struct Config {
     pub max_payload_bytes: usize,
     /// SQLite durability (`TASKER_SQLITE_SYNC=normal|full`).
     pub sqlite_sync: SqliteSync,
+    /// Namespaces whose steps this process's Rust handlers take (`TASKER_NAMESPACES`, comma
+    /// separated); empty means every namespace.
+    pub namespaces: Vec<String>,
     /// PostgreSQL connections per process at most (`TASKER_PG_MAX_CONNECTIONS`).
     pub pg_max_connections: u32,
     /// Migrate the database schema on open (`TASKER_MIGRATE=false` refuses a schema that is
@@ -67,6 +70,7 @@ impl Default for Config {
             claim_batch: 64,
             max_payload_bytes: 1 << 20,
             sqlite_sync: SqliteSync::Normal,
+            namespaces: Vec::new(),
             pg_max_connections: 10,
             migrate: true,
             fail_unknown_callables: true,
@@ -143,6 +147,14 @@ impl Config {
         }
         if let Some(v) = num("TASKER_LIFECYCLE_CHECK_MS")? {
             c.lifecycle_check_every = Duration::from_millis(v.max(10));
+        }
+        if let Some(v) = get("TASKER_NAMESPACES") {
+            c.namespaces = v
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_string)
+                .collect();
         }
         if let Some(v) = num("TASKER_PG_MAX_CONNECTIONS")? {
             c.pg_max_connections = v.clamp(2, 1000) as u32;

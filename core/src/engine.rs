@@ -85,6 +85,8 @@ pub(crate) struct Inner {
     pub(crate) events_wake: Notify,
     /// When the sweeper last ran the lifecycle check.
     pub(crate) lifecycle_checks: crate::lifecycle::CheckSchedule,
+    /// Set by [`Tasker::drain`]: no new steps are claimed.
+    pub(crate) draining: std::sync::atomic::AtomicBool,
 }
 
 /// Options for [`Tasker::open_with`].
@@ -107,6 +109,15 @@ impl Default for OpenOptions {
             background: true,
         }
     }
+}
+
+/// What [`Tasker::drain`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Attempts that finished (and committed) within the deadline.
+    pub finished: usize,
+    /// Attempts handed back unfinished (their leases ended).
+    pub handed_back: usize,
 }
 
 /// A created (or re-attached) task.
@@ -229,6 +240,7 @@ impl Tasker {
             bus: crate::events::Bus::default(),
             events_wake: Notify::new(),
             lifecycle_checks: Default::default(),
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         crate::worker::spawn_completer(inner.clone(), results_rx);
         crate::worker::spawn_creator(inner.clone(), creations_rx);
@@ -240,6 +252,54 @@ impl Tasker {
         Ok(Tasker {
             inner,
             _guard: guard,
+        })
+    }
+
+    /// Graceful shutdown: stops claiming steps, lets the attempts this process holds finish
+    /// (and their results commit) for up to `deadline`, hands the rest back — their leases are
+    /// ended now, so any process re-runs them without waiting for the lease to run out — and
+    /// closes the engine.
+    pub async fn drain(&self, deadline: Duration) -> Result<DrainReport> {
+        let inner = &self.inner;
+        inner
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let held = |i: &Inner| i.held.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let at_start = held(inner);
+        let until = tokio::time::Instant::now() + deadline;
+        // Results commit through the completer, which releases each attempt: a short poll
+        // of the held set is the simplest exact test.
+        while held(inner) > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let left: Vec<(String, String, u32)> = inner
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(step, (worker, attempt))| (worker.clone(), step.clone(), *attempt))
+            .collect();
+        let now = inner.clock.now();
+        let mut handed_back = 0;
+        for (worker, step, attempt) in &left {
+            // No longer renewed by this process.
+            inner.release(step, *attempt);
+            handed_back += inner
+                .store
+                .renew_leases(worker, &[(step.clone(), *attempt)], now, now)
+                .await?;
+        }
+        if handed_back > 0 {
+            // Whoever sweeps first (this process included) ends them as a lost worker's
+            // attempts, retried under the step's policy.
+            if let Err(e) = crate::worker::sweep_once(inner).await {
+                tracing::warn!("expiring handed-back attempts failed (another process will): {e}");
+            }
+        }
+        self.close();
+        Ok(DrainReport {
+            finished: at_start.saturating_sub(left.len()),
+            handed_back: handed_back as usize,
         })
     }
 

@@ -46,7 +46,7 @@ pub mod workflow;
 pub use batch::{BatchAggregationScenario, BatchOutcome, BatchWorkerContext, CursorConfig};
 pub use config::Config;
 pub use dlq::{DlqEntry, DlqFilter, DlqReason, DlqResolution, DlqStats, LifecycleExceeded};
-pub use engine::{OpenOptions, TaskHandle, Tasker};
+pub use engine::{DrainReport, OpenOptions, TaskHandle, Tasker};
 pub use error::{Error, ErrorKind, Result};
 pub use events::{DomainEvent, EventFilter, EventSubscriber, StoredEvent, subscriber_fn};
 pub use job::{Checkpoint, ErrorType, StepFailure, StepHandlerResult, StepJob, StepOutcome};

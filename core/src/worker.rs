@@ -326,7 +326,10 @@ pub(crate) fn finish_if_no_op(inner: &Inner, job: StepJob) -> Option<StepJob> {
 
 /// The claim a completer makes alongside its results, with the permits it may fill.
 fn claim_ahead(inner: &Arc<Inner>) -> Option<(ClaimRequest, Vec<OwnedSemaphorePermit>)> {
-    if !inner.runs_handlers || *inner.shutdown.borrow() {
+    if !inner.runs_handlers
+        || *inner.shutdown.borrow()
+        || inner.draining.load(std::sync::atomic::Ordering::SeqCst)
+    {
         return None;
     }
     let callables = rust_callables(inner);
@@ -350,7 +353,7 @@ fn claim_ahead(inner: &Arc<Inner>) -> Option<(ClaimRequest, Vec<OwnedSemaphorePe
     let req = claim_request(
         inner,
         &inner.worker_id,
-        Vec::new(),
+        inner.config.namespaces.clone(),
         CallableFilter::Only(callables),
         permits.len(),
     );

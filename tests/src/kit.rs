@@ -8,7 +8,9 @@
 //!
 //! Every kit handler appends its invocation to an in-process log keyed by task uuid before it
 //! does anything else, so runners can count how often a step really ran
-//! ([`invocations`], [`executions`]).
+//! ([`invocations`], [`executions`]). With `TASKER_KIT_INVOCATION_LOG=FILE` it also appends a
+//! line `task_uuid step_name pid` to that file, so tests that run workers as separate processes
+//! can count across them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -71,6 +73,24 @@ pub fn executions(task_uuid: &str, step: &str) -> usize {
 
 /// Records one invocation and returns how many times this step has run so far (1-based).
 fn record(ctx: &StepContext) -> usize {
+    if let Some(path) = std::env::var_os("TASKER_KIT_INVOCATION_LOG") {
+        use std::io::Write;
+        let line = format!(
+            "{} {} {}\n",
+            ctx.task_uuid(),
+            ctx.step_name(),
+            std::process::id()
+        );
+        // One append of a short line is atomic among processes appending to the same file.
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = appended {
+            tracing::error!("cannot append to TASKER_KIT_INVOCATION_LOG: {e}");
+        }
+    }
     let mut log = LOG.lock().unwrap_or_else(|e| e.into_inner());
     let entries = log.entry(ctx.task_uuid().to_string()).or_default();
     entries.push(ctx.step_name().to_string());

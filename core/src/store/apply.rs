@@ -111,6 +111,7 @@ pub(crate) struct FinishRow {
 }
 
 /// What applying `r` at `now` writes, and the transitions it records.
+#[allow(clippy::type_complexity)]
 pub(crate) fn finish_row(r: &AttemptResult, now: Millis) -> Result<(Target, FinishRow)> {
     let (events, result, error, completed_at, next_attempt_at, reason): (
         &'static [StepEvent],

@@ -1,0 +1,319 @@
+//! Production mode with real processes: `tasker-ctl worker` processes sharing one PostgreSQL
+//! database (a scratch database per test on the test server, see `./run test`). The test
+//! process creates tasks and watches them through an engine handle that runs no handlers; the
+//! kit handlers in the workers append every invocation to a file, so runs are counted across
+//! processes.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+use tasker_core::store::postgres::{create_scratch_database, test_server_url};
+use tasker_core::template::parse_str;
+use tasker_core::{Config, OpenOptions, StepState, TaskRequest, TaskState, Tasker};
+
+mod common;
+
+use common::*;
+
+/// `nap` sleeps (as configured per test), then `after` runs; quick linear retries.
+fn template(nap_ms: u64) -> String {
+    format!(
+        r#"
+name: napper
+namespace_name: procs
+version: "1.0.0"
+steps:
+  - name: nap
+    handler: {{ callable: kit.sleep, initialization: {{ ms: {nap_ms} }} }}
+    retry: {{ max_attempts: 3, backoff: linear, backoff_base_ms: 10, max_backoff_ms: 10, jitter: false }}
+  - name: after
+    handler: {{ callable: kit.record }}
+    dependencies: [nap]
+"#
+    )
+}
+
+const CHAIN: &str = r#"
+name: chain
+namespace_name: procs
+version: "1.0.0"
+steps:
+  - { name: s1, handler: { callable: kit.record } }
+  - { name: s2, handler: { callable: kit.record }, dependencies: [s1] }
+  - { name: s3, handler: { callable: kit.record }, dependencies: [s2] }
+  - { name: s4, handler: { callable: kit.record }, dependencies: [s3] }
+"#;
+
+/// A scratch database, a directory for logs, and an engine handle that runs nothing.
+struct Setup {
+    db: String,
+    dir: tempfile::TempDir,
+    tasker: Tasker,
+}
+
+impl Setup {
+    async fn new(templates: &[&str]) -> Setup {
+        let server = test_server_url();
+        let db = create_scratch_database(&server, "tasker_test")
+            .await
+            .unwrap_or_else(|e| {
+                panic!("PostgreSQL at {server} is needed (`./run test` starts one): {e}")
+            });
+        let tasker = Tasker::open_with(
+            &db,
+            OpenOptions {
+                config: Config {
+                    poll_interval: Duration::from_millis(100),
+                    pg_max_connections: 4,
+                    ..Config::default()
+                },
+                background: false,
+                ..OpenOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        for yaml in templates {
+            let t = parse_str(yaml, None, "test").unwrap().template;
+            tasker.register_template(&t).await.unwrap();
+        }
+        Setup {
+            db,
+            dir: tempfile::tempdir().unwrap(),
+            tasker,
+        }
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("invocations.log")
+    }
+
+    /// Starts a worker process with a one-second lease.
+    fn worker(&self, name: &str) -> Worker {
+        let child = command(
+            self.dir.path(),
+            &["worker", "--db", &self.db, "--shutdown-timeout", "10"],
+        )
+        .env("TASKER_LEASE_MS", "1000")
+        .env("TASKER_POLL_INTERVAL_MS", "100")
+        .env("TASKER_PG_MAX_CONNECTIONS", "4")
+        .env("TASKER_KIT_INVOCATION_LOG", self.log())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap(),
+        ))
+        .spawn()
+        .expect("tasker-ctl worker starts");
+        Worker {
+            child,
+            name: name.to_string(),
+            dir: self.dir.path().to_path_buf(),
+        }
+    }
+
+    async fn create(&self, name: &str, context: serde_json::Value) -> String {
+        self.tasker
+            .create_task(TaskRequest::new("procs", name, context))
+            .await
+            .unwrap()
+            .uuid
+    }
+
+    async fn wait_complete(&self, uuid: &str) -> tasker_core::Task {
+        let task = self
+            .tasker
+            .wait(uuid, Some(Duration::from_secs(60)))
+            .await
+            .unwrap_or_else(|e| panic!("task {uuid} did not finish: {e}"));
+        assert_eq!(task.status, TaskState::Complete, "{task:#?}");
+        task
+    }
+
+    /// Waits until `step` of `task` is running; returns the worker holding it.
+    async fn running(&self, task: &str, step: &str) -> String {
+        for _ in 0..1000 {
+            let t = self.tasker.get_task(task).await.unwrap();
+            let s = t.steps.iter().find(|s| s.name == step).unwrap();
+            if s.state == StepState::InProgress {
+                return s.worker_id.clone().unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("step {step} of {task} never started");
+    }
+
+    /// `(task, step) -> pids of the processes that ran it`, from the invocation log.
+    fn invocations(&self) -> HashMap<(String, String), Vec<String>> {
+        let mut out: HashMap<(String, String), Vec<String>> = HashMap::new();
+        let text = std::fs::read_to_string(self.log()).unwrap_or_default();
+        for line in text.lines() {
+            let parts: Vec<&str> = line.split(' ').collect();
+            assert_eq!(parts.len(), 3, "bad log line {line:?}");
+            out.entry((parts[0].to_string(), parts[1].to_string()))
+                .or_default()
+                .push(parts[2].to_string());
+        }
+        out
+    }
+}
+
+/// A worker process, killed when dropped.
+struct Worker {
+    child: Child,
+    name: String,
+    dir: PathBuf,
+}
+
+impl Worker {
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.pid()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {}", self.pid());
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{}.log", self.name))).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit by itself; returns its exit code.
+    async fn exit_code(&mut self) -> Option<i32> {
+        for _ in 0..3000 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("worker {} did not exit:\n{}", self.name, self.stderr());
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn step<'a>(task: &'a tasker_core::Task, name: &str) -> &'a tasker_core::task::StepView {
+    task.steps.iter().find(|s| s.name == name).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_step_reruns_on_another_worker_after_its_lease() {
+    let s = Setup::new(&[&template(3000)]).await;
+    let mut a = s.worker("a");
+    let task = s.create("napper", json!({})).await;
+    let holder = s.running(&task, "nap").await;
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let b = s.worker("b");
+    let done = s.wait_complete(&task).await;
+    let nap = step(&done, "nap");
+    assert_eq!(nap.attempts, 2, "{done:#?}");
+    assert_ne!(nap.worker_id.as_deref(), Some(holder.as_str()));
+    let audit = s.tasker.step_transitions(&task, Some("nap")).await.unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|t| t.event == "fail" && t.reason.as_deref().unwrap_or("").contains("worker_lost")),
+        "{audit:#?}"
+    );
+    let runs = s.invocations();
+    let nap_runs = &runs[&(task.clone(), "nap".to_string())];
+    assert_eq!(nap_runs.len(), 2, "{runs:?}");
+    assert_eq!(nap_runs[0], a.pid());
+    assert_eq!(nap_runs[1], b.pid());
+    assert_eq!(runs[&(task, "after".to_string())], vec![b.pid()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_running_step_finish_then_the_worker_exits() {
+    let s = Setup::new(&[&template(1500)]).await;
+    let mut a = s.worker("a");
+    let task = s.create("napper", json!({})).await;
+    s.running(&task, "nap").await;
+    a.signal("-TERM");
+    assert_eq!(a.exit_code().await, Some(0), "{}", a.stderr());
+    assert!(
+        a.stderr().contains("1 finished, 0 handed back"),
+        "{}",
+        a.stderr()
+    );
+    // The drained worker took nothing new: `after` waits for the next worker.
+    let t = s.tasker.get_task(&task).await.unwrap();
+    assert_eq!(step(&t, "nap").state, StepState::Complete);
+    assert_eq!(step(&t, "after").state, StepState::Enqueued);
+    let _b = s.worker("b");
+    let done = s.wait_complete(&task).await;
+    assert_eq!(step(&done, "nap").attempts, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_completion_from_a_fenced_off_worker_is_rejected() {
+    let s = Setup::new(&[&template(500)]).await;
+    let a = s.worker("a");
+    let task = s.create("napper", json!({})).await;
+    let holder = s.running(&task, "nap").await;
+    // Frozen, `a` can neither renew its lease nor report: `b` takes the step over.
+    a.signal("-STOP");
+    let _b = s.worker("b");
+    let done = s.wait_complete(&task).await;
+    assert_eq!(step(&done, "nap").attempts, 2);
+    a.signal("-CONT");
+    let mut rejected = Vec::new();
+    for _ in 0..1000 {
+        rejected = s.tasker.store().rejected_completions(&task).await.unwrap();
+        if !rejected.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(rejected.len(), 1, "{}", a.stderr());
+    assert_eq!(rejected[0].attempt, 1);
+    assert_eq!(rejected[0].worker_id.as_deref(), Some(holder.as_str()));
+    assert!(
+        rejected[0].reason.contains("not in_progress")
+            || rejected[0].reason.contains("not current")
+    );
+    // The task kept the result of the attempt that held the step.
+    let after = s.tasker.get_task(&task).await.unwrap();
+    assert_eq!(after.status, TaskState::Complete);
+    assert_eq!(step(&after, "nap").attempts, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_run_every_step_of_200_tasks_exactly_once() {
+    let s = Setup::new(&[CHAIN]).await;
+    let workers: Vec<Worker> = ["a", "b", "c"].iter().map(|n| s.worker(n)).collect();
+    let mut tasks = Vec::new();
+    for n in 0..200 {
+        tasks.push(s.create("chain", json!({ "n": n })).await);
+    }
+    for t in &tasks {
+        s.wait_complete(t).await;
+    }
+    let runs = s.invocations();
+    assert_eq!(runs.len(), 800, "every step of every task ran");
+    let mut by_pid: HashMap<String, usize> = HashMap::new();
+    for ((task, step), pids) in &runs {
+        assert_eq!(pids.len(), 1, "{task}/{step} ran {} times", pids.len());
+        *by_pid.entry(pids[0].clone()).or_default() += 1;
+    }
+    assert!(
+        by_pid.len() >= 2,
+        "the work was shared among the workers: {by_pid:?}"
+    );
+    for w in &workers {
+        assert!(!w.stderr().contains("panicked"), "{}", w.stderr());
+    }
+}
