@@ -56,7 +56,12 @@ struct Setup {
 
 impl Setup {
     async fn new(templates: &[&str]) -> Setup {
-        let server = test_server_url();
+        Setup::on(&test_server_url(), templates).await
+    }
+
+    /// A scratch database on the server at `server`.
+    async fn on(server: &str, templates: &[&str]) -> Setup {
+        let server = server.to_string();
         let db = create_scratch_database(&server, "tasker_test")
             .await
             .unwrap_or_else(|e| {
@@ -313,6 +318,163 @@ async fn three_workers_run_every_step_of_200_tasks_exactly_once() {
         by_pid.len() >= 2,
         "the work was shared among the workers: {by_pid:?}"
     );
+    for w in &workers {
+        assert!(!w.stderr().contains("panicked"), "{}", w.stderr());
+    }
+}
+
+/// A private PostgreSQL cluster (initdb + pg_ctl in a temp dir, as the `postgres` user when
+/// run as root), for the test that restarts the server. Stopped when dropped.
+struct Cluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+    as_postgres: bool,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|b| b.join("initdb").exists())
+            .max()
+            .expect("PostgreSQL server binaries (initdb, pg_ctl) under /usr/lib/postgresql");
+        let dir = tempfile::tempdir().unwrap();
+        let as_postgres = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| text(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        if as_postgres {
+            assert!(
+                std::process::Command::new("chown")
+                    .args(["postgres", &dir.path().display().to_string()])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let c = Cluster {
+            dir,
+            bin,
+            port,
+            as_postgres,
+        };
+        c.pg(
+            "initdb",
+            &["-D", &c.data(), "-U", "postgres", "-A", "trust"],
+        );
+        c.ctl(&["start"]);
+        c
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn pg(&self, program: &str, args: &[&str]) {
+        let exe = self.bin.join(program).display().to_string();
+        let mut cmd = if self.as_postgres {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--", &exe]);
+            c
+        } else {
+            std::process::Command::new(&exe)
+        };
+        let out = cmd.args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}",
+            describe(&out)
+        );
+    }
+
+    fn ctl(&self, action: &[&str]) {
+        let log = self.dir.path().join("server.log").display().to_string();
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.path().display()
+        );
+        let data = self.data();
+        let mut args = vec!["-D", &data, "-l", &log, "-w", "-o", &opts, "-m", "fast"];
+        args.extend_from_slice(action);
+        self.pg("pg_ctl", &args);
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let exe = self.bin.join("pg_ctl").display().to_string();
+        let data = self.data();
+        let args = ["-D", data.as_str(), "-m", "immediate", "stop"];
+        let _ = if self.as_postgres {
+            std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--", &exe])
+                .args(args)
+                .output()
+        } else {
+            std::process::Command::new(&exe).args(args).output()
+        };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_under_load_loses_no_task() {
+    let cluster = Cluster::start();
+    let s = Setup::on(&cluster.url(), &[CHAIN]).await;
+    let workers: Vec<Worker> = ["a", "b"].iter().map(|n| s.worker(n)).collect();
+    let mut tasks = Vec::new();
+    for n in 0..150 {
+        tasks.push(s.create("chain", json!({ "n": n })).await);
+    }
+    // Some finished, some running, some not started: restart the server under them.
+    s.wait_complete(&tasks[10]).await;
+    let done_before = s
+        .tasker
+        .list_tasks(&tasker_core::TaskFilter {
+            status: Some(TaskState::Complete),
+            limit: Some(1000),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .len();
+    assert!(
+        done_before < tasks.len(),
+        "the restart must meet unfinished work"
+    );
+    cluster.ctl(&["restart"]);
+    for t in &tasks {
+        // The handle's own connections were cut too: a wait that met the restart is retried.
+        let mut status = None;
+        for _ in 0..20 {
+            match s.tasker.wait(t, Some(Duration::from_secs(60))).await {
+                Ok(task) => {
+                    status = Some(task.status);
+                    break;
+                }
+                Err(e) if e.kind == tasker_core::ErrorKind::Store => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("task {t}: {e}"),
+            }
+        }
+        assert_eq!(status, Some(TaskState::Complete), "task {t}");
+    }
+    let runs = s.invocations();
+    assert_eq!(runs.len(), 600, "every step of every task ran");
     for w in &workers {
         assert!(!w.stderr().contains("panicked"), "{}", w.stderr());
     }
