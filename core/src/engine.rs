@@ -85,6 +85,8 @@ pub(crate) struct Inner {
     pub(crate) events_wake: Notify,
     /// When the sweeper last ran the lifecycle check.
     pub(crate) lifecycle_checks: crate::lifecycle::CheckSchedule,
+    /// This process's metrics.
+    pub(crate) metrics: crate::metrics::Metrics,
     /// Set by [`Tasker::drain`]: no new steps are claimed.
     pub(crate) draining: std::sync::atomic::AtomicBool,
 }
@@ -241,6 +243,7 @@ impl Tasker {
             events_wake: Notify::new(),
             lifecycle_checks: Default::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
+            metrics: Default::default(),
         });
         crate::worker::spawn_completer(inner.clone(), results_rx);
         crate::worker::spawn_creator(inner.clone(), creations_rx);
@@ -301,6 +304,12 @@ impl Tasker {
             finished: at_start.saturating_sub(left.len()),
             handed_back: handed_back as usize,
         })
+    }
+
+    /// This process's metrics and the store's queue gauges, in the Prometheus text format.
+    pub async fn metrics_text(&self) -> Result<String> {
+        let queues = self.inner.store.queue_depths().await?;
+        Ok(self.inner.metrics.render(&queues, self.inner.clock.now()))
     }
 
     /// Stops background work. In-flight Rust handlers are abandoned; their leases expire.

@@ -34,6 +34,7 @@ pub mod error;
 pub mod events;
 pub mod job;
 pub mod lifecycle;
+pub mod metrics;
 pub mod orchestrator;
 pub mod state;
 pub mod store;

@@ -512,6 +512,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         by: &str,
         now: Millis,
     ) -> Result<crate::dlq::DlqEntry>;
+    /// Ready (enqueued, unclaimed) steps per namespace, with the oldest one's enqueue time.
+    async fn queue_depths(&self) -> Result<Vec<crate::metrics::QueueDepth>>;
     /// Changes committed by any process, where the backend can announce them (PostgreSQL's
     /// `LISTEN`/`NOTIFY`); `None` when only this process writes (SQLite), whose own writes
     /// the engine announces itself.

@@ -20,6 +20,7 @@ use crate::clock::Millis;
 use crate::engine::Inner;
 use crate::job::{Checkpoint, ErrorType, StepFailure, StepJob, StepOutcome};
 use crate::orchestrator::{decide_failure, plan_batches, plan_decision, resolve_outcome};
+use crate::state::TaskState;
 use crate::store::{
     AttemptResult, CallableFilter, ClaimRequest, Completion, Expiry, FinishReport, Resolution,
 };
@@ -37,6 +38,41 @@ const FINISH_BATCH: usize = 256;
 
 /// How often a batch of results is retried after a transient database error.
 const FINISH_RETRIES: u32 = 5;
+
+/// Counts what applied results did: handler run times and retries per namespace, tasks this
+/// process finished per template.
+fn record_metrics(
+    inner: &Inner,
+    batch: &[Finished],
+    results: &[AttemptResult],
+    reports: &[crate::store::FinishReport],
+    now: Millis,
+) {
+    let mut finished: Vec<&str> = Vec::new();
+    for ((f, r), rep) in batch.iter().zip(results).zip(reports) {
+        if rep.completion != Completion::Accepted {
+            continue;
+        }
+        let outcome = match r.resolution {
+            Resolution::Succeeded { .. } => "success",
+            Resolution::Retry { .. } => "retry",
+            Resolution::Failed { .. } => "failure",
+        };
+        let took = Duration::from_millis((now - f.job.started_at).max(0) as u64);
+        inner.metrics.step_finished(&f.job.namespace, outcome, took);
+        if let (Some(task), Some(state)) = (&rep.task_uuid, rep.task_state)
+            && matches!(state, TaskState::Complete | TaskState::Error)
+            && !finished.contains(&task.as_str())
+        {
+            finished.push(task);
+            inner.metrics.task_finished(
+                &f.job.namespace,
+                &f.job.task_name,
+                state == TaskState::Error,
+            );
+        }
+    }
+}
 
 /// Applies finished attempts in batches: one transaction for everything that arrived while the
 /// previous batch was being written.
@@ -138,6 +174,7 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
     let reports = reports.map(|(reports, jobs)| {
         if let Some((req, permits)) = ahead {
             wake_workers = jobs.len() >= req.limit || inner.has_port_workers();
+            inner.metrics.claimed_along(jobs.len());
             spawn_jobs(inner, jobs, permits);
         }
         reports
@@ -157,6 +194,7 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
             {
                 inner.sweep.notify_one();
             }
+            record_metrics(inner, &batch, &results, &reports, now);
             for (f, r) in batch.into_iter().zip(reports) {
                 if let Completion::Rejected(reason) = &r.completion {
                     tracing::warn!(step = %f.job.step_uuid, attempt = f.job.attempt, "completion rejected: {reason}");
@@ -427,8 +465,16 @@ pub(crate) fn spawn_creator(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<C
                 .await
             {
                 Ok((created, jobs)) => {
+                    for (t, c) in tasks.iter().zip(&created) {
+                        if matches!(c, crate::store::Created::New(_)) {
+                            inner
+                                .metrics
+                                .task_created(&t.template.namespace, &t.template.name);
+                        }
+                    }
                     if let Some((req, permits)) = ahead {
                         wake_workers = jobs.len() >= req.limit || inner.has_port_workers();
+                        inner.metrics.claimed_along(jobs.len());
                         spawn_jobs(&inner, jobs, permits);
                     }
                     for (reply, c) in replies.into_iter().zip(created) {
@@ -530,7 +576,9 @@ async fn claim_and_spawn(inner: &Arc<Inner>) -> Result<bool> {
         return Ok(false);
     };
     let asked = permits.len();
+    let started = std::time::Instant::now();
     let jobs = inner.store.claim(&req, inner.clock.now()).await?;
+    inner.metrics.claimed(jobs.len(), started.elapsed());
     // A full claim means more may be ready; the next round finds out (or finds no permit).
     let filled = jobs.len() == asked;
     spawn_jobs(inner, jobs, permits);
@@ -738,7 +786,17 @@ pub(crate) async fn sweep_once(inner: &Inner) -> Result<()> {
                 }
             })
             .collect();
-        inner.finish_and_announce(&results).await?;
+        let reports = inner.finish_and_announce(&results).await?;
+        let ended = |e: Expiry| {
+            results
+                .iter()
+                .zip(&reports)
+                .filter(|(r, rep)| r.expiry == Some(e) && rep.completion == Completion::Accepted)
+                .count()
+        };
+        inner
+            .metrics
+            .expired(ended(Expiry::LeaseExpired), ended(Expiry::Timeout));
     } else if promoted > 0 {
         inner.after_change(&[], true);
     }

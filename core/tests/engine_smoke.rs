@@ -59,3 +59,31 @@ async fn linear_task_runs_to_completion() {
     let transitions = tasker.task_transitions(&task.uuid).await.unwrap();
     assert_eq!(transitions.last().unwrap().to_state, "complete");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_the_process_did() {
+    let tasker = Tasker::open("sqlite::memory:").await.unwrap();
+    let t = parse_str(LINEAR, None, "test").unwrap().template;
+    tasker.register_template(&t).await.unwrap();
+    tasker.register_handler(
+        "square",
+        handler_fn(|_ctx| async move { StepOutcome::success(json!({ "value": 1 })) }),
+    );
+    let task = tasker
+        .run_task(
+            TaskRequest::new("smoke", "linear", json!({})),
+            Some(Duration::from_secs(10)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(task.status, TaskState::Complete);
+    let text = tasker.metrics_text().await.unwrap();
+    for line in [
+        "tasker_tasks_created_total{namespace=\"smoke\",template=\"linear\"} 1",
+        "tasker_tasks_completed_total{namespace=\"smoke\",template=\"linear\"} 1",
+        "tasker_step_duration_seconds_count{namespace=\"smoke\",outcome=\"success\"} 4",
+        "tasker_steps_claimed_total 4",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+}

@@ -518,6 +518,13 @@ impl Store for PgStore {
         Ok(moved)
     }
 
+    async fn queue_depths(&self) -> Result<Vec<crate::metrics::QueueDepth>> {
+        let found = sqlx::query(crate::store::rows::QUEUE_DEPTHS)
+            .fetch_all(&self.pool)
+            .await?;
+        found.iter().map(crate::store::rows::queue_depth).collect()
+    }
+
     async fn list_dlq(&self, filter: &crate::dlq::DlqFilter) -> Result<Vec<crate::dlq::DlqEntry>> {
         extra::list_dlq(&self.pool, filter).await
     }

@@ -523,3 +523,16 @@ pub(crate) fn staleness(
 pub(crate) fn task_state_of(state: Option<String>, task_uuid: &str) -> Result<TaskState> {
     parse_state(&state.ok_or_else(|| Error::not_found(format!("no task {task_uuid}")))?)
 }
+
+/// Ready steps per namespace (see [`crate::store::Store::queue_depths`]).
+pub(crate) const QUEUE_DEPTHS: &str =
+    "SELECT namespace, COUNT(*) AS ready, MIN(enqueued_at) AS oldest
+     FROM steps WHERE state = 'enqueued' GROUP BY namespace ORDER BY namespace";
+
+pub(crate) fn queue_depth(r: &impl Cols) -> Result<crate::metrics::QueueDepth> {
+    Ok(crate::metrics::QueueDepth {
+        namespace: r.text("namespace")?,
+        ready: r.int("ready")?.max(0) as u64,
+        oldest_enqueued_at: r.opt_int("oldest")?,
+    })
+}
