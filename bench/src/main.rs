@@ -7,31 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tasker_core::template::parse_str;
-use tasker_core::{Config, OpenOptions, StepOutcome, TaskRequest, TaskState, Tasker, handler_fn};
+use tasker_core::{Config, OpenOptions, TaskRequest, TaskState, Tasker};
 
-const LINEAR: &str = r#"
-name: linear_add
-namespace_name: bench
-version: "1.0.0"
-identity_strategy: always_unique
-steps:
-  - { name: add_1, handler: { callable: bench.add, initialization: { add: 1 } } }
-  - { name: add_2, handler: { callable: bench.add, initialization: { add: 2 } }, dependencies: [add_1] }
-  - { name: add_3, handler: { callable: bench.add, initialization: { add: 3 } }, dependencies: [add_2] }
-  - { name: add_4, handler: { callable: bench.add, initialization: { add: 4 } }, dependencies: [add_3] }
-"#;
-
-const DIAMOND: &str = r#"
-name: diamond_add
-namespace_name: bench
-version: "1.0.0"
-identity_strategy: always_unique
-steps:
-  - { name: d_start, handler: { callable: bench.add, initialization: { add: 1 } } }
-  - { name: d_left, handler: { callable: bench.add, initialization: { add: 2 } }, dependencies: [d_start] }
-  - { name: d_right, handler: { callable: bench.add, initialization: { add: 3 } }, dependencies: [d_start] }
-  - { name: d_join, handler: { callable: bench.add, initialization: { add: 0 } }, dependencies: [d_left, d_right] }
-"#;
+use tasker_bench::{DIAMOND, LINEAR, register_handlers};
 
 struct Args {
     runtimes: Vec<Flavor>,
@@ -103,22 +81,7 @@ async fn engine(dir: &std::path::Path) -> tasker_core::Result<Tasker> {
             .register_template(&parse_str(t, None, "bench")?.template)
             .await?;
     }
-    tasker.register_handler(
-        "bench.add",
-        handler_fn(|ctx| async move {
-            let add = ctx.get_config("add").and_then(|v| v.as_i64()).unwrap_or(0);
-            let parents = &ctx.job().definition.dependencies;
-            let base: i64 = if parents.is_empty() {
-                ctx.get_input("x").and_then(|v| v.as_i64()).unwrap_or(0)
-            } else {
-                parents
-                    .iter()
-                    .filter_map(|p| ctx.get_dependency_result(p)?.get("value")?.as_i64())
-                    .sum()
-            };
-            StepOutcome::success(json!({ "value": base + add }))
-        }),
-    );
+    register_handlers(&tasker);
     Ok(tasker)
 }
 

@@ -464,6 +464,7 @@ impl Candidate {
     }
 
     /// The state the task was found in.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn state_name(&self) -> &'static str {
         self.state.as_str()
     }
