@@ -56,6 +56,7 @@ pub struct NewTask {
 
 /// The workflow step (and its task) a child task was started by (SPEC §8).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ParentLink {
     /// The parent task.
     pub task_uuid: String,
@@ -281,6 +282,7 @@ pub enum OperatorAction {
 
 /// A completion that arrived for an attempt that was no longer current.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct RejectedCompletion {
     /// The step.
     pub step_uuid: String,
@@ -479,4 +481,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         by: &str,
         now: Millis,
     ) -> Result<crate::dlq::DlqEntry>;
+    /// Stores a new API key with the SHA-256 (hex) of its secret (see [`crate::auth`]); a
+    /// duplicate `key_id` is a `conflict`.
+    async fn create_api_key(&self, key: &crate::auth::ApiKey, secret_hash: &str) -> Result<()>;
+    /// Every API key, revoked ones included, oldest first (never their secrets).
+    async fn list_api_keys(&self) -> Result<Vec<crate::auth::ApiKey>>;
+    /// Revokes a key (revoking again keeps the first time); `not_found` for an unknown id.
+    /// Returns the key as it now is.
+    async fn revoke_api_key(&self, key_id: &str, now: Millis) -> Result<crate::auth::ApiKey>;
+    /// The key with `key_id` and the stored hash of its secret, for authentication.
+    async fn find_api_key(&self, key_id: &str) -> Result<Option<(crate::auth::ApiKey, String)>>;
 }
