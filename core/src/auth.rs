@@ -54,12 +54,9 @@ impl ApiKey {
 /// Whether `granted` covers `wanted`: an exact match, `resource:*` or `*`.
 pub fn grants(granted: &[String], wanted: &str) -> bool {
     let resource = wanted.split(':').next().unwrap_or(wanted);
-    granted.iter().any(|g| {
-        g == "*"
-            || g == wanted
-            || g.strip_suffix(":*")
-                .is_some_and(|r| r == resource)
-    })
+    granted
+        .iter()
+        .any(|g| g == "*" || g == wanted || g.strip_suffix(":*").is_some_and(|r| r == resource))
 }
 
 /// Checks permission names given by an operator: each must be a known permission, a known

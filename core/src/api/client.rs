@@ -168,8 +168,9 @@ impl Client {
             .uri(&url)
             .header("accept", "application/json");
         if let Some(key) = &self.api_key {
-            let value = HeaderValue::from_str(&format!("Bearer {}", key.trim()))
-                .map_err(|_| Error::validation("the API key contains characters a header cannot carry"))?;
+            let value = HeaderValue::from_str(&format!("Bearer {}", key.trim())).map_err(|_| {
+                Error::validation("the API key contains characters a header cannot carry")
+            })?;
             req = req.header(AUTHORIZATION, value);
         }
         let payload = match body {
@@ -212,7 +213,10 @@ impl Client {
         tokio::time::timeout(limit, exchange).await.map_err(|_| {
             Error::new(
                 ErrorKind::Timeout,
-                format!("the Tasker server at {} did not answer within {limit:?}", self.base),
+                format!(
+                    "the Tasker server at {} did not answer within {limit:?}",
+                    self.base
+                ),
             )
         })?
     }

@@ -48,7 +48,6 @@ pub(crate) struct DlqList {
         (status = 200, description = "A page of entries", body = DlqList),
         (status = 422, description = "Bad query parameter", body = ErrorBody),
     ),
-    security(("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn list(
     State(s): State<AppState>,
@@ -86,7 +85,6 @@ pub(crate) async fn list(
         (status = 200, description = "The entry", body = DlqEntry),
         (status = 404, description = "Unknown entry", body = ErrorBody),
     ),
-    security(("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn get(
     State(s): State<AppState>,
@@ -99,7 +97,6 @@ pub(crate) async fn get(
 #[utoipa::path(
     get, path = "/v1/dlq/stats", tag = "dlq",
     responses((status = 200, description = "The counts", body = DlqStats)),
-    security(("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn stats(State(s): State<AppState>) -> ApiResult<Json<DlqStats>> {
     Ok(Json(s.tasker.dlq_stats().await?))
@@ -129,7 +126,6 @@ pub(crate) struct DlqUpdate {
         (status = 404, description = "Unknown entry", body = ErrorBody),
         (status = 422, description = "Bad body", body = ErrorBody),
     ),
-    security(("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn resolve(
     State(s): State<AppState>,

@@ -169,6 +169,9 @@ mod tests {
         assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(e.message, "internal server error");
         let e: ApiError = Error::not_found("no task x").into();
-        assert_eq!((e.status, e.message.as_str()), (StatusCode::NOT_FOUND, "no task x"));
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (StatusCode::NOT_FOUND, "no task x")
+        );
     }
 }

@@ -136,7 +136,6 @@ impl Feed {
         (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
         (status = 404, description = "Unknown task", body = ErrorBody),
     ),
-    security(("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn stream(
     State(s): State<AppState>,

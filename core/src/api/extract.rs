@@ -20,12 +20,9 @@ impl<T: Serialize> Json<T> {
     /// The body with `status`.
     pub fn with_status(self, status: StatusCode) -> Response {
         match serde_json::to_vec(&self.0) {
-            Ok(bytes) => (
-                status,
-                [(header::CONTENT_TYPE, "application/json")],
-                bytes,
-            )
-                .into_response(),
+            Ok(bytes) => {
+                (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+            }
             Err(e) => {
                 tracing::error!("cannot serialize a response: {e}");
                 StatusCode::INTERNAL_SERVER_ERROR.into_response()
@@ -81,6 +78,18 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request(
             "the request body is empty; expected a JSON object",
+        ));
+    }
+    // Every body of this API is an object; anything else would otherwise be read as a
+    // struct's fields in order, with errors about `[0]`.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| malformed(&e))?;
+        return Err(ApiError::invalid_field(
+            "(body)",
+            format!(
+                "the request body must be a JSON object, got {}",
+                crate::orchestrator::json_kind(&value)
+            ),
         ));
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);

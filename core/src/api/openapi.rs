@@ -5,7 +5,10 @@ use std::sync::OnceLock;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi;
-use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::HttpMethod;
+use utoipa::openapi::security::{
+    ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+};
 
 use super::{dlq, events, health, steps, tasks, templates};
 
@@ -16,8 +19,9 @@ use super::{dlq, events, health, steps, tasks, templates};
         description = "Create, follow and operate Tasker workflow tasks. Every `/v1` path is \
                        also served under `/api/v1`. Errors are `{\"error\": {\"code\", \
                        \"message\", \"details\"?}}`. Send an API key as `Authorization: Bearer \
-                       KEY` or `X-API-Key: KEY`; each route needs the permission named in its \
-                       description's security section (`resource:action`, `resource:*` or `*`)."
+                       KEY` or `X-API-Key: KEY`; each operation's security requirement names \
+                       the permission it needs (a key holding it, its `resource:*` or `*` \
+                       qualifies). Health checks need no key."
     ),
     paths(
         tasks::create, tasks::list, tasks::get, tasks::cancel, tasks::act, tasks::wait,
@@ -56,7 +60,36 @@ impl utoipa::Modify for Security {
             "api_key",
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
         );
+        // Each operation's permission comes from the table the server enforces.
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            for (method, op) in [
+                (HttpMethod::Get, &mut item.get),
+                (HttpMethod::Post, &mut item.post),
+                (HttpMethod::Patch, &mut item.patch),
+                (HttpMethod::Delete, &mut item.delete),
+            ] {
+                let (Some(op), Some(permission)) = (op.as_mut(), permission_of(&method, path))
+                else {
+                    continue;
+                };
+                op.security = Some(vec![
+                    SecurityRequirement::new("bearer", [permission]),
+                    SecurityRequirement::new("api_key", [permission]),
+                ]);
+            }
+        }
     }
+}
+
+fn permission_of(method: &HttpMethod, path: &str) -> Option<&'static str> {
+    let method = match method {
+        HttpMethod::Get => axum::http::Method::GET,
+        HttpMethod::Post => axum::http::Method::POST,
+        HttpMethod::Patch => axum::http::Method::PATCH,
+        HttpMethod::Delete => axum::http::Method::DELETE,
+        _ => return None,
+    };
+    super::security::permission_for(&method, path)
 }
 
 /// The OpenAPI document of the REST API.

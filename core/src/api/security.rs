@@ -49,9 +49,7 @@ pub(crate) fn permission_for(method: &Method, route: &str) -> Option<&'static st
         | ("GET", "/v1/templates/{namespace}/{name}/{version}")
         | ("POST", "/v1/templates/validate") => "templates:read",
         ("POST", "/v1/templates") => "templates:write",
-        ("GET", "/v1/dlq") | ("GET", "/v1/dlq/stats") | ("GET", "/v1/dlq/entry/{id}") => {
-            "dlq:read"
-        }
+        ("GET", "/v1/dlq") | ("GET", "/v1/dlq/stats") | ("GET", "/v1/dlq/entry/{id}") => "dlq:read",
         ("PATCH", "/v1/dlq/entry/{id}") => "dlq:update",
         ("GET", "/v1/openapi.json") => "system:read",
         _ => return None,
@@ -106,7 +104,8 @@ pub(crate) async fn authorize(
                     "an API key is required: send `Authorization: Bearer KEY` or `X-API-Key: KEY`",
                 ));
             };
-            let invalid = || unauthorized("the API key is not valid (unknown, revoked or mistyped)");
+            let invalid =
+                || unauthorized("the API key is not valid (unknown, revoked or mistyped)");
             let (key_id, secret) = crate::auth::split_token(token).ok_or_else(invalid)?;
             let (key, hash) = state
                 .tasker
@@ -121,7 +120,10 @@ pub(crate) async fn authorize(
                 return Err(ApiError::new(
                     StatusCode::FORBIDDEN,
                     "forbidden",
-                    format!("the API key `{}` lacks the permission {permission}", key.name),
+                    format!(
+                        "the API key `{}` lacks the permission {permission}",
+                        key.name
+                    ),
                 )
                 .with_details(json!({ "required_permission": permission })));
             }

@@ -32,7 +32,6 @@ fn find_step(task: &Task, step: &str) -> ApiResult<StepView> {
         (status = 200, description = "The steps", body = Vec<StepView>),
         (status = 404, description = "Unknown task", body = ErrorBody),
     ),
-    security(("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn list(
     State(s): State<AppState>,
@@ -52,7 +51,6 @@ pub(crate) async fn list(
         (status = 200, description = "The step", body = StepView),
         (status = 404, description = "Unknown task or step", body = ErrorBody),
     ),
-    security(("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn get(
     State(s): State<AppState>,
@@ -122,7 +120,6 @@ pub(crate) struct StepActionResponse {
         (status = 409, description = "Not allowed in the step's state", body = ErrorBody),
         (status = 422, description = "Bad body", body = ErrorBody),
     ),
-    security(("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn act(
     State(s): State<AppState>,
@@ -245,7 +242,6 @@ fn with_durations(transitions: Vec<Transition>) -> Vec<AuditEntry> {
         (status = 200, description = "The audit trail", body = StepAudit),
         (status = 404, description = "Unknown task or step", body = ErrorBody),
     ),
-    security(("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn audit(
     State(s): State<AppState>,
@@ -253,10 +249,7 @@ pub(crate) async fn audit(
 ) -> ApiResult<Json<StepAudit>> {
     let task = s.tasker.get_task(&uuid).await?;
     let target = find_step(&task, &step)?;
-    let transitions = s
-        .tasker
-        .step_transitions(&uuid, Some(&target.uuid))
-        .await?;
+    let transitions = s.tasker.step_transitions(&uuid, Some(&target.uuid)).await?;
     let rejected_completions = s
         .tasker
         .store()

@@ -136,7 +136,6 @@ pub(crate) async fn task_response(tasker: &Tasker, uuid: &str) -> ApiResult<Task
         (status = 409, description = "Duplicate of an existing task", body = ErrorBody),
         (status = 422, description = "Invalid request or context", body = ErrorBody),
     ),
-    security(("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn create(
     State(s): State<AppState>,
@@ -286,7 +285,6 @@ where
         (status = 200, description = "A page of tasks", body = TaskList),
         (status = 422, description = "Bad query parameter", body = ErrorBody),
     ),
-    security(("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn list(
     State(s): State<AppState>,
@@ -324,7 +322,6 @@ pub(crate) async fn list(
         (status = 200, description = "The task", body = TaskResponse),
         (status = 404, description = "Unknown task", body = ErrorBody),
     ),
-    security(("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn get(
     State(s): State<AppState>,
@@ -362,7 +359,6 @@ pub(crate) const DEFAULT_REASON: &str = "operator action via the REST API";
         (status = 404, description = "Unknown task", body = ErrorBody),
         (status = 409, description = "The task has ended already", body = ErrorBody),
     ),
-    security(("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn cancel(
     State(s): State<AppState>,
@@ -417,7 +413,6 @@ pub(crate) struct TaskAction {
         (status = 409, description = "Not allowed in the task's state", body = ErrorBody),
         (status = 422, description = "Bad body", body = ErrorBody),
     ),
-    security(("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn act(
     State(s): State<AppState>,
@@ -458,7 +453,6 @@ pub(crate) const MAX_WAIT_MS: u64 = 600_000;
         (status = 408, description = "Still running: `error` plus the current `task`", body = ErrorBody),
         (status = 422, description = "Bad timeout", body = ErrorBody),
     ),
-    security(("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn wait(
     State(s): State<AppState>,
@@ -479,10 +473,7 @@ pub(crate) async fn wait(
             let mut err = ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 ErrorKind::Timeout.code(),
-                format!(
-                    "task {uuid} is still {} after {ms} ms",
-                    task.task.status
-                ),
+                format!("task {uuid} is still {} after {ms} ms", task.task.status),
             )
             .with_details(json!({"task_uuid": uuid, "status": task.task.status}));
             err.extra = Some((
@@ -526,7 +517,6 @@ pub(crate) struct TransitionList {
         (status = 200, description = "The transitions", body = TransitionList),
         (status = 404, description = "Unknown task", body = ErrorBody),
     ),
-    security(("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn transitions(
     State(s): State<AppState>,

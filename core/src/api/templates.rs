@@ -48,7 +48,6 @@ pub(crate) struct ListQuery {
 #[utoipa::path(
     get, path = "/v1/templates", tag = "templates", params(ListQuery),
     responses((status = 200, description = "The templates", body = TemplateList)),
-    security(("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn list(
     State(s): State<AppState>,
@@ -87,7 +86,6 @@ pub(crate) async fn list(
         (status = 200, description = "The template", body = Object),
         (status = 404, description = "Unknown template", body = ErrorBody),
     ),
-    security(("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn get(
     State(s): State<AppState>,
@@ -130,10 +128,9 @@ async fn template_text(s: &AppState, req: Request) -> ApiResult<(String, bool)> 
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    let force_query = req
-        .uri()
-        .query()
-        .is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "force" && v == "true"));
+    let force_query = req.uri().query().is_some_and(|q| {
+        form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "force" && v == "true")
+    });
     let bytes = body_bytes(req, s).await?;
     if content_type.contains("yaml") {
         let text = String::from_utf8(bytes.to_vec())
@@ -150,8 +147,9 @@ async fn template_text(s: &AppState, req: Request) -> ApiResult<(String, bool)> 
     let body: TemplateBody = parse_json(&bytes)?;
     let text = match (body.yaml, body.template) {
         (Some(y), None) => y,
-        (None, Some(t)) if t.is_object() => serde_yaml_ng::to_string(&t)
-            .map_err(|e| ApiError::invalid_field("template", format!("body field `template`: {e}")))?,
+        (None, Some(t)) if t.is_object() => serde_yaml_ng::to_string(&t).map_err(|e| {
+            ApiError::invalid_field("template", format!("body field `template`: {e}"))
+        })?,
         (None, Some(_)) => {
             return Err(ApiError::invalid_field(
                 "template",
@@ -220,7 +218,6 @@ pub(crate) struct Registered {
         (status = 409, description = "Registered with different content", body = ErrorBody),
         (status = 422, description = "Invalid template: `details.errors` lists every problem", body = ErrorBody),
     ),
-    security(("bearer" = []), ("api_key" = []))
 )]
 pub(crate) async fn register(State(s): State<AppState>, req: Request) -> ApiResult<Response> {
     let (text, force) = template_text(&s, req).await?;
@@ -278,9 +275,11 @@ pub(crate) struct Validation {
         (status = 200, description = "The validation report", body = Validation),
         (status = 400, description = "Unreadable body", body = ErrorBody),
     ),
-    security(("bearer" = []), ("api_key" = []))
 )]
-pub(crate) async fn validate(State(s): State<AppState>, req: Request) -> ApiResult<Json<Validation>> {
+pub(crate) async fn validate(
+    State(s): State<AppState>,
+    req: Request,
+) -> ApiResult<Json<Validation>> {
     let (text, _) = template_text(&s, req).await?;
     Ok(Json(match parse(&s, &text) {
         Ok(l) => Validation {

@@ -63,8 +63,8 @@ pub(crate) async fn dispatch(cmd: AuthCommand) -> CliResult {
 
 async fn create(a: CreateKeyArgs) -> CliResult {
     a.db.target.reject_url()?;
-    let permissions =
-        parse_permissions(&a.permissions).map_err(|e| CliError::usage(format!("--permissions: {}", e.message)))?;
+    let permissions = parse_permissions(&a.permissions)
+        .map_err(|e| CliError::usage(format!("--permissions: {}", e.message)))?;
     if a.name.trim().is_empty() {
         return Err(CliError::usage("--name: a key needs a name"));
     }

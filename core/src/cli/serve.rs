@@ -88,7 +88,10 @@ async fn stop_signal() {
 }
 
 /// Runs the server until a stop signal.
-pub(crate) async fn serve(args: ServeArgs, register: &(dyn Fn(&Tasker) + Send + Sync)) -> CliResult {
+pub(crate) async fn serve(
+    args: ServeArgs,
+    register: &(dyn Fn(&Tasker) + Send + Sync),
+) -> CliResult {
     let config = config()?;
     let addrs = resolve(&args.bind).await?;
     let loopback = addrs.iter().all(|a| a.ip().is_loopback());
@@ -108,7 +111,11 @@ pub(crate) async fn serve(args: ServeArgs, register: &(dyn Fn(&Tasker) + Send + 
             e.message = format!("--templates {}: {}", dir.display(), e.message);
             e
         })?;
-        eprintln!("registered {} template(s) from {}", loaded.len(), dir.display());
+        eprintln!(
+            "registered {} template(s) from {}",
+            loaded.len(),
+            dir.display()
+        );
     }
     let active_keys = tasker
         .store()

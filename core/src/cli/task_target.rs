@@ -58,9 +58,8 @@ impl TaskTarget {
         let url = match (&self.url, &self.db) {
             (Some(u), _) => Some(u.clone()),
             (None, Some(_)) => None,
-            (None, None) => env("TASKER_URL").or_else(|| {
-                (!Path::new(DEFAULT_DB).exists()).then(|| DEFAULT_URL.to_string())
-            }),
+            (None, None) => env("TASKER_URL")
+                .or_else(|| (!Path::new(DEFAULT_DB).exists()).then(|| DEFAULT_URL.to_string())),
         };
         if let Some(url) = url {
             let key = self.api_key.clone().or_else(|| env("TASKER_API_KEY"));
@@ -130,8 +129,8 @@ impl Backend {
                 Ok((h.uuid, h.replayed))
             }
             Backend::Api(c) => {
-                let body = serde_json::to_value(&request)
-                    .map_err(|e| CliError::failed(e.to_string()))?;
+                let body =
+                    serde_json::to_value(&request).map_err(|e| CliError::failed(e.to_string()))?;
                 let r = c
                     .send(
                         "POST",
@@ -149,11 +148,7 @@ impl Backend {
                     // A strict duplicate: the same task, as a database target reports it.
                     409 => {
                         let e = r.error();
-                        match e
-                            .details
-                            .as_ref()
-                            .and_then(|d| d["task_uuid"].as_str())
-                        {
+                        match e.details.as_ref().and_then(|d| d["task_uuid"].as_str()) {
                             Some(uuid) => Ok((uuid.to_string(), true)),
                             None => Err(e.into()),
                         }
@@ -237,7 +232,10 @@ impl Backend {
                 };
                 Ok((
                     decode(v[key].clone(), "transition list")?,
-                    decode(v["rejected_completions"].clone(), "rejected completion list")?,
+                    decode(
+                        v["rejected_completions"].clone(),
+                        "rejected completion list",
+                    )?,
                 ))
             }
         }

@@ -23,8 +23,8 @@ fn key(r: &SqliteRow) -> Result<ApiKey> {
 }
 
 pub(super) async fn create(c: &mut SqliteConnection, k: &ApiKey, secret_hash: &str) -> Result<()> {
-    let permissions = serde_json::to_string(&k.permissions)
-        .map_err(|e| crate::Error::internal(e.to_string()))?;
+    let permissions =
+        serde_json::to_string(&k.permissions).map_err(|e| crate::Error::internal(e.to_string()))?;
     let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM api_keys WHERE key_id = $1")
         .bind(&k.key_id)
         .fetch_optional(&mut *c)
