@@ -429,7 +429,9 @@ async fn malformed_and_wrong_typed_input_is_a_client_error_naming_the_field() {
     let s = open_server().await;
     let uuid = s.create("pipeline", json!({"x": 1})).await;
     s.wait(&uuid).await;
-    let json_cases: Vec<(&str, String, &str, u16, &str, Option<&str>)> = vec![
+    // (method, path, body, status, code, field)
+    type Case<'a> = (&'a str, String, &'a str, u16, &'a str, Option<&'a str>);
+    let json_cases: Vec<Case> = vec![
         (
             "POST",
             "/v1/tasks".into(),

@@ -31,7 +31,7 @@ pub struct ApiError {
     /// Structured details (the field at fault, schema violations, ...).
     pub details: Option<Value>,
     /// Extra top-level members of the body (the current task of a timed-out wait).
-    pub extra: Option<(&'static str, Value)>,
+    pub extra: Option<Box<(&'static str, Value)>>,
 }
 
 /// The body of every error response.
@@ -138,7 +138,8 @@ impl IntoResponse for ApiError {
         if let Some(d) = self.details {
             body["error"]["details"] = d;
         }
-        if let Some((k, v)) = self.extra {
+        if let Some(extra) = self.extra {
+            let (k, v) = *extra;
             body[k] = v;
         }
         let mut response = super::extract::Json(body).with_status(self.status);

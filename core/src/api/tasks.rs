@@ -476,10 +476,10 @@ pub(crate) async fn wait(
                 format!("task {uuid} is still {} after {ms} ms", task.task.status),
             )
             .with_details(json!({"task_uuid": uuid, "status": task.task.status}));
-            err.extra = Some((
+            err.extra = Some(Box::new((
                 "task",
                 serde_json::to_value(&task).map_err(|e| crate::Error::internal(e.to_string()))?,
-            ));
+            )));
             Err(err)
         }
         Err(e) => Err(e.into()),
