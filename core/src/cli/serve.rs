@@ -92,7 +92,10 @@ pub(crate) async fn serve(
     args: ServeArgs,
     register: &(dyn Fn(&Tasker) + Send + Sync),
 ) -> CliResult {
-    let config = config()?;
+    let mut config = config()?;
+    // Workers of other processes may serve callables this process does not know; their steps
+    // wait for them instead of failing (docs/decisions/003-unknown-callables.md).
+    config.fail_unknown_callables = false;
     let addrs = resolve(&args.bind).await?;
     let loopback = addrs.iter().all(|a| a.ip().is_loopback());
     let tasker = Tasker::open_with(
