@@ -1269,3 +1269,30 @@ async fn the_openapi_document_is_served_and_committed() {
          `TASKER_BLESS=1 cargo test -p tasker-core --features server --test api openapi` and commit it"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_failures_are_answered_without_their_text() {
+    let s = start(ApiOptions::default()).await;
+    let k = key(&s, "k", &["*"]).await;
+    // Another connection breaks the database under the server.
+    let db = s._dir.path().join("t.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("DROP TABLE api_keys")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let c = Client::new(s.client.base_url(), Some(k)).unwrap();
+    let r = c.send("GET", "/v1/tasks", None, None).await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    let body = r.text();
+    assert!(
+        !body.contains("api_keys") && !body.contains("no such table"),
+        "{body}"
+    );
+    let v = r.json().unwrap();
+    assert_eq!(v["error"]["code"], "store_error");
+    let id = r.header("x-request-id").unwrap();
+    assert_eq!(v["error"]["details"]["request_id"], id);
+}

@@ -121,6 +121,8 @@ fn field_name(path: &str, message: &str) -> String {
         .and_then(|(_, rest)| rest.split('`').next());
     let base = if path == "." { "" } else { path };
     match named {
+        // serde_path_to_error already ends the path with an unknown member's name.
+        Some(name) if base == name || base.ends_with(&format!(".{name}")) => base.to_string(),
         Some(name) if base.is_empty() => name.to_string(),
         Some(name) => format!("{base}.{name}"),
         None if base.is_empty() => "(body)".to_string(),
