@@ -4,7 +4,9 @@
 //! ```text
 //! tasker-ctl run TEMPLATE --context JSON|@FILE [--db PATH] [--format table|json] [--timeout S]
 //! tasker-ctl template validate|convert|list|register|visualize ...
-//! tasker-ctl task create|get|list|steps|audit|visualize|cancel|give-up|resolve|reset-step|resolve-step|complete-step ...
+//! tasker-ctl serve [--bind ADDR] [--db PATH] [--templates DIR] [--auth auto|required|off]
+//! tasker-ctl task create|get|list|steps|audit|visualize|cancel|give-up|resolve|reset-step|resolve-step|complete-step ... [--url URL | --db PATH]
+//! tasker-ctl auth create-key|list-keys|revoke-key ...
 //! tasker-ctl dlq list|get|stats|resolve ...
 //! ```
 //!
@@ -34,12 +36,15 @@ macro_rules! out {
     };
 }
 
+mod auth_cmd;
 mod diagram;
 mod dlq_cmd;
 mod process_cmd;
 mod run;
+mod serve;
 mod table;
 mod task_cmd;
+mod task_target;
 mod template_cmd;
 
 use std::ffi::OsString;
@@ -93,6 +98,8 @@ pub fn run_cli(args: Vec<OsString>, register: impl Fn(&Tasker) + Send + Sync + '
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Run(args) => run::run(args, &register).await,
+            Command::Serve(args) => serve::serve(args, &register).await,
+            Command::Auth(cmd) => auth_cmd::dispatch(cmd).await,
             Command::Task(cmd) => task_cmd::dispatch(cmd).await,
             Command::Template(cmd) => template_cmd::dispatch(cmd).await,
             Command::Dlq(cmd) => dlq_cmd::dispatch(cmd).await,
@@ -213,9 +220,14 @@ struct Cli {
 enum Command {
     /// Run one task of a template file in this process, showing live progress.
     Run(run::RunArgs),
-    /// Inspect and operate tasks in a database.
+    /// Serve orchestration and the REST API: runs tasks with the bundled handlers.
+    Serve(serve::ServeArgs),
+    /// Inspect and operate tasks, through a Tasker server or straight on a database.
     #[command(subcommand)]
     Task(task_cmd::TaskCommand),
+    /// Manage the API keys the server accepts.
+    #[command(subcommand)]
+    Auth(auth_cmd::AuthCommand),
     /// Validate, convert, register and list task templates.
     #[command(subcommand)]
     Template(template_cmd::TemplateCommand),
@@ -245,7 +257,7 @@ pub(crate) struct DbTarget {
     /// Database: `sqlite:PATH`, `sqlite::memory:` or a plain file path.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_DB)]
     pub(crate) db: String,
-    /// A Tasker server (not available yet: the REST client arrives with the server).
+    /// A Tasker server (only the `task` commands talk to one).
     #[arg(long, value_name = "URL")]
     pub(crate) url: Option<String>,
 }
@@ -265,8 +277,7 @@ impl DbTarget {
     pub(crate) fn reject_url(&self) -> CliResult<()> {
         match &self.url {
             Some(url) => Err(CliError::usage(format!(
-                "--url {url}: talking to a Tasker server needs the REST client, which arrives \
-                 with `tasker-ctl serve`; use --db PATH to act on a database directly"
+                "--url {url}: this command works on a database only; use --db PATH"
             ))),
             None => Ok(()),
         }

@@ -27,6 +27,7 @@ macro_rules! text_enum {
         }
     ) => {
         $(#[$meta])*
+        #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         pub enum $name {
             $( $(#[$vmeta])* #[serde(rename = $text)] $variant, )+
@@ -101,6 +102,7 @@ text_enum! {
 
 /// One dead-letter entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct DlqEntry {
     /// The entry's id.
     pub dlq_entry_uuid: String,
@@ -155,6 +157,7 @@ pub struct DlqFilter {
 
 /// Counts over every DLQ entry.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct DlqStats {
     /// All entries.
     pub total: u64,

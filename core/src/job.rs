@@ -9,6 +9,7 @@ use crate::template::StepDefinition;
 
 /// Why a step attempt failed (SPEC §5.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorType {
     /// Bad input that will not get better on retry.
@@ -93,6 +94,7 @@ impl std::fmt::Display for ErrorType {
 
 /// A failed attempt, as reported by a handler or set by the engine; also the stored step error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct StepFailure {
     /// What went wrong, for people.
     pub message: String,
@@ -287,6 +289,7 @@ impl StepOutcome {
 
 /// A checkpoint stored for a step (SPEC §7).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct Checkpoint {
     /// Where to resume.
     pub cursor: Value,

@@ -23,6 +23,9 @@
 //! ```
 #![warn(missing_docs)]
 
+#[cfg(feature = "server")]
+pub mod api;
+pub mod auth;
 pub mod batch;
 #[cfg(feature = "cli")]
 pub mod cli;

@@ -48,6 +48,7 @@ macro_rules! named_enum {
             Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
         )]
         #[serde(rename_all = "snake_case")]
+        #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
         $vis enum $name {
             $( $(#[$vmeta])* $variant, )+
         }

@@ -89,6 +89,7 @@ pub struct NewTask {
 
 /// The workflow step (and its task) a child task was started by (SPEC §8).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ParentLink {
     /// The parent task.
     pub task_uuid: String,
@@ -314,6 +315,7 @@ pub enum OperatorAction {
 
 /// A completion that arrived for an attempt that was no longer current.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct RejectedCompletion {
     /// The step.
     pub step_uuid: String,
@@ -512,6 +514,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         by: &str,
         now: Millis,
     ) -> Result<crate::dlq::DlqEntry>;
+    /// Stores a new API key with the SHA-256 (hex) of its secret (see [`crate::auth`]); a
+    /// duplicate `key_id` is a `conflict`.
+    async fn create_api_key(&self, key: &crate::auth::ApiKey, secret_hash: &str) -> Result<()>;
+    /// Every API key, revoked ones included, oldest first (never their secrets).
+    async fn list_api_keys(&self) -> Result<Vec<crate::auth::ApiKey>>;
+    /// Revokes a key (revoking again keeps the first time); `not_found` for an unknown id.
+    /// Returns the key as it now is.
+    async fn revoke_api_key(&self, key_id: &str, now: Millis) -> Result<crate::auth::ApiKey>;
+    /// The key with `key_id` and the stored hash of its secret, for authentication.
+    async fn find_api_key(&self, key_id: &str) -> Result<Option<(crate::auth::ApiKey, String)>>;
     /// Ready (enqueued, unclaimed) steps per namespace, with the oldest one's enqueue time.
     async fn queue_depths(&self) -> Result<Vec<crate::metrics::QueueDepth>>;
     /// Changes committed by any process, where the backend can announce them (PostgreSQL's

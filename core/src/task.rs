@@ -9,6 +9,7 @@ use crate::state::{StepState, TaskState};
 
 /// A request to create one task (SPEC §1, §4).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct TaskRequest {
     /// Template name.
     pub name: String,
@@ -106,6 +107,7 @@ impl TaskRequest {
 
 /// One persisted state transition (task or step).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct Transition {
     /// The step's name, for step transitions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -135,6 +137,7 @@ pub struct Transition {
 
 /// A step as seen from outside.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct StepView {
     /// The step's id.
     pub uuid: String,
@@ -177,6 +180,7 @@ pub struct StepView {
 
 /// A task with its steps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct Task {
     /// The task's id.
     pub uuid: String,
@@ -255,6 +259,7 @@ impl Task {
 
 /// A task row without its steps, for listings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct TaskSummary {
     /// The task's id.
     pub uuid: String,

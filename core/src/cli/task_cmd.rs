@@ -1,8 +1,9 @@
-//! `tasker-ctl task ...`: inspect and operate the tasks of a database (SPEC §5.9, §11).
+//! `tasker-ctl task ...`: inspect and operate tasks (SPEC §5.9, §11), through a Tasker server
+//! or straight on a database (see [`super::task_target`] for which).
 //!
-//! Every command opens the store as an operator (`background: false`): the handle never runs a
-//! handler, never claims a step and never expires another process's attempts, so it is safe
-//! next to a running `tasker-ctl run` or server on the same database.
+//! On a database every command opens the store as an operator (`background: false`): the
+//! handle never runs a handler, never claims a step and never expires another process's
+//! attempts, so it is safe next to a running `tasker-ctl run` or server on the same database.
 
 use std::path::PathBuf;
 
@@ -11,14 +12,11 @@ use serde_json::json;
 
 use super::run::{step_outcome, summary_table};
 use super::table::{self, Table, human_duration, paint, step_color, task_color, time_or_dash};
-use super::{
-    CliError, CliResult, DbArgs, EXIT_OK, Format, json_arg, json_object_arg, open_operator,
-    print_json,
-};
+use super::task_target::TaskTarget;
+use super::{CliError, CliResult, EXIT_OK, Format, json_arg, json_object_arg, print_json};
 use crate::state::TaskState;
 use crate::store::OperatorAction;
 use crate::task::{TaskFilter, TaskRequest};
-use crate::{OpenOptions, Tasker};
 
 /// `tasker-ctl task ...`
 #[derive(Debug, Subcommand)]
@@ -77,7 +75,7 @@ pub(crate) struct CreateArgs {
     #[arg(long, value_name = "PATH")]
     template: Option<PathBuf>,
     #[command(flatten)]
-    db: DbArgs,
+    db: TaskTarget,
 }
 
 /// A command about one task.
@@ -86,7 +84,7 @@ pub(crate) struct UuidArgs {
     /// The task's uuid.
     uuid: String,
     #[command(flatten)]
-    db: DbArgs,
+    db: TaskTarget,
 }
 
 /// `task list`
@@ -105,7 +103,7 @@ pub(crate) struct ListArgs {
     #[arg(long)]
     limit: Option<u32>,
     #[command(flatten)]
-    db: DbArgs,
+    db: TaskTarget,
 }
 
 /// `task audit`
@@ -117,7 +115,7 @@ pub(crate) struct AuditArgs {
     #[arg(long)]
     step: Option<String>,
     #[command(flatten)]
-    db: DbArgs,
+    db: TaskTarget,
 }
 
 /// An operator action on a task.
@@ -128,7 +126,7 @@ pub(crate) struct ActionArgs {
     #[command(flatten)]
     who: Who,
     #[command(flatten)]
-    db: DbArgs,
+    db: TaskTarget,
 }
 
 /// An operator action on a step.
@@ -141,7 +139,7 @@ pub(crate) struct StepActionArgs {
     #[command(flatten)]
     who: Who,
     #[command(flatten)]
-    db: DbArgs,
+    db: TaskTarget,
 }
 
 /// `task complete-step`
@@ -157,7 +155,7 @@ pub(crate) struct CompleteStepArgs {
     #[command(flatten)]
     who: Who,
     #[command(flatten)]
-    db: DbArgs,
+    db: TaskTarget,
 }
 
 /// Who acts and why: every operator action is recorded with both (SPEC §5.9).
@@ -227,20 +225,12 @@ pub(crate) async fn dispatch(cmd: TaskCommand) -> CliResult {
 }
 
 async fn create(a: CreateArgs) -> CliResult {
-    a.db.target.reject_url()?;
     let context = json_object_arg(&a.input, "--input")?;
     // Unlike the other task commands this one may create the database: it is how a task gets
     // into a fresh one. Still no background work: creating must not run anything.
-    let options = OpenOptions {
-        config: super::config()?,
-        background: false,
-        ..OpenOptions::default()
-    };
-    let tasker = Tasker::open_with(&a.db.target.db, options)
-        .await
-        .map_err(|e| super::open_failed(&a.db.target.db, e))?;
+    let backend = a.db.open(true).await?;
     if let Some(path) = &a.template {
-        tasker.register_templates(path).await?;
+        backend.register_templates(path).await?;
     }
     let mut request = TaskRequest::new(&a.namespace, &a.name, context).origin(
         "tasker-ctl",
@@ -249,27 +239,25 @@ async fn create(a: CreateArgs) -> CliResult {
     );
     request.version = a.version;
     request.idempotency_key = a.idempotency_key;
-    let handle = tasker.create_task(request).await?;
+    let (uuid, replayed) = backend.create(request).await?;
     match a.db.format {
         Format::Json => {
-            let task = tasker.get_task(&handle.uuid).await?;
-            print_json(
-                &json!({"task_uuid": handle.uuid, "replayed": handle.replayed, "status": task.status}),
-            )?;
+            let task = backend.get_task(&uuid).await?;
+            print_json(&json!({"task_uuid": uuid, "replayed": replayed, "status": task.status}))?;
         }
         Format::Table => {
-            if handle.replayed {
-                eprintln!("a task with the same identity exists: {}", handle.uuid);
+            if replayed {
+                eprintln!("a task with the same identity exists: {uuid}");
             }
-            outln!("{}", handle.uuid);
+            outln!("{uuid}");
         }
     }
     Ok(EXIT_OK)
 }
 
 async fn get(a: UuidArgs) -> CliResult {
-    let tasker = open_operator(&a.db.target).await?;
-    let task = tasker.get_task(&a.uuid).await?;
+    let backend = a.db.open(false).await?;
+    let task = backend.get_task(&a.uuid).await?;
     if a.db.format == Format::Json {
         let mut v = serde_json::to_value(&task).map_err(|e| CliError::failed(e.to_string()))?;
         v["completion_percentage"] = json!(task.completion_percentage());
@@ -344,7 +332,7 @@ async fn list(a: ListArgs) -> CliResult {
         })?),
         None => None,
     };
-    let tasker = open_operator(&a.db.target).await?;
+    let backend = a.db.open(false).await?;
     let filter = TaskFilter {
         namespace: a.namespace,
         name: a.name,
@@ -352,7 +340,7 @@ async fn list(a: ListArgs) -> CliResult {
         limit: a.limit,
         ..TaskFilter::default()
     };
-    let tasks = tasker.list_tasks(&filter).await?;
+    let tasks = backend.list_tasks(&filter).await?;
     if a.db.format == Format::Json {
         print_json(&tasks)?;
         return Ok(EXIT_OK);
@@ -384,8 +372,8 @@ async fn list(a: ListArgs) -> CliResult {
 }
 
 async fn steps(a: UuidArgs) -> CliResult {
-    let tasker = open_operator(&a.db.target).await?;
-    let task = tasker.get_task(&a.uuid).await?;
+    let backend = a.db.open(false).await?;
+    let task = backend.get_task(&a.uuid).await?;
     if a.db.format == Format::Json {
         print_json(&task.steps)?;
         return Ok(EXIT_OK);
@@ -442,13 +430,9 @@ async fn steps(a: UuidArgs) -> CliResult {
 }
 
 async fn audit(a: AuditArgs) -> CliResult {
-    let tasker = open_operator(&a.db.target).await?;
-    let task = tasker.get_task(&a.uuid).await?;
-    let transitions = tasker.step_transitions(&a.uuid, a.step.as_deref()).await?;
-    let step_uuid = a
-        .step
-        .as_ref()
-        .and_then(|s| task.steps.iter().find(|v| &v.name == s || &v.uuid == s));
+    let backend = a.db.open(false).await?;
+    let task = backend.get_task(&a.uuid).await?;
+    let (transitions, rejected) = backend.audit(&a.uuid, a.step.as_deref()).await?;
     let name_of = |uuid: &str| {
         task.steps
             .iter()
@@ -456,13 +440,6 @@ async fn audit(a: AuditArgs) -> CliResult {
             .map(|s| s.name.clone())
             .unwrap_or_else(|| uuid.to_string())
     };
-    let rejected: Vec<_> = tasker
-        .store()
-        .rejected_completions(&a.uuid)
-        .await?
-        .into_iter()
-        .filter(|r| step_uuid.is_none_or(|s| s.uuid == r.step_uuid))
-        .collect();
     if a.db.format == Format::Json {
         let rejected: Vec<_> = rejected
             .iter()
@@ -518,14 +495,14 @@ async fn audit(a: AuditArgs) -> CliResult {
 }
 
 /// Applies one operator action and prints the task's new state.
-async fn act(uuid: String, action: OperatorAction, who: Who, db: DbArgs) -> CliResult {
-    let tasker = open_operator(&db.target).await?;
-    let state = tasker
-        .operator(&uuid, action.clone(), &who.actor(), &who.reason)
+async fn act(uuid: String, action: OperatorAction, who: Who, db: TaskTarget) -> CliResult {
+    let backend = db.open(false).await?;
+    let state = backend
+        .act(&uuid, &action, &who.actor(), &who.reason)
         .await?;
     match db.format {
         Format::Json => {
-            let task = tasker.get_task(&uuid).await?;
+            let task = backend.get_task(&uuid).await?;
             let mut v = serde_json::to_value(&task).map_err(|e| CliError::failed(e.to_string()))?;
             v["action"] = serde_json::to_value(&action).unwrap_or_default();
             print_json(&v)?;
@@ -540,7 +517,7 @@ async fn act(uuid: String, action: OperatorAction, who: Who, db: DbArgs) -> CliR
             | OperatorAction::ResolveStep { step }
             | OperatorAction::CompleteStep { step, .. } = &action
             {
-                let task = tasker.get_task(&uuid).await?;
+                let task = backend.get_task(&uuid).await?;
                 if let Some(s) = task
                     .steps
                     .iter()

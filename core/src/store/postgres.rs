@@ -33,7 +33,10 @@ use crate::task::{Task, TaskFilter, TaskSummary, Transition};
 use crate::template::TaskTemplate;
 use crate::{Error, ErrorKind, Result};
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("postgres/0001_init.sql")),
+    (2, include_str!("postgres/0002_api_keys.sql")),
+];
 
 /// Channel announcing that steps became ready (payload unused).
 pub(crate) const WORK_CHANNEL: &str = "tasker_work";
@@ -546,6 +549,22 @@ impl Store for PgStore {
         now: Millis,
     ) -> Result<crate::dlq::DlqEntry> {
         extra::resolve_dlq(&self.pool, dlq_entry_uuid, status, notes, by, now).await
+    }
+
+    async fn create_api_key(&self, key: &crate::auth::ApiKey, secret_hash: &str) -> Result<()> {
+        extra::create_api_key(&self.pool, key, secret_hash).await
+    }
+
+    async fn list_api_keys(&self) -> Result<Vec<crate::auth::ApiKey>> {
+        extra::list_api_keys(&self.pool).await
+    }
+
+    async fn revoke_api_key(&self, key_id: &str, now: Millis) -> Result<crate::auth::ApiKey> {
+        extra::revoke_api_key(&self.pool, key_id, now).await
+    }
+
+    async fn find_api_key(&self, key_id: &str) -> Result<Option<(crate::auth::ApiKey, String)>> {
+        extra::find_api_key(&self.pool, key_id).await
     }
 
     fn changes(&self) -> Option<broadcast::Receiver<StoreChange>> {

@@ -536,3 +536,18 @@ pub(crate) fn queue_depth(r: &impl Cols) -> Result<crate::metrics::QueueDepth> {
         oldest_enqueued_at: r.opt_int("oldest")?,
     })
 }
+
+/// The columns [`api_key`] reads.
+pub(crate) const API_KEY_COLUMNS: &str = "key_id, name, permissions, created_at, revoked_at";
+
+pub(crate) fn api_key(r: &impl Cols) -> Result<crate::auth::ApiKey> {
+    Ok(crate::auth::ApiKey {
+        key_id: r.text("key_id")?,
+        name: r.text("name")?,
+        permissions: serde_json::from_str(&r.text("permissions")?).map_err(|e| {
+            Error::internal(format!("corrupt API key permissions in the database: {e}"))
+        })?,
+        created_at: r.int("created_at")?,
+        revoked_at: r.opt_int("revoked_at")?,
+    })
+}

@@ -6,6 +6,7 @@
 //! upgrade.
 
 mod attempts;
+mod auth;
 mod create;
 mod dlq;
 mod events;
@@ -47,6 +48,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("sqlite/0003_workflows.sql")),
     (4, include_str!("sqlite/0004_lifecycle.sql")),
     (5, include_str!("sqlite/0005_events.sql")),
+    (6, include_str!("sqlite/0006_api_keys.sql")),
 ];
 
 /// The SQLite store.
@@ -521,5 +523,27 @@ impl Store for SqliteStore {
         let entry = dlq::resolve(&mut tx, dlq_entry_uuid, status, notes, by, now).await?;
         tx.commit().await?;
         Ok(entry)
+    }
+
+    async fn create_api_key(&self, key: &crate::auth::ApiKey, secret_hash: &str) -> Result<()> {
+        let mut tx = self.begin().await?;
+        auth::create(&mut tx, key, secret_hash).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_api_keys(&self) -> Result<Vec<crate::auth::ApiKey>> {
+        auth::list(&self.reader).await
+    }
+
+    async fn revoke_api_key(&self, key_id: &str, now: Millis) -> Result<crate::auth::ApiKey> {
+        let mut tx = self.begin().await?;
+        let key = auth::revoke(&mut tx, key_id, now).await?;
+        tx.commit().await?;
+        Ok(key)
+    }
+
+    async fn find_api_key(&self, key_id: &str) -> Result<Option<(crate::auth::ApiKey, String)>> {
+        auth::find(&self.reader, key_id).await
     }
 }

@@ -1,5 +1,5 @@
 //! PostgreSQL: the domain-event outbox (SPEC §10), the lifecycle check and the dead-letter
-//! record (SPEC §9).
+//! record (SPEC §9), API keys.
 
 use std::sync::LazyLock;
 
@@ -14,7 +14,8 @@ use crate::state::TaskState;
 use crate::store::apply::{Candidate, SnapStep, lifecycle_plan, overdue};
 use crate::store::journal::Journal;
 use crate::store::rows::{
-    self, Cols, DLQ_COLUMNS, DLQ_STATS, EVENT_COLUMNS, dlq_entry, json, stored_event,
+    self, API_KEY_COLUMNS, Cols, DLQ_COLUMNS, DLQ_STATS, EVENT_COLUMNS, dlq_entry, json,
+    stored_event,
 };
 use crate::{Error, Result as R};
 
@@ -303,4 +304,73 @@ pub(super) async fn resolve_dlq(
         return Err(Error::not_found(format!("no DLQ entry {dlq_entry_uuid}")));
     }
     get_dlq(pool, dlq_entry_uuid).await
+}
+
+// ---------------------------------------------------------------- API keys
+
+pub(super) async fn create_api_key(
+    pool: &PgPool,
+    k: &crate::auth::ApiKey,
+    secret_hash: &str,
+) -> Result<()> {
+    let inserted = sqlx::query(
+        "INSERT INTO api_keys (key_id, name, secret_hash, permissions, created_at, revoked_at)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (key_id) DO NOTHING",
+    )
+    .bind(&k.key_id)
+    .bind(&k.name)
+    .bind(secret_hash)
+    .bind(json(&k.permissions)?)
+    .bind(k.created_at)
+    .bind(k.revoked_at)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        return Err(Error::new(
+            crate::ErrorKind::Conflict,
+            format!("an API key {} exists already", k.key_id),
+        ));
+    }
+    Ok(())
+}
+
+pub(super) async fn list_api_keys(pool: &PgPool) -> Result<Vec<crate::auth::ApiKey>> {
+    let sql = format!("SELECT {API_KEY_COLUMNS} FROM api_keys ORDER BY created_at, key_id");
+    let found = sqlx::query(AssertSqlSafe(sql)).fetch_all(pool).await?;
+    found.iter().map(rows::api_key).collect()
+}
+
+pub(super) async fn revoke_api_key(
+    pool: &PgPool,
+    key_id: &str,
+    now: Millis,
+) -> Result<crate::auth::ApiKey> {
+    // Revoking twice keeps the first revocation time.
+    let sql = format!(
+        "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE key_id = $1
+         RETURNING {API_KEY_COLUMNS}"
+    );
+    match sqlx::query(AssertSqlSafe(sql))
+        .bind(key_id)
+        .bind(now)
+        .fetch_optional(pool)
+        .await?
+    {
+        Some(r) => rows::api_key(&r),
+        None => Err(Error::not_found(format!("no API key {key_id}"))),
+    }
+}
+
+pub(super) async fn find_api_key(
+    pool: &PgPool,
+    key_id: &str,
+) -> Result<Option<(crate::auth::ApiKey, String)>> {
+    let sql = format!("SELECT {API_KEY_COLUMNS}, secret_hash FROM api_keys WHERE key_id = $1");
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(key_id)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|r| Ok((rows::api_key(&r)?, r.text("secret_hash")?)))
+        .transpose()
 }
