@@ -2,6 +2,8 @@
 //! `bench.add` handler they run (each step adds its `add` to the sum of its parents' values, or
 //! to the context's `x` when it has none).
 
+pub mod prod;
+
 use serde_json::json;
 use tasker_core::{StepOutcome, Tasker, handler_fn};
 

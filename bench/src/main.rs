@@ -292,7 +292,64 @@ fn run(flavor: Flavor, args: &Args, store_ops_too: bool) -> tasker_core::Result<
     })
 }
 
+/// `tasker-bench prod [--server URL] [--latency-tasks N] [--warmup N] [--clients N]
+/// [--throughput-tasks N] [--sustained-tasks N]`.
+fn prod_args(rest: &[String]) -> Result<tasker_bench::prod::ProdArgs, String> {
+    let mut a = tasker_bench::prod::ProdArgs {
+        server: std::env::var("TASKER_BENCH_DATABASE_URL")
+            .or_else(|_| std::env::var("DATABASE_URL"))
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
+        latency_tasks: 30,
+        warmup: 3,
+        clients: 8,
+        throughput_tasks: 200,
+        sustained_tasks: 5000,
+    };
+    let mut it = rest.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().cloned().ok_or_else(|| format!("{flag} needs a value"));
+        let mut number = || -> Result<usize, String> {
+            value()?
+                .parse()
+                .map_err(|_| format!("{flag} needs a whole number"))
+        };
+        match flag.as_str() {
+            "--server" => a.server = value()?,
+            "--latency-tasks" => a.latency_tasks = number()?.max(1),
+            "--warmup" => a.warmup = number()?,
+            "--clients" => a.clients = number()?.max(1),
+            "--throughput-tasks" => a.throughput_tasks = number()?.max(1),
+            "--sustained-tasks" => a.sustained_tasks = number()?.max(1),
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    Ok(a)
+}
+
 fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("prod") {
+        let code = match prod_args(&argv[1..]) {
+            Ok(a) => {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a tokio runtime");
+                match rt.block_on(tasker_bench::prod::run(a)) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("benchmark failed: {e}");
+                        1
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                2
+            }
+        };
+        std::process::exit(code);
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
