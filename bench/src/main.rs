@@ -307,7 +307,11 @@ fn prod_args(rest: &[String]) -> Result<tasker_bench::prod::ProdArgs, String> {
     };
     let mut it = rest.iter();
     while let Some(flag) = it.next() {
-        let mut value = || it.next().cloned().ok_or_else(|| format!("{flag} needs a value"));
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
         let mut number = || -> Result<usize, String> {
             value()?
                 .parse()

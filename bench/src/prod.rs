@@ -207,7 +207,9 @@ async fn measure(a: &ProdArgs, db: &str) -> Result<(), BoxError> {
     drop(setup);
 
     let ctl = std::env::current_exe()?.with_file_name("tasker-bench-ctl");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let bind = format!("127.0.0.1:{port}");
     let spawn = |args: &[&str]| -> Result<Proc, BoxError> {
         Ok(Proc(
@@ -250,11 +252,17 @@ async fn measure(a: &ProdArgs, db: &str) -> Result<(), BoxError> {
 
 async fn drop_database(server: &str, db: &str) {
     use sqlx::Connection;
-    let Some(name) = db.rsplit('/').next().map(|n| n.split('?').next().unwrap_or(n)) else {
+    let Some(name) = db
+        .rsplit('/')
+        .next()
+        .map(|n| n.split('?').next().unwrap_or(n))
+    else {
         return;
     };
     if let Ok(mut c) = sqlx::PgConnection::connect(server).await {
         let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut c).await;
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut c)
+            .await;
     }
 }

@@ -64,6 +64,51 @@ macro_rules! cols {
 
 cols!(sqlx::sqlite::SqliteRow);
 
+/// A JSON object read like a row (rows aggregated into JSON by the database).
+impl Cols for serde_json::Map<String, Value> {
+    fn text(&self, c: &str) -> Result<String> {
+        self.opt_text(c)?
+            .ok_or_else(|| Error::internal(format!("column {c} is missing or NULL")))
+    }
+    fn opt_text(&self, c: &str) -> Result<Option<String>> {
+        match self.get(c) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(Error::internal(format!("column {c} is not text: {other}"))),
+        }
+    }
+    fn int(&self, c: &str) -> Result<i64> {
+        self.opt_int(c)?
+            .ok_or_else(|| Error::internal(format!("column {c} is missing or NULL")))
+    }
+    fn opt_int(&self, c: &str) -> Result<Option<i64>> {
+        match self.get(c) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_i64()
+                .map(Some)
+                .ok_or_else(|| Error::internal(format!("column {c} is not an integer: {v}"))),
+        }
+    }
+    fn opt_float(&self, c: &str) -> Result<Option<f64>> {
+        Ok(self.get(c).and_then(Value::as_f64))
+    }
+    fn flag(&self, c: &str) -> Result<bool> {
+        self.get(c)
+            .and_then(Value::as_bool)
+            .ok_or_else(|| Error::internal(format!("column {c} is not a boolean")))
+    }
+    fn text_at(&self, _: usize) -> Result<String> {
+        Err(Error::internal("a JSON row has no column positions"))
+    }
+    fn opt_text_at(&self, _: usize) -> Result<Option<String>> {
+        Err(Error::internal("a JSON row has no column positions"))
+    }
+    fn int_at(&self, _: usize) -> Result<i64> {
+        Err(Error::internal("a JSON row has no column positions"))
+    }
+}
+
 impl<T: Cols> Cols for &T {
     fn text(&self, c: &str) -> Result<String> {
         (*self).text(c)

@@ -88,34 +88,31 @@ pub(super) async fn task_state(pool: &PgPool, task_uuid: &str) -> Result<TaskSta
     rows::task_state_of(s, task_uuid)
 }
 
-/// The task, its steps and its edges, read in one snapshot.
+/// The task, its steps and its edges: one statement, so one snapshot and one round trip.
 pub(super) async fn get_task(pool: &PgPool, task_uuid: &str) -> Result<Task> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .execute(&mut *tx)
-        .await?;
-    let t = sqlx::query("SELECT * FROM tasks WHERE task_uuid = $1")
-        .bind(task_uuid)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(|| Error::not_found(format!("no task {task_uuid}")))?;
-    let step_rows = sqlx::query(
-        "SELECT step_uuid, name, step_type, callable, state, attempts, max_attempts, result,
-                error, checkpoint, started_at, completed_at, next_attempt_at, worker_id
-         FROM steps WHERE task_uuid = $1 ORDER BY seq",
+    let t = sqlx::query(
+        "SELECT t.*,
+            (SELECT COALESCE(json_agg(json_build_object(
+                'step_uuid', s.step_uuid, 'name', s.name, 'step_type', s.step_type,
+                'callable', s.callable, 'state', s.state, 'attempts', s.attempts,
+                'max_attempts', s.max_attempts, 'result', s.result, 'error', s.error,
+                'checkpoint', s.checkpoint, 'started_at', s.started_at,
+                'completed_at', s.completed_at, 'next_attempt_at', s.next_attempt_at,
+                'worker_id', s.worker_id) ORDER BY s.seq), '[]')::text
+             FROM steps s WHERE s.task_uuid = t.task_uuid) AS steps_json,
+            (SELECT COALESCE(json_agg(json_build_object('parent', p.name, 'child', c.step_uuid)
+                ORDER BY p.seq), '[]')::text
+             FROM steps c JOIN step_edges e ON e.to_step = c.step_uuid
+             JOIN steps p ON p.step_uuid = e.from_step
+             WHERE c.task_uuid = t.task_uuid) AS edges_json
+         FROM tasks t WHERE t.task_uuid = $1",
     )
     .bind(task_uuid)
-    .fetch_all(&mut *tx)
-    .await?;
-    let edges = sqlx::query(
-        "SELECT p.name AS parent, c.step_uuid AS child FROM steps c
-         JOIN step_edges e ON e.to_step = c.step_uuid JOIN steps p ON p.step_uuid = e.from_step
-         WHERE c.task_uuid = $1 ORDER BY p.seq",
-    )
-    .bind(task_uuid)
-    .fetch_all(&mut *tx)
-    .await?;
-    tx.commit().await?;
+    .fetch_optional(pool)
+    .await?
+    .ok_or_else(|| Error::not_found(format!("no task {task_uuid}")))?;
+    let step_rows: Vec<serde_json::Map<String, Value>> = decode(&t.text("steps_json")?)?;
+    let edges: Vec<serde_json::Map<String, Value>> = decode(&t.text("edges_json")?)?;
     let mut steps = Vec::with_capacity(step_rows.len());
     for r in &step_rows {
         let uuid = r.text("step_uuid")?;

@@ -500,7 +500,9 @@ pub(super) async fn create_tasks(
 
 /// The claim statement and its text parameters (bound after the five fixed ones), or `None`
 /// when the request cannot match anything. Other transactions' claims are skipped, not
-/// waited for.
+/// waited for. The ancestors' results are gathered by key look-ups only: the `OFFSET 0`
+/// subqueries cannot be turned into joins, which a planner misled about a table's size would
+/// run as scans of every edge and step.
 fn claim_statement(req: &ClaimRequest) -> Option<(String, Vec<Vec<String>>)> {
     if req.limit == 0 {
         return None;
@@ -556,10 +558,13 @@ fn claim_statement(req: &ClaimRequest) -> Option<(String, Vec<Vec<String>>)> {
             (WITH RECURSIVE anc(id) AS (
                 SELECT from_step FROM step_edges WHERE to_step = c.step_uuid
                 UNION
-                SELECT e.from_step FROM step_edges e JOIN anc ON e.to_step = anc.id)
+                SELECT e.from_step FROM anc, LATERAL (
+                    SELECT from_step FROM step_edges WHERE to_step = anc.id OFFSET 0) e)
              SELECT COALESCE(json_object_agg(a.name, a.result::json), '{{}}')::text
-             FROM steps a JOIN anc ON a.step_uuid = anc.id
-             WHERE a.state IN ('complete', 'resolved_manually')) AS dependency_results,
+             FROM anc, LATERAL (
+                SELECT name, result FROM steps WHERE step_uuid = anc.id
+                  AND state IN ('complete', 'resolved_manually') OFFSET 0) a)
+              AS dependency_results,
             CASE WHEN c.step_type = 'deferred_convergence' THEN
               (SELECT COALESCE(json_object_agg(p.name, p.error::json), '{{}}')::text
                FROM step_edges e JOIN steps p ON p.step_uuid = e.from_step
