@@ -1,5 +1,5 @@
-//! Production mode with real processes: `tasker-ctl worker` processes sharing one PostgreSQL
-//! database (a scratch database per test on the test server, see `./run test`). The test
+//! Production mode with real processes: `tasker-ctl serve` and `tasker-ctl worker` processes
+//! sharing one PostgreSQL database (a scratch database per test on the test server, see `./run test`). The test
 //! process creates tasks and watches them through an engine handle that runs no handlers; the
 //! kit handlers in the workers append every invocation to a file, so runs are counted across
 //! processes.
@@ -94,6 +94,49 @@ impl Setup {
 
     fn log(&self) -> PathBuf {
         self.dir.path().join("invocations.log")
+    }
+
+    /// Starts a server (API and orchestration, the bundled handlers too) on a free port;
+    /// returns it and its base URL.
+    fn server(&self, name: &str) -> (Worker, String) {
+        use std::io::{BufRead, BufReader};
+        let mut child = command(
+            self.dir.path(),
+            &[
+                "serve",
+                "--db",
+                &self.db,
+                "--bind",
+                "127.0.0.1:0",
+                "--auth",
+                "off",
+            ],
+        )
+        .env("TASKER_LEASE_MS", "1000")
+        .env("TASKER_POLL_INTERVAL_MS", "100")
+        .env("TASKER_PG_MAX_CONNECTIONS", "6")
+        .env("TASKER_KIT_INVOCATION_LOG", self.log())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(
+            std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap(),
+        ))
+        .spawn()
+        .expect("tasker-ctl serve starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("serve printed {line:?}"))
+            .to_string();
+        let w = Worker {
+            child,
+            name: name.to_string(),
+            dir: self.dir.path().to_path_buf(),
+        };
+        (w, url)
     }
 
     /// Starts a worker process with a one-second lease.
@@ -477,5 +520,121 @@ async fn postgres_restarted_under_load_loses_no_task() {
     assert_eq!(runs.len(), 600, "every step of every task ran");
     for w in &workers {
         assert!(!w.stderr().contains("panicked"), "{}", w.stderr());
+    }
+}
+
+/// POSTs a task over REST; returns its uuid, or the HTTP status of a refusal.
+async fn post_task(
+    client: &tasker_core::api::client::Client,
+    name: &str,
+    context: serde_json::Value,
+) -> Result<String, u16> {
+    let body = json!({"namespace": "procs", "name": name, "context": context});
+    let r = client
+        .send(
+            "POST",
+            "/v1/tasks",
+            Some(("application/json", body.to_string().into_bytes())),
+            None,
+        )
+        .await
+        .map_err(|_| 0u16)?;
+    if r.status != 201 {
+        return Err(r.status);
+    }
+    Ok(r.json().unwrap()["task_uuid"].as_str().unwrap().to_string())
+}
+
+/// Waits over REST until the task ends; returns the HTTP status and the task's status.
+async fn wait_task(client: &tasker_core::api::client::Client, uuid: &str) -> (u16, String) {
+    let r = client
+        .send(
+            "GET",
+            &format!("/v1/tasks/{uuid}/wait?timeout_ms=60000"),
+            None,
+            Some(Duration::from_secs(70)),
+        )
+        .await
+        .unwrap();
+    let status = r
+        .json()
+        .ok()
+        .and_then(|v| v["status"].as_str().map(str::to_string));
+    (r.status, status.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_and_three_workers_run_500_tasks_exactly_once_without_5xx() {
+    use tasker_core::api::client::Client;
+    let s = Setup::new(&[CHAIN]).await;
+    let (_s1, url1) = s.server("s1");
+    let (_s2, url2) = s.server("s2");
+    let _workers: Vec<Worker> = ["a", "b", "c"].iter().map(|n| s.worker(n)).collect();
+    let mut runs = tokio::task::JoinSet::new();
+    for c in 0..8usize {
+        let url = if c % 2 == 0 {
+            url1.clone()
+        } else {
+            url2.clone()
+        };
+        runs.spawn(async move {
+            let client = Client::new(&url, None).unwrap();
+            let mut out = Vec::new();
+            for i in 0..500 / 8 + usize::from(c < 500 % 8) {
+                let uuid = post_task(&client, "chain", json!({ "client": c, "n": i }))
+                    .await
+                    .unwrap_or_else(|status| panic!("POST answered {status}"));
+                out.push(uuid);
+            }
+            for uuid in &out {
+                let (http, status) = wait_task(&client, uuid).await;
+                assert_eq!((http, status.as_str()), (200, "complete"), "task {uuid}");
+            }
+            out
+        });
+    }
+    let tasks: Vec<String> = runs.join_all().await.into_iter().flatten().collect();
+    assert_eq!(tasks.len(), 500);
+    let runs = s.invocations();
+    assert_eq!(runs.len(), 2000, "every step of every task ran");
+    for ((task, step), pids) in &runs {
+        assert_eq!(pids.len(), 1, "{task}/{step} ran {} times", pids.len());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_server_is_killed_the_other_carries_on() {
+    use tasker_core::api::client::Client;
+    // The first step fails once: its retry is promoted by whichever process sweeps.
+    const FLAKY: &str = r#"
+name: flaky
+namespace_name: procs
+version: "1.0.0"
+steps:
+  - name: first
+    handler: { callable: kit.fail, initialization: { times: 1 } }
+    retry: { max_attempts: 3, backoff: linear, backoff_base_ms: 200, max_backoff_ms: 200, jitter: false }
+  - { name: second, handler: { callable: kit.record }, dependencies: [first] }
+"#;
+    let s = Setup::new(&[FLAKY]).await;
+    let (mut s1, url1) = s.server("s1");
+    let (_s2, url2) = s.server("s2");
+    let c1 = Client::new(&url1, None).unwrap();
+    let mut tasks = Vec::new();
+    for n in 0..40 {
+        tasks.push(post_task(&c1, "flaky", json!({ "n": n })).await.unwrap());
+    }
+    s1.child.kill().unwrap();
+    s1.child.wait().unwrap();
+    let c2 = Client::new(&url2, None).unwrap();
+    for n in 40..60 {
+        tasks.push(post_task(&c2, "flaky", json!({ "n": n })).await.unwrap());
+    }
+    for uuid in &tasks {
+        assert_eq!(
+            wait_task(&c2, uuid).await,
+            (200, "complete".to_string()),
+            "task {uuid}"
+        );
     }
 }

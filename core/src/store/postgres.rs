@@ -64,12 +64,7 @@ impl PgStore {
             .map_err(|e| Error::validation(format!("bad database URL: {e}")))?
             .application_name("tasker")
             // Statements of variable shape are few (claim filters); keep them all prepared.
-            .statement_cache_capacity(512)
-            // Plan each execution for the tables as they are now. A generic plan cached while
-            // a table was small (a new database, a burst of work) keeps scanning it whole after
-            // it has grown, until the next ANALYZE; planning these statements costs far less
-            // than one such scan.
-            .options([("plan_cache_mode", "force_custom_plan")]);
+            .statement_cache_capacity(512);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(2))
             .min_connections(1)

@@ -168,11 +168,13 @@ pub(super) async fn flush(tx: &mut PgConnection, j: &mut Journal) -> Result<()> 
     Ok(())
 }
 
-/// Locks the rows of the tasks `step_uuids` belong to (and of `tasks`), in one order.
+/// Locks the rows of the tasks `step_uuids` belong to (and of `tasks`), in one order. Key
+/// look-ups only (`OFFSET 0` keeps them from becoming a join the planner could run as a scan).
 async fn lock_tasks(tx: &mut PgConnection, step_uuids: &[&str], tasks: &[&str]) -> Result<()> {
     sqlx::query(
         "SELECT 1 FROM tasks WHERE task_uuid IN (
-            SELECT task_uuid FROM steps WHERE step_uuid = ANY($1)
+            SELECT s.task_uuid FROM unnest($1::text[]) u(id),
+                LATERAL (SELECT task_uuid FROM steps WHERE step_uuid = u.id OFFSET 0) s
             UNION SELECT unnest($2::text[]))
          ORDER BY task_uuid FOR UPDATE",
     )
