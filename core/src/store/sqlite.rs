@@ -49,6 +49,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("sqlite/0004_lifecycle.sql")),
     (5, include_str!("sqlite/0005_events.sql")),
     (6, include_str!("sqlite/0006_api_keys.sql")),
+    (7, include_str!("sqlite/0007_workflow_ready.sql")),
 ];
 
 /// The SQLite store.

@@ -83,6 +83,9 @@ CREATE TABLE steps (
     UNIQUE (task_uuid, name)
 );
 CREATE INDEX steps_ready ON steps (priority DESC, enqueued_at) WHERE state = 'enqueued';
+-- The engine's own claim of workflow steps must not wade through every ready handler step.
+CREATE INDEX steps_ready_workflows ON steps (priority DESC, enqueued_at)
+    WHERE state = 'enqueued' AND step_type = 'workflow';
 CREATE INDEX steps_retry ON steps (next_attempt_at) WHERE state = 'waiting_for_retry';
 CREATE INDEX steps_running_lease ON steps (lease_expires_at) WHERE state = 'in_progress';
 CREATE INDEX steps_running_timeout ON steps (timeout_at) WHERE state = 'in_progress';

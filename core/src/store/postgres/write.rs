@@ -587,6 +587,18 @@ async fn claim(
     let Some((sql, lists)) = claim_statement(req) else {
         return Ok(Vec::new());
     };
+    // Every process looks for workflow steps on each poll; most of the time there are none,
+    // and a plain read of the partial index says so without locking anything.
+    if req.callables == CallableFilter::Workflows {
+        let any: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM steps WHERE state = 'enqueued' AND step_type = 'workflow')",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        if !any {
+            return Ok(Vec::new());
+        }
+    }
     let mut q = sqlx::query(AssertSqlSafe(sql))
         .bind(&req.worker_id)
         .bind(now)
