@@ -2,7 +2,7 @@
 //! directory with its own `--db`, exactly as a user would type it.
 
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -16,18 +16,6 @@ fn ecommerce_template() -> String {
         .join("examples/ecommerce/templates/ecommerce_order_processing.yaml")
         .display()
         .to_string()
-}
-
-fn ecommerce_context(file: &str) -> String {
-    format!(
-        "@{}",
-        workspace().join("examples/ecommerce").join(file).display()
-    )
-}
-
-fn json_out(o: &Output) -> Value {
-    serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", describe(o)))
 }
 
 fn step<'a>(task: &'a Value, name: &str) -> &'a Value {
@@ -47,7 +35,7 @@ fn ecommerce_happy_path_completes_with_json_output() {
             "run",
             &ecommerce_template(),
             "--context",
-            &ecommerce_context("sample_order.json"),
+            &example_file("sample_order.json"),
             "--db",
             &db,
             "--format",
@@ -74,7 +62,7 @@ fn ecommerce_happy_path_completes_with_json_output() {
             "run",
             &ecommerce_template(),
             "--input",
-            &ecommerce_context("sample_order.json"),
+            &example_file("sample_order.json"),
             "--db",
             &db,
         ],
@@ -100,7 +88,7 @@ fn ecommerce_happy_path_completes_with_json_output() {
             "run",
             &ecommerce_template(),
             "--context",
-            &ecommerce_context("sample_order.json"),
+            &example_file("sample_order.json"),
             "--db",
             &db,
             "--format",
@@ -124,7 +112,7 @@ fn declined_payment_blocks_and_operators_can_act() {
             "run",
             &ecommerce_template(),
             "--context",
-            &ecommerce_context("declined_order.json"),
+            &example_file("declined_order.json"),
             "--db",
             &db,
             "--format",
@@ -147,7 +135,7 @@ fn declined_payment_blocks_and_operators_can_act() {
             "run",
             &ecommerce_template(),
             "--context",
-            &ecommerce_context("declined_order.json"),
+            &example_file("declined_order.json"),
             "--db",
             &db,
         ],

@@ -2,7 +2,6 @@
 //! exceed its template's lifecycle limit.
 
 use std::path::Path;
-use std::process::Output;
 
 use serde_json::Value;
 
@@ -25,11 +24,6 @@ steps:
     handler: { callable: kit.record }
     dependencies: [call_partner]
 "#;
-
-fn json_out(o: &Output) -> Value {
-    serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", describe(o)))
-}
 
 /// Runs the template once (the lifecycle check every 50 ms) and returns the task.
 fn run_past_the_limit(dir: &Path, db: &str) -> Value {

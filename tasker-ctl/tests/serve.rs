@@ -84,18 +84,6 @@ fn templates_dir() -> String {
         .to_string()
 }
 
-fn order(file: &str) -> String {
-    format!(
-        "@{}",
-        workspace().join("examples/ecommerce").join(file).display()
-    )
-}
-
-fn json_of(o: &Output) -> Value {
-    serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", describe(o)))
-}
-
 fn stdout_line(o: &Output) -> String {
     text(&o.stdout).trim().to_string()
 }
@@ -141,7 +129,7 @@ fn task_commands_work_through_the_server() {
             "--namespace",
             "ecommerce",
             "--input",
-            &order("sample_order.json"),
+            &example_file("sample_order.json"),
         ],
     )
     .env("TASKER_URL", url)
@@ -160,7 +148,7 @@ fn task_commands_work_through_the_server() {
         &["task", "get", &happy, "--url", url, "--format", "json"],
     );
     assert_code(&out, 0);
-    let task = json_of(&out);
+    let task = json_out(&out);
     assert_eq!(task["status"], "complete");
     assert_eq!(task["completion_percentage"], 100.0);
     let out = ctl(dir.path(), &["task", "get", &happy, "--url", url]);
@@ -185,7 +173,7 @@ fn task_commands_work_through_the_server() {
     );
     assert_code(&out, 0);
     assert!(
-        json_of(&out)
+        json_out(&out)
             .as_array()
             .unwrap()
             .iter()
@@ -209,7 +197,7 @@ fn task_commands_work_through_the_server() {
         ],
     );
     assert_code(&out, 0);
-    let audit = json_of(&out);
+    let audit = json_out(&out);
     assert!(
         audit["transitions"]
             .as_array()
@@ -222,7 +210,7 @@ fn task_commands_work_through_the_server() {
     assert!(text(&out.stdout).contains("create_order"));
 
     // Operator actions on blocked tasks.
-    let declined = create(&order("declined_order.json"), "d1");
+    let declined = create(&example_file("declined_order.json"), "d1");
     assert_eq!(server.wait(&declined)["status"], "blocked_by_failures");
     let out = ctl(
         dir.path(),
@@ -267,18 +255,18 @@ fn task_commands_work_through_the_server() {
         .unwrap();
     assert_eq!(payment["state"], "complete");
 
-    let empty = create(&order("empty_cart_order.json"), "e1");
+    let empty = create(&example_file("empty_cart_order.json"), "e1");
     assert_eq!(server.wait(&empty)["status"], "blocked_by_failures");
     let out = ctl(
         dir.path(),
         &["task", "give-up", &empty, "--url", url, "--format", "json"],
     );
     assert_code(&out, 0);
-    assert_eq!(json_of(&out)["status"], "error");
+    assert_eq!(json_out(&out)["status"], "error");
     let out = ctl(dir.path(), &["task", "give-up", &empty, "--url", url]);
     assert_code(&out, 1);
 
-    let empty2 = create(&order("empty_cart_order.json"), "e2");
+    let empty2 = create(&example_file("empty_cart_order.json"), "e2");
     server.wait(&empty2);
     let out = ctl(
         dir.path(),
@@ -298,13 +286,13 @@ fn task_commands_work_through_the_server() {
         describe(&out)
     );
 
-    let empty3 = create(&order("empty_cart_order.json"), "e3");
+    let empty3 = create(&example_file("empty_cart_order.json"), "e3");
     server.wait(&empty3);
     let out = ctl(dir.path(), &["task", "resolve", &empty3, "--url", url]);
     assert_code(&out, 0);
     assert!(text(&out.stdout).contains("resolved_manually"));
 
-    let empty4 = create(&order("empty_cart_order.json"), "e4");
+    let empty4 = create(&example_file("empty_cart_order.json"), "e4");
     server.wait(&empty4);
     let out = ctl(
         dir.path(),
@@ -364,7 +352,7 @@ fn api_keys_guard_the_server() {
         ],
     );
     assert_code(&out, 0);
-    let admin = json_of(&out);
+    let admin = json_out(&out);
     let admin_key = admin["key"].as_str().unwrap().to_string();
     let out = ctl(
         dir.path(),
@@ -392,7 +380,7 @@ fn api_keys_guard_the_server() {
     );
     assert_code(&out, 0);
     let listed = text(&out.stdout);
-    assert_eq!(json_of(&out).as_array().unwrap().len(), 2);
+    assert_eq!(json_out(&out).as_array().unwrap().len(), 2);
     let reader_secret = reader.rsplit('_').next().unwrap();
     assert!(!listed.contains(reader_secret), "secrets are never listed");
     let out = ctl(dir.path(), &["auth", "list-keys", "--db", "k.db"]);

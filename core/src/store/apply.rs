@@ -26,9 +26,61 @@ pub(crate) struct Rejection<'a> {
     pub(crate) task_uuid: Option<&'a str>,
     pub(crate) attempt: u32,
     pub(crate) worker: Option<&'a str>,
-    pub(crate) reason: &'a str,
+    pub(crate) reason: String,
     /// The refused outcome, as JSON, for investigation.
     pub(crate) outcome: Option<String>,
+}
+
+/// The report of a result that did not apply (`c` is its step's current attempt, if the step
+/// exists), and the late completion to record: every refused result except engine-made
+/// expiries that lost a race.
+pub(crate) fn rejected<'a>(
+    r: &'a AttemptResult,
+    c: Option<&'a crate::store::rows::Current>,
+    now: Millis,
+) -> (crate::store::FinishReport, Option<Rejection<'a>>) {
+    let report = |task_uuid: Option<String>, reason: String| crate::store::FinishReport {
+        step_uuid: r.step_uuid.clone(),
+        task_uuid,
+        completion: crate::store::Completion::Rejected(reason),
+        task_state: None,
+        events: Vec::new(),
+    };
+    let Some(c) = c else {
+        return (report(None, "no such step".into()), None);
+    };
+    let reason = crate::store::rows::staleness(c, r.attempt, r.worker_id.as_deref(), r.expiry, now)
+        .unwrap_or_else(|| format!("attempt {} is not current", r.attempt));
+    let late = r.expiry.is_none().then(|| Rejection {
+        step_uuid: &r.step_uuid,
+        task_uuid: Some(&c.task_uuid),
+        attempt: r.attempt,
+        worker: r.worker_id.as_deref(),
+        reason: reason.clone(),
+        outcome: serde_json::to_string(&r.resolution_summary()).ok(),
+    });
+    (report(Some(c.task_uuid.clone()), reason), late)
+}
+
+/// The late checkpoint to record when `cp` for `attempt` by `worker` does not apply to the
+/// step's current attempt `c` (its `reason` is what the worker is told).
+pub(crate) fn stale_checkpoint<'a>(
+    step_uuid: &'a str,
+    c: &'a crate::store::rows::Current,
+    attempt: u32,
+    worker: &'a str,
+    cp: &crate::job::Checkpoint,
+    now: Millis,
+) -> Option<Rejection<'a>> {
+    let reason = crate::store::rows::staleness(c, attempt, Some(worker), None, now)?;
+    Some(Rejection {
+        step_uuid,
+        task_uuid: Some(&c.task_uuid),
+        attempt,
+        worker: Some(worker),
+        reason,
+        outcome: to_json(cp).ok(),
+    })
 }
 
 impl AttemptResult {

@@ -511,11 +511,13 @@ pub(crate) struct Current {
     pub(crate) worker_id: Option<String>,
     pub(crate) lease_expires_at: Option<Millis>,
     pub(crate) timeout_at: Option<Millis>,
+    /// The stored checkpoint history (JSON), which a checkpoint extends.
+    pub(crate) checkpoint_history: Option<String>,
 }
 
 /// The columns [`current`] reads.
 pub(crate) const CURRENT_COLUMNS: &str =
-    "task_uuid, state, attempts, worker_id, lease_expires_at, timeout_at";
+    "task_uuid, state, attempts, worker_id, lease_expires_at, timeout_at, checkpoint_history";
 
 pub(crate) fn current(row: &impl Cols) -> Result<Current> {
     Ok(Current {
@@ -525,6 +527,7 @@ pub(crate) fn current(row: &impl Cols) -> Result<Current> {
         worker_id: row.opt_text("worker_id")?,
         lease_expires_at: row.opt_int("lease_expires_at")?,
         timeout_at: row.opt_int("timeout_at")?,
+        checkpoint_history: row.opt_text("checkpoint_history")?,
     })
 }
 

@@ -46,3 +46,17 @@ pub fn assert_code(o: &Output, code: i32) {
     assert_eq!(o.status.code(), Some(code), "{}", describe(o));
     assert!(!text(&o.stderr).contains("panicked"), "{}", describe(o));
 }
+
+/// The command's stdout as JSON.
+pub fn json_out(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", describe(o)))
+}
+
+/// `@PATH` of a file of the e-commerce example (a `--context`/`--input` argument).
+pub fn example_file(file: &str) -> String {
+    format!(
+        "@{}",
+        workspace().join("examples/ecommerce").join(file).display()
+    )
+}

@@ -14,10 +14,10 @@ use crate::orchestrator::SettleCause;
 use crate::state::{StepEvent, StepState, TaskEvent, TaskState, task_transition};
 use crate::store::apply::{
     NewRows, Rejection, Rows, Tallies, Target, checkpoint_history, expansion_rows, finish_row,
-    operator_expansion, settle_task,
+    operator_expansion, rejected, settle_task, stale_checkpoint,
 };
 use crate::store::journal::Journal;
-use crate::store::rows::{self, CURRENT_COLUMNS, Cols, Current, json, parse_state, staleness};
+use crate::store::rows::{self, CURRENT_COLUMNS, Cols, Current, json, parse_state};
 use crate::store::{
     AttemptResult, CallableFilter, ClaimRequest, Completion, Created, FinishReport, NewTask,
     OperatorAction, Resolution, TemplatePut,
@@ -472,23 +472,8 @@ pub(super) async fn create_tasks(
                 j.step_created(&s.uuid, &t.uuid, actor, now);
             }
         }
-        let uuids: Vec<&str> = new.iter().map(|t| t.uuid.as_str()).collect();
-        let found = settle_rows(tx, &uuids, now).await?;
-        let mut none = Vec::new();
-        let mut absorbed = Rows::new(&[], &[], &mut none, None, actor, now);
-        absorbed.absorb(&mut j, &found)?;
-        let (tallies, _) = absorbed.into_parts();
-        for t in &new {
-            settle_task(
-                &mut j,
-                &tallies,
-                &t.uuid,
-                SettleCause::Start,
-                actor,
-                None,
-                now,
-            )?;
-        }
+        let uuids: Vec<String> = new.iter().map(|t| t.uuid.clone()).collect();
+        settle_many(tx, &mut j, &uuids, SettleCause::Start, actor, None, now).await?;
     }
     let jobs = match claim_req {
         Some(req) => claim(tx, &mut j, req, now).await?,
@@ -500,7 +485,7 @@ pub(super) async fn create_tasks(
 
 // ---------------------------------------------------------------- claim
 
-/// The claim statement and its text parameters (bound after the five fixed ones), or `None`
+/// The claim statement and its text parameters (bound after the four fixed ones), or `None`
 /// when the request cannot match anything. Other transactions' claims are skipped, not
 /// waited for. The ancestors' results are gathered by key look-ups only: the `OFFSET 0`
 /// subqueries cannot be turned into joins, which a planner misled about a table's size would
@@ -513,7 +498,7 @@ fn claim_statement(req: &ClaimRequest) -> Option<(String, Vec<Vec<String>>)> {
     let mut filter = String::new();
     let mut in_list = |filter: &mut String, column: &str, negate: bool, values: &[String]| {
         lists.push(values.to_vec());
-        let n = 5 + lists.len();
+        let n = 4 + lists.len();
         if negate {
             filter.push_str(&format!(" AND {column} <> ALL(${n})"));
         } else {
@@ -553,7 +538,7 @@ fn claim_statement(req: &ClaimRequest) -> Option<(String, Vec<Vec<String>>)> {
             RETURNING s.step_uuid, s.task_uuid, s.name, s.attempts, s.definition, s.inputs,
                 s.checkpoint, s.timeout_at, s.started_at, s.namespace, s.step_type, s.priority,
                 s.enqueued_at)
-         SELECT $5::text AS tag, c.step_uuid, c.task_uuid, c.name, c.attempts, c.definition,
+         SELECT c.step_uuid, c.task_uuid, c.name, c.attempts, c.definition,
             c.inputs, c.checkpoint, c.timeout_at, c.started_at, c.namespace,
             json_build_array(t.name, t.version, t.correlation_id, t.context::json,
                 t.template_hash)::text AS task,
@@ -603,8 +588,7 @@ async fn claim(
         .bind(&req.worker_id)
         .bind(now)
         .bind(req.lease_ms)
-        .bind(req.default_timeout_ms)
-        .bind("j");
+        .bind(req.default_timeout_ms);
     for l in lists {
         q = q.bind(l);
     }
@@ -912,38 +896,14 @@ async fn record_rejection(tx: &mut PgConnection, r: Rejection<'_>, now: Millis) 
     Ok(())
 }
 
-/// Explains why a result did not apply and records late completions (engine-made expiries
-/// that lost a race are not late completions).
+/// Explains why a result did not apply and records late completions.
 async fn reject(tx: &mut PgConnection, r: &AttemptResult, now: Millis) -> Result<FinishReport> {
-    let Some(c) = current(tx, &r.step_uuid).await? else {
-        return Ok(FinishReport {
-            step_uuid: r.step_uuid.clone(),
-            task_uuid: None,
-            completion: Completion::Rejected("no such step".into()),
-            task_state: None,
-            events: Vec::new(),
-        });
-    };
-    let reason = staleness(&c, r.attempt, r.worker_id.as_deref(), r.expiry, now)
-        .unwrap_or_else(|| format!("attempt {} is not current", r.attempt));
-    if r.expiry.is_none() {
-        let rejection = Rejection {
-            step_uuid: &r.step_uuid,
-            task_uuid: Some(&c.task_uuid),
-            attempt: r.attempt,
-            worker: r.worker_id.as_deref(),
-            reason: &reason,
-            outcome: serde_json::to_string(&r.resolution_summary()).ok(),
-        };
+    let c = current(tx, &r.step_uuid).await?;
+    let (report, late) = rejected(r, c.as_ref(), now);
+    if let Some(rejection) = late {
         record_rejection(tx, rejection, now).await?;
     }
-    Ok(FinishReport {
-        step_uuid: r.step_uuid.clone(),
-        task_uuid: Some(c.task_uuid),
-        completion: Completion::Rejected(reason),
-        task_state: None,
-        events: Vec::new(),
-    })
+    Ok(report)
 }
 
 // ---------------------------------------------------------------- attempts
@@ -960,23 +920,12 @@ pub(super) async fn checkpoint(
     let Some(c) = current(tx, step_uuid).await? else {
         return Ok(Completion::Rejected("no such step".into()));
     };
-    if let Some(reason) = staleness(&c, attempt, Some(worker_id), None, now) {
-        let rejection = Rejection {
-            step_uuid,
-            task_uuid: Some(&c.task_uuid),
-            attempt,
-            worker: Some(worker_id),
-            reason: &reason,
-            outcome: json(cp).ok(),
-        };
+    if let Some(rejection) = stale_checkpoint(step_uuid, &c, attempt, worker_id, cp, now) {
+        let reason = rejection.reason.clone();
         record_rejection(tx, rejection, now).await?;
         return Ok(Completion::Rejected(reason));
     }
-    let history: Option<String> =
-        sqlx::query_scalar("SELECT checkpoint_history FROM steps WHERE step_uuid = $1")
-            .bind(step_uuid)
-            .fetch_one(&mut *tx)
-            .await?;
+    let history = c.checkpoint_history.clone();
     let history = checkpoint_history(history, cp, attempt, now)?;
     let mut j = Journal::default();
     let state = j.step_moves(

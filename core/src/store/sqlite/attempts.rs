@@ -10,9 +10,9 @@ use crate::clock::Millis;
 use crate::job::{Checkpoint, StepJob};
 use crate::orchestrator::SettleCause;
 use crate::state::{StepEvent, StepState};
-use crate::store::apply;
 pub(super) use crate::store::apply::Rejection;
-pub(super) use crate::store::rows::{self, CURRENT_COLUMNS, Current, claimed_job, staleness};
+use crate::store::apply::{self, stale_checkpoint};
+pub(super) use crate::store::rows::{self, CURRENT_COLUMNS, Current, claimed_job};
 use crate::store::{CallableFilter, ClaimRequest, Completion};
 
 /// Claims ready steps; their transitions go into `j`, which the caller flushes.
@@ -155,23 +155,12 @@ pub(super) async fn checkpoint(
     let Some(c) = current(tx, step_uuid).await? else {
         return Ok(Completion::Rejected("no such step".into()));
     };
-    if let Some(reason) = staleness(&c, attempt, Some(worker_id), None, now) {
-        let rejection = Rejection {
-            step_uuid,
-            task_uuid: Some(&c.task_uuid),
-            attempt,
-            worker: Some(worker_id),
-            reason: &reason,
-            outcome: json(cp).ok(),
-        };
+    if let Some(rejection) = stale_checkpoint(step_uuid, &c, attempt, worker_id, cp, now) {
+        let reason = rejection.reason.clone();
         record_rejection(tx, rejection, now).await?;
         return Ok(Completion::Rejected(reason));
     }
-    let history: Option<String> =
-        sqlx::query_scalar("SELECT checkpoint_history FROM steps WHERE step_uuid = $1")
-            .bind(step_uuid)
-            .fetch_one(&mut *tx)
-            .await?;
+    let history = c.checkpoint_history.clone();
     let history = apply::checkpoint_history(history, cp, attempt, now)?;
     let mut j = Journal::default();
     move_step(

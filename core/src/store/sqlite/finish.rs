@@ -11,14 +11,14 @@
 
 use sqlx::{AssertSqlSafe, SqliteConnection};
 
-use super::attempts::{Rejection, claim_statement, current, record_rejection, staleness};
+use super::attempts::{claim_statement, current, record_rejection};
 use super::journal::{Journal, Param, bind_all};
 use super::write::{SETTLE, json, settle_params, settle_task};
 use crate::Result;
 use crate::clock::Millis;
 use crate::job::StepJob;
 use crate::orchestrator::SettleCause;
-use crate::store::apply::{FinishRow, Target, finish_row};
+use crate::store::apply::{FinishRow, Target, finish_row, rejected};
 pub(super) use crate::store::apply::{Rows, expansion_rows};
 use crate::store::{AttemptResult, ClaimRequest, Completion, FinishReport, Resolution};
 
@@ -258,33 +258,10 @@ fn finish_params(r: &AttemptResult, index: usize, now: Millis) -> Result<(Target
 /// The slow path of `finish`: explains why a result did not apply and records late
 /// completions (engine-made expiries that lost a race are not late completions).
 async fn reject(tx: &mut SqliteConnection, r: &AttemptResult, now: Millis) -> Result<FinishReport> {
-    let Some(c) = current(tx, &r.step_uuid).await? else {
-        return Ok(FinishReport {
-            step_uuid: r.step_uuid.clone(),
-            task_uuid: None,
-            completion: Completion::Rejected("no such step".into()),
-            task_state: None,
-            events: Vec::new(),
-        });
-    };
-    let reason = staleness(&c, r.attempt, r.worker_id.as_deref(), r.expiry, now)
-        .unwrap_or_else(|| format!("attempt {} is not current", r.attempt));
-    if r.expiry.is_none() {
-        let rejection = Rejection {
-            step_uuid: &r.step_uuid,
-            task_uuid: Some(&c.task_uuid),
-            attempt: r.attempt,
-            worker: r.worker_id.as_deref(),
-            reason: &reason,
-            outcome: serde_json::to_string(&r.resolution_summary()).ok(),
-        };
+    let c = current(tx, &r.step_uuid).await?;
+    let (report, late) = rejected(r, c.as_ref(), now);
+    if let Some(rejection) = late {
         record_rejection(tx, rejection, now).await?;
     }
-    Ok(FinishReport {
-        step_uuid: r.step_uuid.clone(),
-        task_uuid: Some(c.task_uuid),
-        completion: Completion::Rejected(reason),
-        task_state: None,
-        events: Vec::new(),
-    })
+    Ok(report)
 }
