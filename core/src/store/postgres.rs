@@ -63,6 +63,11 @@ impl PgStore {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| Error::validation(format!("bad database URL: {e}")))?
             .application_name("tasker")
+            // JIT compilation is for long analytic queries. The claim's recursive ancestor
+            // walk is estimated at millions of rows (a recursive union is guessed, not
+            // counted), which crosses the JIT thresholds: a claim that runs in 2 ms then spent
+            // a second compiling itself, on every execution.
+            .options([("jit", "off")])
             // Statements of variable shape are few (claim filters); keep them all prepared.
             .statement_cache_capacity(512);
         let pool = PgPoolOptions::new()
