@@ -374,6 +374,65 @@ async fn create_task_inserts_steps_edges_transitions(db: Db) {
     assert_eq!(s.step_transitions(&uuid, Some("a")).await.unwrap().len(), 2);
 }
 
+/// A creation that also claims runs in a transaction, one that does not may be written at
+/// once (PostgreSQL does it in one statement): both leave the same task, steps and audit.
+async fn creation_records_the_same_whether_or_not_it_claims(db: Db) {
+    let s = db.store();
+    let t = diamond();
+    s.put_template(&t, false, T0).await.unwrap();
+    let at_once = create(s, &t, json!({"x": 1}), T0).await;
+    let nothing = claim_req(
+        "w-none",
+        &[],
+        CallableFilter::Only(vec!["no.such.callable".into()]),
+        4,
+    );
+    let (created, jobs) = s
+        .create_tasks(
+            &[plan(&t, request(&t, json!({"x": 2})))],
+            ORCH,
+            Some(&nothing),
+            T0,
+        )
+        .await
+        .unwrap();
+    assert!(jobs.is_empty());
+    let [Created::New(claiming)] = created.as_slice() else {
+        panic!("expected a new task, got {created:?}");
+    };
+    let shape = |uuid: String| async move {
+        let task = s.get_task(&uuid).await.unwrap();
+        let steps: Vec<(String, StepState, Vec<String>)> = task
+            .steps
+            .iter()
+            .map(|st| (st.name.clone(), st.state, st.dependencies.clone()))
+            .collect();
+        let tt: Vec<(Option<String>, String, String, String, Millis)> = s
+            .task_transitions(&uuid)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.from_state, r.to_state, r.event, r.actor, r.created_at))
+            .collect();
+        let st: Vec<(Option<String>, Option<String>, String, String, String)> = s
+            .step_transitions(&uuid, None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.step_name, r.from_state, r.to_state, r.event, r.actor))
+            .collect();
+        (task.status, task.completed_at, steps, tt, st)
+    };
+    assert_eq!(shape(at_once.clone()).await, shape(claiming.clone()).await);
+    // Both roots are claimable.
+    let claimed: HashSet<String> = claim(s, "w", 4, T0 + 1)
+        .await
+        .into_iter()
+        .map(|j| j.task_uuid)
+        .collect();
+    assert_eq!(claimed, HashSet::from([at_once, claiming.clone()]));
+}
+
 async fn identity_duplicates_return_existing(db: Db) {
     let s = db.store();
     let t = diamond();
@@ -2022,6 +2081,7 @@ macro_rules! all_tests {
             [
                 templates_register_version_and_conflict,
                 create_task_inserts_steps_edges_transitions,
+                creation_records_the_same_whether_or_not_it_claims,
                 identity_duplicates_return_existing,
                 group_creation_resolves_identities_within_the_group,
                 group_finish_reports_each_result_and_claims_what_became_ready,

@@ -343,6 +343,52 @@ impl NewRows {
     }
 }
 
+/// Journals the creation and start of tasks that are all new — what the transactional path
+/// (insert, then [`settle_task`] over a tally read back from the database) records, computed
+/// without reading anything back: a new task's steps are all `pending` and exactly those with
+/// no parent among them are ready. For a backend that writes a creation in one statement.
+/// Returns each task's state after starting.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+pub(crate) fn start_new(
+    j: &mut Journal,
+    new: &[&NewTask],
+    actor: &str,
+    now: Millis,
+) -> Result<Vec<TaskState>> {
+    let mut tallies = Tallies::new();
+    for t in new {
+        j.task_created(&t.uuid, actor, now);
+        for s in &t.steps {
+            j.step_created(&s.uuid, &t.uuid, actor, now);
+        }
+    }
+    for t in new {
+        let mut counts = StepCounts::default();
+        for s in &t.steps {
+            let name = s.definition.name.as_str();
+            if t.edges.iter().any(|(_, child)| child == name) {
+                counts.add(StepState::Pending);
+            } else {
+                j.step_moves(
+                    &s.uuid,
+                    &t.uuid,
+                    StepState::Pending,
+                    &[StepEvent::Enqueue],
+                    None,
+                    actor,
+                    None,
+                    now,
+                )?;
+                counts.add(StepState::Enqueued);
+            }
+        }
+        tallies.insert(t.uuid.clone(), (Some(TaskState::Pending), counts));
+    }
+    new.iter()
+        .map(|t| settle_task(j, &tallies, &t.uuid, SettleCause::Start, actor, None, now))
+        .collect()
+}
+
 /// What the tagged rows of a write say (results applied, steps created and enqueued, task
 /// tallies, claimed jobs), gathered across its statements. Every row starts with a tag:
 /// - `f`: a result applied — index, task, and (for a step that declares events) a JSON array

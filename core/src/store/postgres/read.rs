@@ -88,7 +88,9 @@ pub(super) async fn task_state(pool: &PgPool, task_uuid: &str) -> Result<TaskSta
     rows::task_state_of(s, task_uuid)
 }
 
-/// The task, its steps and its edges: one statement, so one snapshot and one round trip.
+/// The task, its steps and its edges: one statement, so one snapshot and one round trip. The
+/// edges are found by key look-ups from the task's steps (`OFFSET 0` keeps the planner from
+/// turning them into a scan of every edge).
 pub(super) async fn get_task(pool: &PgPool, task_uuid: &str) -> Result<Task> {
     let t = sqlx::query(
         "SELECT t.*,
@@ -102,8 +104,10 @@ pub(super) async fn get_task(pool: &PgPool, task_uuid: &str) -> Result<Task> {
              FROM steps s WHERE s.task_uuid = t.task_uuid) AS steps_json,
             (SELECT COALESCE(json_agg(json_build_object('parent', p.name, 'child', c.step_uuid)
                 ORDER BY p.seq), '[]')::text
-             FROM steps c JOIN step_edges e ON e.to_step = c.step_uuid
-             JOIN steps p ON p.step_uuid = e.from_step
+             FROM steps c,
+                LATERAL (SELECT from_step FROM step_edges WHERE to_step = c.step_uuid
+                    OFFSET 0) e,
+                LATERAL (SELECT name, seq FROM steps WHERE step_uuid = e.from_step OFFSET 0) p
              WHERE c.task_uuid = t.task_uuid) AS edges_json
          FROM tasks t WHERE t.task_uuid = $1",
     )

@@ -14,9 +14,9 @@ use crate::orchestrator::SettleCause;
 use crate::state::{StepEvent, StepState, TaskEvent, TaskState, task_transition};
 use crate::store::apply::{
     NewRows, Rejection, Rows, Tallies, Target, checkpoint_history, expansion_rows, finish_row,
-    operator_expansion, rejected, settle_task, stale_checkpoint,
+    operator_expansion, rejected, settle_task, stale_checkpoint, start_new,
 };
-use crate::store::journal::Journal;
+use crate::store::journal::{Drained, Journal};
 use crate::store::rows::{self, CURRENT_COLUMNS, Cols, Current, json, parse_state};
 use crate::store::{
     AttemptResult, CallableFilter, ClaimRequest, Completion, Created, FinishReport, NewTask,
@@ -35,44 +35,7 @@ pub(super) async fn flush(tx: &mut PgConnection, j: &mut Journal) -> Result<()> 
         return Ok(());
     }
     let work = d.steps.iter().any(|s| s.to == StepState::Enqueued);
-    let mut s_step = Vec::with_capacity(d.steps.len());
-    let mut s_task = Vec::with_capacity(d.steps.len());
-    let mut s_from: Vec<Option<&str>> = Vec::with_capacity(d.steps.len());
-    let mut s_to = Vec::with_capacity(d.steps.len());
-    let mut s_event = Vec::with_capacity(d.steps.len());
-    let mut s_actor = Vec::with_capacity(d.steps.len());
-    let mut s_reason = Vec::with_capacity(d.steps.len());
-    let mut s_attempt: Vec<Option<i64>> = Vec::with_capacity(d.steps.len());
-    let mut s_at = Vec::with_capacity(d.steps.len());
-    for r in &d.steps {
-        s_step.push(r.step_uuid.as_str());
-        s_task.push(r.task_uuid.as_str());
-        s_from.push(r.from.map(|s| s.as_str()));
-        s_to.push(r.to.as_str());
-        s_event.push(r.event);
-        s_actor.push(r.actor.as_str());
-        s_reason.push(r.reason.as_deref());
-        s_attempt.push(r.attempt.map(i64::from));
-        s_at.push(r.at);
-    }
-    let mut t_task = Vec::with_capacity(d.tasks.len());
-    let mut t_from: Vec<Option<&str>> = Vec::with_capacity(d.tasks.len());
-    let mut t_to = Vec::with_capacity(d.tasks.len());
-    let mut t_event = Vec::with_capacity(d.tasks.len());
-    let mut t_actor = Vec::with_capacity(d.tasks.len());
-    let mut t_reason = Vec::with_capacity(d.tasks.len());
-    let mut t_meta = Vec::with_capacity(d.tasks.len());
-    let mut t_at = Vec::with_capacity(d.tasks.len());
-    for r in &d.tasks {
-        t_task.push(r.task_uuid.as_str());
-        t_from.push(r.from.map(|s| s.as_str()));
-        t_to.push(r.to.as_str());
-        t_event.push(r.event);
-        t_actor.push(r.actor.as_str());
-        t_reason.push(r.reason.as_deref());
-        t_meta.push(r.metadata.as_deref());
-        t_at.push(r.at);
-    }
+    let a = TransitionArrays::of(&d);
     let mut u_task = Vec::with_capacity(d.task_states.len());
     let mut u_state = Vec::with_capacity(d.task_states.len());
     let mut u_at = Vec::with_capacity(d.task_states.len());
@@ -106,23 +69,23 @@ pub(super) async fn flush(tx: &mut PgConnection, j: &mut Journal) -> Result<()> 
          n2 AS (SELECT pg_notify($24, '') WHERE $25)
          SELECT (SELECT COUNT(*) FROM n1) + (SELECT COUNT(*) FROM n2)",
     )
-    .bind(&s_step)
-    .bind(&s_task)
-    .bind(&s_from)
-    .bind(&s_to)
-    .bind(&s_event)
-    .bind(&s_actor)
-    .bind(&s_reason)
-    .bind(&s_attempt)
-    .bind(&s_at)
-    .bind(&t_task)
-    .bind(&t_from)
-    .bind(&t_to)
-    .bind(&t_event)
-    .bind(&t_actor)
-    .bind(&t_reason)
-    .bind(&t_meta)
-    .bind(&t_at)
+    .bind(&a.s_step)
+    .bind(&a.s_task)
+    .bind(&a.s_from)
+    .bind(&a.s_to)
+    .bind(&a.s_event)
+    .bind(&a.s_actor)
+    .bind(&a.s_reason)
+    .bind(&a.s_attempt)
+    .bind(&a.s_at)
+    .bind(&a.t_task)
+    .bind(&a.t_from)
+    .bind(&a.t_to)
+    .bind(&a.t_event)
+    .bind(&a.t_actor)
+    .bind(&a.t_reason)
+    .bind(&a.t_meta)
+    .bind(&a.t_at)
     .bind(&u_task)
     .bind(&u_state)
     .bind(&u_at)
@@ -166,6 +129,51 @@ pub(super) async fn flush(tx: &mut PgConnection, j: &mut Journal) -> Result<()> 
         .await?;
     }
     Ok(())
+}
+
+/// A journal's transitions as column arrays, for `unnest`.
+struct TransitionArrays<'a> {
+    s_step: Vec<&'a str>,
+    s_task: Vec<&'a str>,
+    s_from: Vec<Option<&'a str>>,
+    s_to: Vec<&'a str>,
+    s_event: Vec<&'a str>,
+    s_actor: Vec<&'a str>,
+    s_reason: Vec<Option<&'a str>>,
+    s_attempt: Vec<Option<i64>>,
+    s_at: Vec<i64>,
+    t_task: Vec<&'a str>,
+    t_from: Vec<Option<&'a str>>,
+    t_to: Vec<&'a str>,
+    t_event: Vec<&'a str>,
+    t_actor: Vec<&'a str>,
+    t_reason: Vec<Option<&'a str>>,
+    t_meta: Vec<Option<&'a str>>,
+    t_at: Vec<i64>,
+}
+
+impl<'a> TransitionArrays<'a> {
+    fn of(d: &'a Drained) -> TransitionArrays<'a> {
+        TransitionArrays {
+            s_step: d.steps.iter().map(|r| r.step_uuid.as_str()).collect(),
+            s_task: d.steps.iter().map(|r| r.task_uuid.as_str()).collect(),
+            s_from: d.steps.iter().map(|r| r.from.map(|s| s.as_str())).collect(),
+            s_to: d.steps.iter().map(|r| r.to.as_str()).collect(),
+            s_event: d.steps.iter().map(|r| r.event).collect(),
+            s_actor: d.steps.iter().map(|r| r.actor.as_str()).collect(),
+            s_reason: d.steps.iter().map(|r| r.reason.as_deref()).collect(),
+            s_attempt: d.steps.iter().map(|r| r.attempt.map(i64::from)).collect(),
+            s_at: d.steps.iter().map(|r| r.at).collect(),
+            t_task: d.tasks.iter().map(|r| r.task_uuid.as_str()).collect(),
+            t_from: d.tasks.iter().map(|r| r.from.map(|s| s.as_str())).collect(),
+            t_to: d.tasks.iter().map(|r| r.to.as_str()).collect(),
+            t_event: d.tasks.iter().map(|r| r.event).collect(),
+            t_actor: d.tasks.iter().map(|r| r.actor.as_str()).collect(),
+            t_reason: d.tasks.iter().map(|r| r.reason.as_deref()).collect(),
+            t_meta: d.tasks.iter().map(|r| r.metadata.as_deref()).collect(),
+            t_at: d.tasks.iter().map(|r| r.at).collect(),
+        }
+    }
 }
 
 /// Locks the rows of the tasks `step_uuids` belong to (and of `tasks`), in one order. Key
@@ -267,7 +275,9 @@ pub(super) async fn put_template(
 ///
 /// A parent satisfies its child when `complete` or `resolved_manually`, and also when it is a
 /// batch worker that failed for good under the `isolate` strategy. Batch workers are enqueued
-/// in creation order while fewer than their group's `parallelism` are busy.
+/// in creation order while fewer than their group's `parallelism` are busy. The tally is a
+/// per-task lateral aggregate so that it reads each task's steps by index: a plain join is
+/// planned as a scan of every step once the table has grown.
 const SETTLE: &str = "
 WITH e AS (
   UPDATE steps SET state = 'enqueued', enqueued_at = $1, updated_at = $1
@@ -291,12 +301,14 @@ WITH e AS (
   RETURNING step_uuid, task_uuid)
 SELECT 'e' AS tag, step_uuid AS a, task_uuid AS b, NULL::text AS c, NULL::int8 AS d FROM e
 UNION ALL
-SELECT 'c', t.task_uuid, t.state,
-       CASE WHEN e.step_uuid IS NOT NULL THEN 'enqueued' ELSE s.state END, COUNT(s.step_uuid)
-FROM tasks t LEFT JOIN steps s ON s.task_uuid = t.task_uuid
-LEFT JOIN e ON e.step_uuid = s.step_uuid
-WHERE t.task_uuid = ANY($2)
-GROUP BY t.task_uuid, t.state, CASE WHEN e.step_uuid IS NOT NULL THEN 'enqueued' ELSE s.state END";
+SELECT 'c', t.task_uuid, t.state, x.state, COALESCE(x.n, 0)
+FROM tasks t LEFT JOIN LATERAL (
+  SELECT CASE WHEN e.step_uuid IS NOT NULL THEN 'enqueued' ELSE s.state END AS state,
+         COUNT(*) AS n
+  FROM steps s LEFT JOIN e ON e.step_uuid = s.step_uuid
+  WHERE s.task_uuid = t.task_uuid
+  GROUP BY 1) x ON true
+WHERE t.task_uuid = ANY($2)";
 
 /// Runs [`SETTLE`] for `tasks`.
 async fn settle_rows(tx: &mut PgConnection, tasks: &[&str], now: Millis) -> Result<Vec<PgRow>> {
@@ -355,20 +367,8 @@ pub(super) async fn create_tasks(
     now: Millis,
 ) -> Result<(Vec<Created>, Vec<StepJob>)> {
     let mut j = Journal::default();
-    // Within the group, a later task with the same identity gets the earlier one.
-    let mut first: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    let mut candidates: Vec<&NewTask> = Vec::new();
-    for t in tasks {
-        match &t.identity_hash {
-            Some(h) if first.contains_key(h.as_str()) => {}
-            Some(h) => {
-                first.insert(h.as_str(), candidates.len());
-                candidates.push(t);
-            }
-            None => candidates.push(t),
-        }
-    }
-    let rows = NewRows::of(&candidates)?;
+    let group = Group::of(tasks);
+    let rows = NewRows::of(&group.candidates)?;
     sqlx::query(
         "INSERT INTO template_snapshots (content_hash, definition)
          SELECT v->>0, v->>1 FROM json_array_elements($1::json) v
@@ -394,55 +394,9 @@ pub(super) async fn create_tasks(
     .bind(json(&rows.tasks)?)
     .fetch_all(&mut *tx)
     .await?;
-    let is_new = |uuid: &str| inserted.iter().any(|i| i == uuid);
-    let existing: Vec<&str> = candidates
-        .iter()
-        .filter(|t| !is_new(&t.uuid))
-        .filter_map(|t| t.identity_hash.as_deref())
-        .collect();
-    let mut known: std::collections::HashMap<String, String> = std::collections::HashMap::new();
-    if !existing.is_empty() {
-        for r in
-            sqlx::query("SELECT identity_hash, task_uuid FROM tasks WHERE identity_hash = ANY($1)")
-                .bind(&existing)
-                .fetch_all(&mut *tx)
-                .await?
-        {
-            known.insert(r.try_get(0)?, r.try_get(1)?);
-        }
-    }
-    let mut created = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        if is_new(&t.uuid) {
-            created.push(Created::New(t.uuid.clone()));
-            continue;
-        }
-        let winner = t.identity_hash.as_ref().and_then(|h| {
-            known.get(h).cloned().or_else(|| {
-                first
-                    .get(h.as_str())
-                    .map(|i| candidates[*i].uuid.clone())
-                    .filter(|u| is_new(u))
-            })
-        });
-        match winner {
-            Some(uuid) => created.push(Created::Existing {
-                uuid,
-                by_key: t.identity_from_key,
-            }),
-            None => {
-                return Err(Error::internal(format!(
-                    "task {} was neither inserted nor found by its identity",
-                    t.uuid
-                )));
-            }
-        }
-    }
-    let new: Vec<&NewTask> = candidates
-        .iter()
-        .copied()
-        .filter(|t| is_new(&t.uuid))
-        .collect();
+    let known = known_identities(&mut *tx, &group.lost(&inserted)).await?;
+    let created = group.resolve(tasks, &inserted, &known)?;
+    let new = group.inserted(&inserted);
     if !new.is_empty() {
         let rows = NewRows::of(&new)?;
         sqlx::query(
@@ -481,6 +435,244 @@ pub(super) async fn create_tasks(
     };
     flush(tx, &mut j).await?;
     Ok((created, jobs))
+}
+
+/// Creates and starts `tasks` in one statement, which is its own transaction: the rows of
+/// every task, its steps (the ready ones already `enqueued`), its edges and transitions, and
+/// the announcements, all computed beforehand ([`start_new`]) and each written only for tasks
+/// whose insert went through. A task whose identity exists comes back as
+/// [`Created::Existing`] as in [`create_tasks`], which is what a creation that also claims
+/// runs.
+pub(super) async fn create_tasks_at_once(
+    pool: &PgPool,
+    tasks: &[NewTask],
+    actor: &str,
+    now: Millis,
+) -> Result<Vec<Created>> {
+    let group = Group::of(tasks);
+    let rows = NewRows::of(&group.candidates)?;
+    let mut j = Journal::default();
+    start_new(&mut j, &group.candidates, actor, now)?;
+    let d = j.drain();
+    if !d.outbox.is_empty() {
+        return Err(Error::internal("starting a task fired outbox events"));
+    }
+    // Each step's state after starting (the ready ones moved on from `pending`).
+    let mut moved: Vec<(&str, &str)> = Vec::new();
+    for r in d.steps.iter().filter(|r| r.from.is_some()) {
+        match moved.iter_mut().find(|(s, _)| *s == r.step_uuid) {
+            Some(m) => m.1 = r.to.as_str(),
+            None => moved.push((r.step_uuid.as_str(), r.to.as_str())),
+        }
+    }
+    let work = moved
+        .iter()
+        .any(|(_, s)| *s == StepState::Enqueued.as_str());
+    let (m_step, m_state): (Vec<&str>, Vec<&str>) = moved.into_iter().unzip();
+    let mut u_task = Vec::with_capacity(d.task_states.len());
+    let mut u_state = Vec::with_capacity(d.task_states.len());
+    let mut u_done: Vec<Option<i64>> = Vec::with_capacity(d.task_states.len());
+    let mut notes = Vec::with_capacity(d.task_states.len());
+    for (task, state, at) in &d.task_states {
+        u_task.push(task.as_str());
+        u_state.push(state.as_str());
+        u_done.push(state.is_terminal().then_some(*at));
+        notes.push(format!("{task} {}", state.as_str()));
+    }
+    let a = TransitionArrays::of(&d);
+    let inserted: Vec<String> = sqlx::query_scalar(
+        "WITH snap AS (
+            INSERT INTO template_snapshots (content_hash, definition)
+            SELECT v->>0, v->>1 FROM json_array_elements($2::json) v
+            ON CONFLICT (content_hash) DO NOTHING),
+         ins AS (
+            INSERT INTO tasks (task_uuid, namespace, name, version, template_hash, state,
+                context, initiator, source_system, reason, tags, priority, correlation_id,
+                parent_correlation_id, idempotency_key, identity_hash, parent_task_uuid,
+                parent_step_uuid, created_at, updated_at, state_entered_at, completed_at)
+            SELECT v->>0, v->>1, v->>2, v->>3, v->>4, COALESCE(u.state, 'pending'), v->>5,
+                v->>6, v->>7, v->>8, v->>9, (v->>10)::int8, v->>11, v->>12, v->>13, v->>14,
+                v->>15, v->>16, $1, $1, $1, u.done
+            FROM json_array_elements($3::json) v
+            LEFT JOIN unnest($4::text[], $5::text[], $6::int8[]) AS u(task_uuid, state, done)
+                ON u.task_uuid = v->>0
+            ON CONFLICT (identity_hash) DO NOTHING
+            RETURNING task_uuid),
+         st AS (
+            INSERT INTO steps (step_uuid, task_uuid, seq, name, namespace, callable, step_type,
+                definition, inputs, state, max_attempts, priority, timeout_ms, enqueued_at,
+                created_at, updated_at)
+            SELECT v->>0, v->>1, (v->>2)::int8, v->>3, v->>4, v->>5, v->>6, v->>7, v->>8,
+                COALESCE(m.state, 'pending'), (v->>9)::int8, (v->>10)::int8, (v->>11)::int8,
+                CASE WHEN m.state = 'enqueued' THEN $1 END, $1, $1
+            FROM json_array_elements($7::json) v
+            LEFT JOIN unnest($8::text[], $9::text[]) AS m(step_uuid, state)
+                ON m.step_uuid = v->>0
+            WHERE v->>1 IN (SELECT task_uuid FROM ins)),
+         ed AS (
+            INSERT INTO step_edges (task_uuid, from_step, to_step)
+            SELECT v->>0, v->>1, v->>2 FROM json_array_elements($10::json) v
+            WHERE v->>0 IN (SELECT task_uuid FROM ins)),
+         str AS (
+            INSERT INTO step_transitions (step_uuid, task_uuid, from_state, to_state, event,
+                actor, reason, attempt, created_at)
+            SELECT * FROM unnest($11::text[], $12::text[], $13::text[], $14::text[],
+                $15::text[], $16::text[], $17::text[], $18::int8[], $19::int8[])
+                AS r(step_uuid, task_uuid, from_state, to_state, event, actor, reason,
+                    attempt, created_at)
+            WHERE r.task_uuid IN (SELECT task_uuid FROM ins)),
+         ttr AS (
+            INSERT INTO task_transitions (task_uuid, from_state, to_state, event, actor,
+                reason, metadata, created_at)
+            SELECT * FROM unnest($20::text[], $21::text[], $22::text[], $23::text[],
+                $24::text[], $25::text[], $26::text[], $27::int8[])
+                AS r(task_uuid, from_state, to_state, event, actor, reason, metadata,
+                    created_at)
+            WHERE r.task_uuid IN (SELECT task_uuid FROM ins)),
+         n1 AS (
+            SELECT pg_notify($28, n) FROM unnest($29::text[]) n
+            WHERE split_part(n, ' ', 1) IN (SELECT task_uuid FROM ins)),
+         n2 AS (
+            SELECT pg_notify($30, '') WHERE $31 AND EXISTS (SELECT 1 FROM ins))
+         SELECT task_uuid FROM ins
+         WHERE (SELECT COUNT(*) FROM n1) + (SELECT COUNT(*) FROM n2) >= 0",
+    )
+    .bind(now)
+    .bind(json(&rows.snapshots)?)
+    .bind(json(&rows.tasks)?)
+    .bind(&u_task)
+    .bind(&u_state)
+    .bind(&u_done)
+    .bind(json(&rows.steps)?)
+    .bind(&m_step)
+    .bind(&m_state)
+    .bind(json(&rows.edges)?)
+    .bind(&a.s_step)
+    .bind(&a.s_task)
+    .bind(&a.s_from)
+    .bind(&a.s_to)
+    .bind(&a.s_event)
+    .bind(&a.s_actor)
+    .bind(&a.s_reason)
+    .bind(&a.s_attempt)
+    .bind(&a.s_at)
+    .bind(&a.t_task)
+    .bind(&a.t_from)
+    .bind(&a.t_to)
+    .bind(&a.t_event)
+    .bind(&a.t_actor)
+    .bind(&a.t_reason)
+    .bind(&a.t_meta)
+    .bind(&a.t_at)
+    .bind(TASK_CHANNEL)
+    .bind(&notes)
+    .bind(WORK_CHANNEL)
+    .bind(work)
+    .fetch_all(pool)
+    .await?;
+    let known = known_identities(pool, &group.lost(&inserted)).await?;
+    group.resolve(tasks, &inserted, &known)
+}
+
+/// A group of creations with repeated identities folded: within the group, a later task with
+/// the same identity gets the earlier one.
+struct Group<'a> {
+    first: std::collections::HashMap<&'a str, usize>,
+    candidates: Vec<&'a NewTask>,
+}
+
+impl<'a> Group<'a> {
+    fn of(tasks: &'a [NewTask]) -> Group<'a> {
+        let mut first = std::collections::HashMap::new();
+        let mut candidates: Vec<&NewTask> = Vec::new();
+        for t in tasks {
+            match &t.identity_hash {
+                Some(h) if first.contains_key(h.as_str()) => {}
+                Some(h) => {
+                    first.insert(h.as_str(), candidates.len());
+                    candidates.push(t);
+                }
+                None => candidates.push(t),
+            }
+        }
+        Group { first, candidates }
+    }
+
+    /// The candidates whose insert went through.
+    fn inserted(&self, inserted: &[String]) -> Vec<&'a NewTask> {
+        self.candidates
+            .iter()
+            .copied()
+            .filter(|t| inserted.contains(&t.uuid))
+            .collect()
+    }
+
+    /// The identities of the candidates whose insert did not go through.
+    fn lost(&self, inserted: &[String]) -> Vec<&'a str> {
+        self.candidates
+            .iter()
+            .filter(|t| !inserted.contains(&t.uuid))
+            .filter_map(|t| t.identity_hash.as_deref())
+            .collect()
+    }
+
+    /// What became of each of `tasks`: new, or the existing task with its identity (`known`
+    /// maps the identities of [`Group::lost`] to their tasks).
+    fn resolve(
+        &self,
+        tasks: &[NewTask],
+        inserted: &[String],
+        known: &std::collections::HashMap<String, String>,
+    ) -> Result<Vec<Created>> {
+        let is_new = |uuid: &str| inserted.iter().any(|i| i == uuid);
+        let mut created = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            if is_new(&t.uuid) {
+                created.push(Created::New(t.uuid.clone()));
+                continue;
+            }
+            let winner = t.identity_hash.as_ref().and_then(|h| {
+                known.get(h).cloned().or_else(|| {
+                    self.first
+                        .get(h.as_str())
+                        .map(|i| self.candidates[*i].uuid.clone())
+                        .filter(|u| is_new(u))
+                })
+            });
+            match winner {
+                Some(uuid) => created.push(Created::Existing {
+                    uuid,
+                    by_key: t.identity_from_key,
+                }),
+                None => {
+                    return Err(Error::internal(format!(
+                        "task {} was neither inserted nor found by its identity",
+                        t.uuid
+                    )));
+                }
+            }
+        }
+        Ok(created)
+    }
+}
+
+/// The tasks holding `identities`.
+async fn known_identities<'c>(
+    e: impl sqlx::PgExecutor<'c>,
+    identities: &[&str],
+) -> Result<std::collections::HashMap<String, String>> {
+    let mut known = std::collections::HashMap::new();
+    if identities.is_empty() {
+        return Ok(known);
+    }
+    for r in sqlx::query("SELECT identity_hash, task_uuid FROM tasks WHERE identity_hash = ANY($1)")
+        .bind(identities)
+        .fetch_all(e)
+        .await?
+    {
+        known.insert(r.try_get(0)?, r.try_get(1)?);
+    }
+    Ok(known)
 }
 
 // ---------------------------------------------------------------- claim
