@@ -1,0 +1,963 @@
+//! Export of tracing spans to an OpenTelemetry collector over OTLP/HTTP with JSON bodies.
+//!
+//! A [`OtlpLayer`] turns every closed span it is interested in into an OTLP span and queues it
+//! (bounded; a full queue drops the span and counts it, it never blocks the engine). A thread
+//! of its own batches the queue and POSTs `{endpoint}/v1/traces` about once a second or every
+//! 512 spans; a failed export is logged (at most once per [`ERROR_LOG_EVERY`]) and its spans
+//! are counted as dropped. The [`TelemetryGuard`] flushes what is queued when dropped.
+//!
+//! **One trace per task.** A span that carries a `task_uuid` field belongs to the trace whose
+//! id *is* the task's uuid (its 16 bytes, so the trace id is the uuid written without dashes).
+//! Every process and every attempt working on a task therefore reports into the same trace
+//! without propagating any context, and a trace is found from a task uuid by removing the
+//! dashes. When such a span opens inside a span of another trace (a task created by a REST
+//! request), it starts the task's trace and links to the span it came from instead of naming
+//! it as parent. Spans without a task keep their parent's trace, or start a random one.
+//!
+//! Configuration follows the OpenTelemetry environment variables; see [`OtlpConfig::from_env`].
+//! Only `http://` endpoints are supported (no TLS stack is linked): send to a collector or
+//! agent on the same host or network and let it forward over TLS.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Uri;
+use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue, USER_AGENT};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::registry::LookupSpan;
+
+use super::TelemetryGuard;
+
+/// `service.name` when neither `OTEL_SERVICE_NAME` nor `OTEL_RESOURCE_ATTRIBUTES` names one.
+pub const DEFAULT_SERVICE_NAME: &str = "tasker";
+/// The variable holding the export's own filter (`TASKER_LOG` syntax).
+pub const FILTER_ENV: &str = "TASKER_OTLP_LOG";
+/// Which spans (and span events) are exported unless [`FILTER_ENV`] says otherwise: the
+/// engine's and the bundled handlers' at `info`, anything else at `warn`.
+pub const DEFAULT_FILTER: &str = "warn,tasker=info";
+/// Export failures are logged at most this often.
+pub const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Longest the shutdown flush waits, whatever the export timeout.
+pub const MAX_FLUSH: Duration = Duration::from_secs(5);
+/// Span events kept per span; more are counted as dropped.
+const MAX_EVENTS: usize = 64;
+
+/// Where and how spans are exported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtlpConfig {
+    /// The full URL spans are POSTed to (`http://host:4318/v1/traces`).
+    pub endpoint: String,
+    /// Extra request headers (authentication for a hosted collector).
+    pub headers: Vec<(String, String)>,
+    /// `service.name` of the resource.
+    pub service_name: String,
+    /// Other resource attributes.
+    pub resource: Vec<(String, String)>,
+    /// How long one export request may take.
+    pub timeout: Duration,
+    /// How often queued spans are exported.
+    pub export_every: Duration,
+    /// Spans waiting for export at most; more are dropped and counted.
+    pub queue_size: usize,
+    /// Spans per request at most (a full batch is sent at once).
+    pub batch_size: usize,
+}
+
+impl OtlpConfig {
+    /// Exports to `endpoint` (the full traces URL) with the default settings.
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        OtlpConfig {
+            endpoint: endpoint.into(),
+            headers: Vec::new(),
+            service_name: DEFAULT_SERVICE_NAME.into(),
+            resource: Vec::new(),
+            timeout: Duration::from_secs(10),
+            export_every: Duration::from_secs(1),
+            queue_size: 2048,
+            batch_size: 512,
+        }
+    }
+
+    /// Reads the standard variables; `Ok(None)` when no endpoint is set (export is off).
+    ///
+    /// - `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as is) or `OTEL_EXPORTER_OTLP_ENDPOINT`
+    ///   (`/v1/traces` appended); `http://` only.
+    /// - `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TRACES_HEADERS`: `k=v,k2=v2`,
+    ///   values percent-decoded.
+    /// - `OTEL_SERVICE_NAME` (default `tasker`), `OTEL_RESOURCE_ATTRIBUTES` (`k=v,...`).
+    /// - `OTEL_EXPORTER_OTLP[_TRACES]_TIMEOUT` (ms, default 10000).
+    /// - `OTEL_BSP_SCHEDULE_DELAY` (ms, default 1000), `OTEL_BSP_MAX_QUEUE_SIZE` (2048),
+    ///   `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` (512).
+    /// - `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none` turn export off.
+    ///
+    /// An unusable value (an `https://` endpoint, `grpc` protocol, a malformed header list or
+    /// number) is an error naming the variable.
+    pub fn from_env() -> Result<Option<Self>, String> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// [`OtlpConfig::from_env`] over any source of variables.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Option<Self>, String> {
+        let var = |k: &str| get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        if var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
+            || var("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"))
+        {
+            return Ok(None);
+        }
+        let endpoint = match (
+            var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+            var("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ) {
+            (Some(url), _) => url,
+            (None, Some(base)) => format!("{}/v1/traces", base.trim_end_matches('/')),
+            (None, None) => return Ok(None),
+        };
+        let uri: Uri = endpoint
+            .parse()
+            .map_err(|e| format!("OTLP endpoint {endpoint}: not a URL ({e})"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(format!(
+                    "OTLP endpoint {endpoint}: https is not supported; export to a collector \
+                     over http:// (it can forward over TLS)"
+                ));
+            }
+            _ => return Err(format!("OTLP endpoint {endpoint}: must start with http://")),
+        }
+        if uri.host().is_none() {
+            return Err(format!("OTLP endpoint {endpoint}: no host"));
+        }
+        for k in [
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ] {
+            if let Some(p) = var(k)
+                && p != "http/json"
+                && p != "http/protobuf"
+            {
+                return Err(format!("{k}={p}: only OTLP over HTTP is supported (http/json)"));
+            }
+        }
+        let mut config = OtlpConfig::new(endpoint);
+        for k in ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"] {
+            if let Some(v) = var(k) {
+                for (name, value) in parse_pairs(&v).map_err(|e| format!("{k}: {e}"))? {
+                    HeaderName::from_bytes(name.as_bytes())
+                        .map_err(|_| format!("{k}: `{name}` is not a header name"))?;
+                    HeaderValue::from_str(&value)
+                        .map_err(|_| format!("{k}: the value of `{name}` is not a header value"))?;
+                    config.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
+                    config.headers.push((name, value));
+                }
+            }
+        }
+        if let Some(v) = var("OTEL_RESOURCE_ATTRIBUTES") {
+            for (k, v) in parse_pairs(&v).map_err(|e| format!("OTEL_RESOURCE_ATTRIBUTES: {e}"))? {
+                if k == "service.name" {
+                    config.service_name = v;
+                } else {
+                    config.resource.push((k, v));
+                }
+            }
+        }
+        if let Some(name) = var("OTEL_SERVICE_NAME") {
+            config.service_name = name;
+        }
+        let number = |k: &str| -> Result<Option<u64>, String> {
+            var(k)
+                .map(|v| {
+                    v.parse::<u64>()
+                        .map_err(|_| format!("{k}={v}: not a whole number"))
+                })
+                .transpose()
+        };
+        if let Some(ms) = number("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")?
+            .or(number("OTEL_EXPORTER_OTLP_TIMEOUT")?)
+        {
+            config.timeout = Duration::from_millis(ms.max(1));
+        }
+        if let Some(ms) = number("OTEL_BSP_SCHEDULE_DELAY")? {
+            config.export_every = Duration::from_millis(ms.max(1));
+        }
+        if let Some(n) = number("OTEL_BSP_MAX_QUEUE_SIZE")? {
+            config.queue_size = (n as usize).max(1);
+        }
+        if let Some(n) = number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE")? {
+            config.batch_size = (n as usize).max(1);
+        }
+        config.batch_size = config.batch_size.min(config.queue_size);
+        Ok(Some(config))
+    }
+
+    /// How long the shutdown flush may take: the export timeout, at most [`MAX_FLUSH`].
+    pub fn flush_deadline(&self) -> Duration {
+        self.timeout.min(MAX_FLUSH)
+    }
+}
+
+/// `k=v,k2=v2` with percent-encoded values (the W3C baggage form the OpenTelemetry variables
+/// use).
+fn parse_pairs(s: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let Some((k, v)) = item.split_once('=') else {
+            return Err(format!("`{item}` is not key=value"));
+        };
+        let k = percent_decode(k.trim())?;
+        if k.is_empty() {
+            return Err(format!("`{item}` has an empty key"));
+        }
+        out.push((k, percent_decode(v.trim())?));
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("`{s}` has a bad percent escape"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("`{s}` is not UTF-8 once decoded"))
+}
+
+/// The export's span filter: [`FILTER_ENV`], else [`DEFAULT_FILTER`]. A malformed value is
+/// reported on stderr and the default is used.
+pub fn filter_from_env() -> tracing_subscriber::EnvFilter {
+    match std::env::var(FILTER_ENV) {
+        Ok(v) if !v.trim().is_empty() => tracing_subscriber::EnvFilter::try_new(&v)
+            .unwrap_or_else(|e| {
+                eprintln!("warning: {FILTER_ENV}={v} is not a valid filter ({e}); using {DEFAULT_FILTER}");
+                tracing_subscriber::EnvFilter::new(DEFAULT_FILTER)
+            }),
+        _ => tracing_subscriber::EnvFilter::new(DEFAULT_FILTER),
+    }
+}
+
+/// The layer configured from the environment and the guard that flushes it: `Ok(None)` when
+/// export is off. Give the layer its filter ([`filter_from_env`]) and install it beside the
+/// application's own layers; keep the guard until the process ends.
+pub fn from_env() -> Result<Option<(OtlpLayer, TelemetryGuard)>, String> {
+    match OtlpConfig::from_env()? {
+        Some(config) => start(config).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Starts exporting to `config`: the layer to install and the guard that flushes it.
+pub fn start(config: OtlpConfig) -> Result<(OtlpLayer, TelemetryGuard), String> {
+    let (tx, rx) = mpsc::channel(config.queue_size);
+    let dropped = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let flush_deadline = config.flush_deadline();
+    let state = ExportState {
+        failed_since_log: 0,
+        last_logged: None,
+        dropped: dropped.clone(),
+    };
+    std::thread::Builder::new()
+        .name("tasker-otlp".into())
+        .spawn(move || {
+            EXPORTER_THREAD.with(|t| t.set(true));
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(export_loop(config, rx, stop_rx, state)),
+                Err(e) => eprintln!("warning: OTLP export is off: no runtime for it: {e}"),
+            }
+            let _ = done_tx.send(());
+        })
+        .map_err(|e| format!("cannot start the OTLP export thread: {e}"))?;
+    let layer = OtlpLayer {
+        tx,
+        dropped: dropped.clone(),
+    };
+    let guard = TelemetryGuard {
+        exporter: Some(Exporter {
+            stop: Some(stop_tx),
+            done: done_rx,
+            dropped,
+            flush_deadline,
+        }),
+    };
+    Ok((layer, guard))
+}
+
+/// The running export thread, as the [`TelemetryGuard`] holds it.
+#[derive(Debug)]
+pub(crate) struct Exporter {
+    stop: Option<oneshot::Sender<Instant>>,
+    done: std::sync::mpsc::Receiver<()>,
+    dropped: Arc<AtomicU64>,
+    flush_deadline: Duration,
+}
+
+impl Exporter {
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Asks the thread to export what is queued and waits for it, until the flush deadline.
+    pub(crate) fn shutdown(mut self) {
+        let deadline = Instant::now() + self.flush_deadline;
+        if let Some(stop) = self.stop.take()
+            && stop.send(deadline).is_ok()
+        {
+            // A little slack past the deadline for the thread to notice it and say so.
+            let _ = self
+                .done
+                .recv_timeout(self.flush_deadline + Duration::from_millis(100));
+        }
+    }
+}
+
+thread_local! {
+    /// Set on the export thread: spans opened there (by the HTTP client) are not exported,
+    /// or exporting would feed itself.
+    static EXPORTER_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A `tracing_subscriber` layer that queues closed spans for OTLP export. Built by [`start`].
+#[derive(Debug)]
+pub struct OtlpLayer {
+    tx: mpsc::Sender<FinishedSpan>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// An attribute value.
+#[derive(Debug, Clone, PartialEq)]
+enum AttrValue {
+    Str(String),
+    Int(i64),
+    Double(f64),
+    Bool(bool),
+}
+
+type Attrs = Vec<(&'static str, AttrValue)>;
+
+fn set_attr(attrs: &mut Attrs, key: &'static str, value: AttrValue) {
+    match attrs.iter_mut().find(|(k, _)| *k == key) {
+        Some(slot) => slot.1 = value,
+        None => attrs.push((key, value)),
+    }
+}
+
+struct Visitor<'a>(&'a mut Attrs);
+
+impl Visit for Visitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        set_attr(self.0, field.name(), AttrValue::Str(value.to_string()));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        set_attr(self.0, field.name(), AttrValue::Int(value));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        let v = match i64::try_from(value) {
+            Ok(v) => AttrValue::Int(v),
+            Err(_) => AttrValue::Str(value.to_string()),
+        };
+        set_attr(self.0, field.name(), v);
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        set_attr(self.0, field.name(), AttrValue::Double(value));
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        set_attr(self.0, field.name(), AttrValue::Bool(value));
+    }
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        set_attr(self.0, field.name(), AttrValue::Str(value.to_string()));
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        set_attr(self.0, field.name(), AttrValue::Str(format!("{value:?}")));
+    }
+}
+
+/// What the layer keeps in an open span's extensions.
+struct SpanData {
+    trace_id: u128,
+    span_id: u64,
+    parent_span_id: Option<u64>,
+    /// The parent's trace and span, whichever trace this span ends up in.
+    parent: Option<(u128, u64)>,
+    links: Vec<(u128, u64)>,
+    /// The trace is the task's (it came from `task_uuid`).
+    task_trace: bool,
+    /// A child span copied the trace id: it can no longer change.
+    trace_fixed: bool,
+    start: u64,
+    attrs: Attrs,
+    events: Vec<SpanEvent>,
+    dropped_events: u32,
+}
+
+impl SpanData {
+    /// Puts the span in `trace`; a parent in another trace becomes a link.
+    fn place(&mut self, trace: u128) {
+        self.trace_id = trace;
+        self.parent_span_id = None;
+        self.links.retain(|l| Some(*l) != self.parent);
+        match self.parent {
+            Some((t, s)) if t == trace => self.parent_span_id = Some(s),
+            Some(p) => self.links.push(p),
+            None => {}
+        }
+    }
+}
+
+struct SpanEvent {
+    time: u64,
+    name: String,
+    attrs: Attrs,
+}
+
+/// A closed span on its way to the collector.
+#[derive(Debug)]
+struct FinishedSpan {
+    trace_id: u128,
+    span_id: u64,
+    parent_span_id: Option<u64>,
+    links: Vec<(u128, u64)>,
+    name: &'static str,
+    start: u64,
+    end: u64,
+    attrs: Attrs,
+    events: Vec<(u64, String, Attrs)>,
+    dropped_events: u32,
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The trace of a task: its uuid's 128 bits.
+pub fn task_trace_id(task_uuid: &str) -> Option<u128> {
+    uuid::Uuid::parse_str(task_uuid)
+        .ok()
+        .map(|u| u.as_u128())
+        .filter(|t| *t != 0)
+}
+
+fn task_trace_of(attrs: &Attrs) -> Option<u128> {
+    attrs.iter().find_map(|(k, v)| match (k, v) {
+        (&"task_uuid", AttrValue::Str(s)) => task_trace_id(s),
+        _ => None,
+    })
+}
+
+fn random_trace_id() -> u128 {
+    fastrand::u128(1..)
+}
+
+fn random_span_id() -> u64 {
+    fastrand::u64(1..)
+}
+
+impl<S> tracing_subscriber::Layer<S> for OtlpLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        if EXPORTER_THREAD.with(|t| t.get()) {
+            return;
+        }
+        let Some(span) = ctx.span(id) else {
+            return;
+        };
+        let mut own = Attrs::new();
+        attrs.record(&mut Visitor(&mut own));
+        let parent = span.parent().and_then(|p| {
+            let mut ext = p.extensions_mut();
+            let d = ext.get_mut::<SpanData>()?;
+            d.trace_fixed = true;
+            Some((d.trace_id, d.span_id))
+        });
+        let task = task_trace_of(&own);
+        let mut data = SpanData {
+            trace_id: 0,
+            span_id: random_span_id(),
+            parent_span_id: None,
+            parent,
+            links: Vec::new(),
+            task_trace: task.is_some(),
+            trace_fixed: false,
+            start: now_nanos(),
+            attrs: own,
+            events: Vec::new(),
+            dropped_events: 0,
+        };
+        let trace = task
+            .or(parent.map(|(t, _)| t))
+            .unwrap_or_else(random_trace_id);
+        data.place(trace);
+        span.extensions_mut().insert(data);
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else {
+            return;
+        };
+        let mut ext = span.extensions_mut();
+        let Some(data) = ext.get_mut::<SpanData>() else {
+            return;
+        };
+        values.record(&mut Visitor(&mut data.attrs));
+        // A task uuid learnt after the span opened (a task being created) moves the span into
+        // the task's trace, as long as no child has copied the old trace id yet.
+        if !data.task_trace
+            && !data.trace_fixed
+            && let Some(trace) = task_trace_of(&data.attrs)
+        {
+            data.task_trace = true;
+            data.place(trace);
+        }
+    }
+
+    fn on_follows_from(&self, id: &Id, follows: &Id, ctx: Context<'_, S>) {
+        let (Some(span), Some(cause)) = (ctx.span(id), ctx.span(follows)) else {
+            return;
+        };
+        let link = cause
+            .extensions()
+            .get::<SpanData>()
+            .map(|d| (d.trace_id, d.span_id));
+        if let (Some(link), Some(data)) = (link, span.extensions_mut().get_mut::<SpanData>()) {
+            data.links.push(link);
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.event_span(event) else {
+            return;
+        };
+        let mut ext = span.extensions_mut();
+        let Some(data) = ext.get_mut::<SpanData>() else {
+            return;
+        };
+        if data.events.len() >= MAX_EVENTS {
+            data.dropped_events += 1;
+            return;
+        }
+        let mut attrs = Attrs::new();
+        event.record(&mut Visitor(&mut attrs));
+        let meta = event.metadata();
+        let name = match attrs.iter().position(|(k, _)| *k == "message") {
+            Some(i) => match attrs.remove(i).1 {
+                AttrValue::Str(s) => s,
+                other => format!("{other:?}"),
+            },
+            None => meta.name().to_string(),
+        };
+        attrs.push(("level", AttrValue::Str(meta.level().as_str().to_string())));
+        attrs.push(("target", AttrValue::Str(meta.target().to_string())));
+        data.events.push(SpanEvent {
+            time: now_nanos(),
+            name,
+            attrs,
+        });
+    }
+
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(&id) else {
+            return;
+        };
+        let Some(data) = span.extensions_mut().remove::<SpanData>() else {
+            return;
+        };
+        let finished = FinishedSpan {
+            trace_id: data.trace_id,
+            span_id: data.span_id,
+            parent_span_id: data.parent_span_id,
+            links: data.links,
+            name: span.metadata().name(),
+            start: data.start,
+            end: now_nanos(),
+            attrs: data.attrs,
+            events: data
+                .events
+                .into_iter()
+                .map(|e| (e.time, e.name, e.attrs))
+                .collect(),
+            dropped_events: data.dropped_events,
+        };
+        if self.tx.try_send(finished).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn attr_json(key: &str, value: &AttrValue) -> Value {
+    let value = match value {
+        AttrValue::Str(s) => json!({ "stringValue": s }),
+        // 64-bit integers are strings in the JSON mapping of protobuf.
+        AttrValue::Int(i) => json!({ "intValue": i.to_string() }),
+        AttrValue::Double(d) => json!({ "doubleValue": d }),
+        AttrValue::Bool(b) => json!({ "boolValue": b }),
+    };
+    json!({ "key": key, "value": value })
+}
+
+/// OTLP span kinds and status codes.
+const KIND_INTERNAL: u8 = 1;
+const KIND_SERVER: u8 = 2;
+const STATUS_UNSET: u8 = 0;
+const STATUS_ERROR: u8 = 2;
+
+fn span_json(s: &FinishedSpan) -> Value {
+    let text = |k: &str| {
+        s.attrs.iter().find_map(|(key, v)| match v {
+            AttrValue::Str(v) if *key == k => Some(v.as_str()),
+            _ => None,
+        })
+    };
+    // The engine's spans say how they ended in `outcome`; a failure is an error status,
+    // with the error type as its message.
+    let status = match text("outcome") {
+        Some("failure" | "error") => json!({
+            "code": STATUS_ERROR,
+            "message": text("error_type").unwrap_or("failure"),
+        }),
+        _ => json!({ "code": STATUS_UNSET }),
+    };
+    let mut v = json!({
+        "traceId": format!("{:032x}", s.trace_id),
+        "spanId": format!("{:016x}", s.span_id),
+        "name": s.name,
+        "kind": if s.name == "tasker.request" { KIND_SERVER } else { KIND_INTERNAL },
+        "startTimeUnixNano": s.start.to_string(),
+        "endTimeUnixNano": s.end.max(s.start).to_string(),
+        "attributes": s.attrs.iter().map(|(k, v)| attr_json(k, v)).collect::<Vec<_>>(),
+        "status": status,
+    });
+    if let Some(parent) = s.parent_span_id {
+        v["parentSpanId"] = json!(format!("{parent:016x}"));
+    }
+    if !s.links.is_empty() {
+        v["links"] = s
+            .links
+            .iter()
+            .map(|(t, id)| json!({ "traceId": format!("{t:032x}"), "spanId": format!("{id:016x}") }))
+            .collect();
+    }
+    if !s.events.is_empty() {
+        v["events"] = s
+            .events
+            .iter()
+            .map(|(time, name, attrs)| {
+                json!({
+                    "timeUnixNano": time.to_string(),
+                    "name": name,
+                    "attributes": attrs.iter().map(|(k, v)| attr_json(k, v)).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+    }
+    if s.dropped_events > 0 {
+        v["droppedEventsCount"] = json!(s.dropped_events);
+    }
+    v
+}
+
+/// The body of one export request.
+fn request_json(config: &OtlpConfig, spans: &[FinishedSpan]) -> Value {
+    let mut resource = vec![attr_json(
+        "service.name",
+        &AttrValue::Str(config.service_name.clone()),
+    )];
+    resource.extend(
+        config
+            .resource
+            .iter()
+            .map(|(k, v)| attr_json(k, &AttrValue::Str(v.clone()))),
+    );
+    json!({
+        "resourceSpans": [{
+            "resource": { "attributes": resource },
+            "scopeSpans": [{
+                "scope": { "name": "tasker", "version": env!("CARGO_PKG_VERSION") },
+                "spans": spans.iter().map(span_json).collect::<Vec<_>>(),
+            }],
+        }],
+    })
+}
+
+struct ExportState {
+    /// Exports that failed since the last one was logged.
+    failed_since_log: u64,
+    last_logged: Option<Instant>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl ExportState {
+    fn failed(&mut self, spans: usize, error: &str) {
+        self.dropped.fetch_add(spans as u64, Ordering::Relaxed);
+        self.failed_since_log += 1;
+        if self
+            .last_logged
+            .is_none_or(|at| at.elapsed() >= ERROR_LOG_EVERY)
+        {
+            self.log(error);
+        }
+    }
+
+    fn log(&mut self, error: &str) {
+        tracing::warn!(
+            failed_exports = self.failed_since_log,
+            dropped_spans = self.dropped.load(Ordering::Relaxed),
+            "OTLP export failed: {error}"
+        );
+        self.failed_since_log = 0;
+        self.last_logged = Some(Instant::now());
+    }
+}
+
+type Http = HttpClient<HttpConnector, Full<Bytes>>;
+
+async fn export_loop(
+    config: OtlpConfig,
+    mut rx: mpsc::Receiver<FinishedSpan>,
+    mut stop: oneshot::Receiver<Instant>,
+    mut state: ExportState,
+) {
+    let http: Http = HttpClient::builder(TokioExecutor::new()).build_http();
+    let mut buf: Vec<FinishedSpan> = Vec::with_capacity(config.batch_size);
+    let mut tick = tokio::time::interval(config.export_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let deadline = loop {
+        let room = config.batch_size - buf.len();
+        tokio::select! {
+            biased;
+            d = &mut stop => break d.unwrap_or_else(|_| Instant::now() + config.flush_deadline()),
+            n = rx.recv_many(&mut buf, room) => {
+                if n == 0 {
+                    break Instant::now() + config.flush_deadline();
+                }
+                if buf.len() >= config.batch_size {
+                    send(&http, &config, &mut buf, &mut state, None).await;
+                }
+            }
+            _ = tick.tick() => if !buf.is_empty() {
+                send(&http, &config, &mut buf, &mut state, None).await;
+            },
+        }
+    };
+    // Shutdown: whatever was queued goes out in full batches until the deadline.
+    rx.close();
+    while let Ok(s) = rx.try_recv() {
+        buf.push(s);
+    }
+    while !buf.is_empty() {
+        if Instant::now() >= deadline {
+            state.failed(buf.len(), "the flush deadline passed before every span was sent");
+            buf.clear();
+            break;
+        }
+        let mut rest = buf.split_off(buf.len().min(config.batch_size));
+        std::mem::swap(&mut buf, &mut rest);
+        send(&http, &config, &mut rest, &mut state, Some(deadline)).await;
+    }
+    if state.failed_since_log > 0 {
+        state.log("spans were lost (see the count)");
+    }
+}
+
+/// POSTs `batch` (and empties it); a failure is counted and maybe logged, never retried.
+async fn send(
+    http: &Http,
+    config: &OtlpConfig,
+    batch: &mut Vec<FinishedSpan>,
+    state: &mut ExportState,
+    deadline: Option<Instant>,
+) {
+    let n = batch.len();
+    let body = match serde_json::to_vec(&request_json(config, batch)) {
+        Ok(b) => b,
+        Err(e) => {
+            batch.clear();
+            state.failed(n, &format!("cannot encode spans: {e}"));
+            return;
+        }
+    };
+    batch.clear();
+    let mut timeout = config.timeout;
+    if let Some(d) = deadline {
+        timeout = timeout.min(d.saturating_duration_since(Instant::now()));
+    }
+    match tokio::time::timeout(timeout, post(http, config, body)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => state.failed(n, &format!("{}: {e}", config.endpoint)),
+        Err(_) => state.failed(
+            n,
+            &format!("{}: no answer within {} ms", config.endpoint, timeout.as_millis()),
+        ),
+    }
+}
+
+async fn post(http: &Http, config: &OtlpConfig, body: Vec<u8>) -> Result<(), String> {
+    let mut req = hyper::Request::post(config.endpoint.as_str())
+        .header(CONTENT_TYPE, "application/json")
+        .header(USER_AGENT, concat!("tasker/", env!("CARGO_PKG_VERSION")));
+    for (k, v) in &config.headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let resp = http.request(req).await.map_err(|e| {
+        // The connector's error says why (refused, unknown host) in its source.
+        let mut msg = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            msg = format!("{msg}: {s}");
+            source = s.source();
+        }
+        msg
+    })?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    if status.is_success() {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+    Err(format!("the collector answered {status}: {text}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Option<OtlpConfig>, String> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        OtlpConfig::from_lookup(|k| vars.get(k).cloned())
+    }
+
+    #[test]
+    fn export_is_off_without_an_endpoint() {
+        assert_eq!(config(&[]).unwrap(), None);
+        assert_eq!(
+            config(&[("OTEL_SERVICE_NAME", "x"), ("OTEL_EXPORTER_OTLP_ENDPOINT", " ")]).unwrap(),
+            None
+        );
+        assert_eq!(
+            config(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+                ("OTEL_SDK_DISABLED", "true")
+            ])
+            .unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn the_standard_variables_configure_export() {
+        let c = config(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=abc%3D%3D, x-team = core "),
+            ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "API-KEY=override"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod,service.name=r"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.endpoint, "http://collector:4318/v1/traces");
+        assert_eq!(
+            c.headers,
+            vec![
+                ("x-team".to_string(), "core".to_string()),
+                ("API-KEY".to_string(), "override".to_string()),
+            ]
+        );
+        assert_eq!(c.service_name, "r");
+        assert_eq!(
+            c.resource,
+            vec![("deployment.environment".into(), "prod".into())]
+        );
+        assert_eq!(c.timeout, Duration::from_millis(2500));
+        assert_eq!(c.flush_deadline(), Duration::from_millis(2500));
+        assert_eq!((c.queue_size, c.batch_size), (2048, 512));
+
+        let c = config(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://ignored:4318"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:9999/custom"),
+            ("OTEL_SERVICE_NAME", "billing"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "k=a%2Cb"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.endpoint, "http://c:9999/custom");
+        assert_eq!(c.service_name, "billing");
+        assert_eq!(c.headers, vec![("k".to_string(), "a,b".to_string())]);
+        assert_eq!(c.timeout, Duration::from_secs(10));
+        assert_eq!(c.flush_deadline(), MAX_FLUSH);
+    }
+
+    #[test]
+    fn unusable_settings_are_refused_by_name() {
+        let e = config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4318")]).unwrap_err();
+        assert!(e.contains("https is not supported"), "{e}");
+        let e = config(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ])
+        .unwrap_err();
+        assert!(e.contains("OTEL_EXPORTER_OTLP_PROTOCOL=grpc"), "{e}");
+        let e = config(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "novalue"),
+        ])
+        .unwrap_err();
+        assert!(e.contains("OTEL_EXPORTER_OTLP_HEADERS") && e.contains("novalue"), "{e}");
+        let e = config(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "many"),
+        ])
+        .unwrap_err();
+        assert!(e.contains("OTEL_BSP_MAX_QUEUE_SIZE=many"), "{e}");
+    }
+
+    #[test]
+    fn a_task_uuid_is_its_trace_id() {
+        let uuid = "0190b8c4-7d2e-7a3b-9c4d-5e6f708192a3";
+        assert_eq!(
+            format!("{:032x}", task_trace_id(uuid).unwrap()),
+            uuid.replace('-', "")
+        );
+        assert_eq!(task_trace_id("not a uuid"), None);
+        assert_eq!(task_trace_id("00000000-0000-0000-0000-000000000000"), None);
+    }
+}
