@@ -7,7 +7,7 @@
 //! | span | where | fields |
 //! |---|---|---|
 //! | `tasker.step` | one handler attempt: a Rust handler's run, or a dispatch-port job from `next_step` to its applied `complete` | `task_uuid, step_uuid, step_name, namespace, task_name, correlation_id, attempt, callable, worker_id`, then `outcome` (`success`, `failure`, `checkpoint`, `abandoned`), `error_type`, `retryable`, `completion` |
-//! | `tasker.step.result` | an attempt's result being applied and its task settled | `task_uuid, step_uuid, step_name, correlation_id, attempt, resolution`, then `completion`, `task_state` |
+//! | `tasker.step.result` | an attempt's result being applied and its task settled (one transaction for a batch of results) | `task_uuid, step_uuid, step_name, correlation_id, attempt, resolution, error_type`, then `completion`, `task_state` (`outcome = error` when the database refused the batch) |
 //! | `tasker.task.create` | a task being planned and committed | `namespace, task_name, task_uuid, correlation_id`, then `replayed`, `outcome` |
 //! | `tasker.operator` | an operator action | `task_uuid, action, actor`, then `task_state`, `outcome` |
 //! | `tasker.request` | one REST request | `method, route, path, request_id`, then `status` |
@@ -23,7 +23,7 @@ use tracing::Span;
 use tracing::field::Empty;
 
 use crate::job::{StepJob, StepOutcome};
-use crate::store::Completion;
+use crate::store::{Completion, FinishReport, Resolution};
 
 /// The span of one handler attempt (see the module docs). A root span: it belongs to the
 /// task, not to whatever the worker was doing when it claimed the step.
@@ -64,6 +64,50 @@ pub(crate) fn record_outcome(span: &Span, outcome: &StepOutcome) {
         StepOutcome::Checkpoint(_) => {
             span.record("outcome", "checkpoint");
         }
+    }
+}
+
+/// The spans of a batch of results being applied, one per result (see the module docs); empty
+/// when no subscriber wants them, so a batch costs one callsite check.
+pub(crate) fn result_spans<'a>(
+    results: impl ExactSizeIterator<Item = (&'a StepJob, &'a Resolution)>,
+) -> Vec<Span> {
+    let mut spans = Vec::new();
+    for (job, resolution) in results {
+        let span = tracing::info_span!(
+            parent: None,
+            "tasker.step.result",
+            task_uuid = job.task_uuid.as_str(),
+            step_uuid = job.step_uuid.as_str(),
+            step_name = job.step_name.as_str(),
+            correlation_id = job.correlation_id.as_str(),
+            attempt = job.attempt,
+            resolution = match resolution {
+                Resolution::Succeeded { .. } => "succeeded",
+                Resolution::Retry { .. } => "retry",
+                Resolution::Failed { .. } => "failed",
+            },
+            error_type = Empty,
+            completion = Empty,
+            task_state = Empty,
+            outcome = Empty,
+        );
+        if span.is_disabled() {
+            return Vec::new();
+        }
+        if let Resolution::Retry { failure, .. } | Resolution::Failed { failure } = resolution {
+            span.record("error_type", failure.error_type.as_str());
+        }
+        spans.push(span);
+    }
+    spans
+}
+
+/// Records what applying a result did: accepted or not, and the task's state after it.
+pub(crate) fn record_settled(span: &Span, report: &FinishReport) {
+    record_completion(span, &report.completion);
+    if let Some(state) = report.task_state {
+        span.record("task_state", state.as_str());
     }
 }
 
