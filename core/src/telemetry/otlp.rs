@@ -13,6 +13,10 @@
 //! dashes. When such a span opens inside a span of another trace (a task created by a REST
 //! request), it starts the task's trace and links to the span it came from instead of naming
 //! it as parent. Spans without a task keep their parent's trace, or start a random one.
+//! The task's creation span (`tasker.task.create`) is the root of its trace, with the span id
+//! made of the uuid's last 16 hex digits; every task span without a parent in the same trace
+//! (a step attempt, a result being applied, an operator action) is its child, whichever
+//! process reports it.
 //!
 //! Configuration follows the OpenTelemetry environment variables; see [`OtlpConfig::from_env`].
 //! Only `http://` endpoints are supported (no TLS stack is linked): send to a collector or
@@ -416,8 +420,10 @@ struct SpanData {
 }
 
 impl SpanData {
-    /// Puts the span in `trace`; a parent in another trace becomes a link.
-    fn place(&mut self, trace: u128) {
+    /// Puts the span in `trace`; a parent in another trace becomes a link. In a task's trace,
+    /// the task's creation span is the root and every span without a parent of its own hangs
+    /// off it.
+    fn place(&mut self, trace: u128, task_create: bool) {
         self.trace_id = trace;
         self.parent_span_id = None;
         self.links.retain(|l| Some(*l) != self.parent);
@@ -425,6 +431,15 @@ impl SpanData {
             Some((t, s)) if t == trace => self.parent_span_id = Some(s),
             Some(p) => self.links.push(p),
             None => {}
+        }
+        if self.task_trace {
+            let root = task_root_span_id(trace);
+            if task_create {
+                self.span_id = root;
+                self.parent_span_id = None;
+            } else if self.parent_span_id.is_none() {
+                self.parent_span_id = Some(root);
+            }
         }
     }
 }
@@ -464,9 +479,18 @@ pub fn task_trace_id(task_uuid: &str) -> Option<u128> {
         .filter(|t| *t != 0)
 }
 
-fn task_trace_of(attrs: &Attrs) -> Option<u128> {
-    attrs.iter().find_map(|(k, v)| match (k, v) {
-        (&"task_uuid", AttrValue::Str(s)) => task_trace_id(s),
+/// The span id of a task's creation span, the root of its trace: the low 64 bits of the
+/// task's uuid (the random ones of a v7 uuid), so any process can name it without asking.
+pub fn task_root_span_id(trace: u128) -> u64 {
+    (trace as u64).max(1)
+}
+
+/// The span name whose span is the root of its task's trace.
+const TASK_CREATE_SPAN: &str = "tasker.task.create";
+
+fn task_trace_of(attrs: &Attrs, key: &str) -> Option<u128> {
+    attrs.iter().find_map(|(k, v)| match v {
+        AttrValue::Str(s) if *k == key => task_trace_id(s),
         _ => None,
     })
 }
@@ -498,13 +522,17 @@ where
             d.trace_fixed = true;
             Some((d.trace_id, d.span_id))
         });
-        let task = task_trace_of(&own);
+        let task = task_trace_of(&own, "task_uuid");
+        // A sub-workflow's task links to the task that started it.
+        let parent_task = task_trace_of(&own, "parent_task_uuid");
         let mut data = SpanData {
             trace_id: 0,
             span_id: random_span_id(),
             parent_span_id: None,
             parent,
-            links: Vec::new(),
+            links: parent_task
+                .map(|t| vec![(t, task_root_span_id(t))])
+                .unwrap_or_default(),
             task_trace: task.is_some(),
             trace_fixed: false,
             start: now_nanos(),
@@ -515,7 +543,7 @@ where
         let trace = task
             .or(parent.map(|(t, _)| t))
             .unwrap_or_else(random_trace_id);
-        data.place(trace);
+        data.place(trace, span.metadata().name() == TASK_CREATE_SPAN);
         span.extensions_mut().insert(data);
     }
 
@@ -532,10 +560,10 @@ where
         // the task's trace, as long as no child has copied the old trace id yet.
         if !data.task_trace
             && !data.trace_fixed
-            && let Some(trace) = task_trace_of(&data.attrs)
+            && let Some(trace) = task_trace_of(&data.attrs, "task_uuid")
         {
             data.task_trace = true;
-            data.place(trace);
+            data.place(trace, span.metadata().name() == TASK_CREATE_SPAN);
         }
     }
 
@@ -857,6 +885,7 @@ async fn post(http: &Http, config: &OtlpConfig, body: Vec<u8>) -> Result<(), Str
 mod tests {
     use super::*;
     use std::collections::HashMap;
+    use tracing::field::Empty;
 
     fn config(vars: &[(&str, &str)]) -> Result<Option<OtlpConfig>, String> {
         let vars: HashMap<String, String> = vars
@@ -948,6 +977,142 @@ mod tests {
         ])
         .unwrap_err();
         assert!(e.contains("OTEL_BSP_MAX_QUEUE_SIZE=many"), "{e}");
+    }
+
+    /// A collector on a local port: every request body it gets, answered `200`.
+    fn receiver() -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = got.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = line.split_once(':')
+                        && k.eq_ignore_ascii_case("content-length")
+                    {
+                        length = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                sink.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+                );
+            }
+        });
+        (url, got)
+    }
+
+    fn spans_of(bodies: &[Value]) -> Vec<Value> {
+        bodies
+            .iter()
+            .flat_map(|b| b["resourceSpans"][0]["scopeSpans"][0]["spans"].as_array().unwrap().clone())
+            .collect()
+    }
+
+    fn attr<'a>(span: &'a Value, key: &str) -> &'a Value {
+        span["attributes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["key"] == key)
+            .map_or(&Value::Null, |a| &a["value"])
+    }
+
+    #[test]
+    fn spans_reach_the_collector_in_their_task_trace() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let (url, got) = receiver();
+        let mut config = OtlpConfig::new(url);
+        config.service_name = "orders".into();
+        let (layer, guard) = start(config).unwrap();
+        let subscriber = tracing_subscriber::registry().with(layer);
+        let task = "0190b8c4-7d2e-7a3b-9c4d-5e6f708192a3";
+        tracing::subscriber::with_default(subscriber, || {
+            let request = tracing::info_span!("tasker.request", method = "POST");
+            let _in_request = request.enter();
+            let create = tracing::info_span!("tasker.task.create", task_uuid = Empty);
+            create.record("task_uuid", task);
+            drop(create);
+            let step = tracing::info_span!(
+                parent: None,
+                "tasker.step",
+                task_uuid = task,
+                attempt = 2u32,
+                outcome = Empty,
+                error_type = Empty,
+            );
+            step.in_scope(|| tracing::info!(order = 7, "charging the card"));
+            step.record("outcome", "failure");
+            step.record("error_type", "retryable_error");
+        });
+        guard.shutdown();
+        let bodies = got.lock().unwrap().clone();
+        let resource = &bodies[0]["resourceSpans"][0]["resource"]["attributes"][0];
+        assert_eq!(resource["key"], "service.name");
+        assert_eq!(resource["value"]["stringValue"], "orders");
+        let spans = spans_of(&bodies);
+        let by_name = |n: &str| spans.iter().find(|s| s["name"] == n).unwrap().clone();
+        let (request, create, step) = (
+            by_name("tasker.request"),
+            by_name("tasker.task.create"),
+            by_name("tasker.step"),
+        );
+        let trace = task.replace('-', "");
+        assert_eq!(request["kind"], KIND_SERVER);
+        assert_ne!(request["traceId"], trace.as_str());
+        // The creation span is the root of the task's trace and links to the request.
+        assert_eq!(create["traceId"], trace.as_str());
+        assert_eq!(create["spanId"], &trace[16..]);
+        assert!(create.get("parentSpanId").is_none(), "{create:#}");
+        assert_eq!(create["links"][0]["spanId"], request["spanId"]);
+        assert_eq!(create["links"][0]["traceId"], request["traceId"]);
+        // The step hangs off it, with its outcome as status and its log line as an event.
+        assert_eq!(step["traceId"], trace.as_str());
+        assert_eq!(step["parentSpanId"], &trace[16..]);
+        assert_eq!(attr(&step, "attempt")["intValue"], "2");
+        assert_eq!(step["status"]["code"], STATUS_ERROR);
+        assert_eq!(step["status"]["message"], "retryable_error");
+        assert_eq!(step["events"][0]["name"], "charging the card");
+        assert_eq!(step["events"][0]["attributes"][0]["key"], "order");
+        let start: u64 = step["startTimeUnixNano"].as_str().unwrap().parse().unwrap();
+        let end: u64 = step["endTimeUnixNano"].as_str().unwrap().parse().unwrap();
+        assert!(start > 0 && end >= start);
+    }
+
+    #[test]
+    fn a_full_queue_drops_spans_and_counts_them() {
+        // A collector that accepts connections and never answers keeps the exporter busy.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut config = OtlpConfig::new(format!("http://{}/v1/traces", listener.local_addr().unwrap()));
+        config.queue_size = 4;
+        config.batch_size = 4;
+        config.timeout = Duration::from_secs(1);
+        let (layer, guard) = start(config).unwrap();
+        use tracing_subscriber::layer::SubscriberExt;
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..20 {
+                tracing::info_span!("work", i = i).in_scope(|| {});
+            }
+        });
+        // At most one batch is being sent and one queue is waiting: 8 spans; the rest drop.
+        let dropped = guard.dropped_spans();
+        assert!((12..=20).contains(&dropped), "dropped {dropped}");
+        let started = Instant::now();
+        guard.shutdown();
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        drop(listener);
     }
 
     #[test]
