@@ -335,3 +335,65 @@ async fn dispatch_port_jobs_are_spans_from_claim_to_completion() {
     assert_eq!(ops[0].get("task_state"), "error");
     tasker.close();
 }
+
+#[cfg(feature = "server")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_requests_are_spans_with_route_status_and_request_id() {
+    use tasker_core::api::client::Client;
+    use tasker_core::api::{ApiOptions, AuthMode, router};
+    capture();
+    let tasker = Tasker::open("sqlite::memory:").await.unwrap();
+    register(&tasker, FOREIGN).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let options = ApiOptions {
+        auth: AuthMode::Disabled,
+        ..ApiOptions::default()
+    };
+    let app = router(tasker.clone(), options);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = Client::new(&base, None).unwrap();
+    let body = json!({"namespace": "telemetry", "name": "foreign", "context": {}});
+    let created = client
+        .send(
+            "POST",
+            "/v1/tasks",
+            Some(("application/json", serde_json::to_vec(&body).unwrap())),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(created.status < 300, "{}", created.text());
+    let uuid = created.json().unwrap()["task_uuid"]
+        .as_str()
+        .expect("task_uuid")
+        .to_string();
+    let got = client
+        .send("GET", &format!("/v1/tasks/{uuid}"), None, None)
+        .await
+        .unwrap();
+    assert_eq!(got.status, 200);
+    let request_id = got.header("x-request-id").unwrap().to_string();
+    let span = eventually(|| {
+        let request_id = request_id.clone();
+        async move {
+            capture()
+                .closed
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|s| s.name == "tasker.request" && s.get("request_id") == request_id)
+                .cloned()
+        }
+    })
+    .await;
+    assert_eq!(span.get("method"), "GET");
+    assert_eq!(span.get("route"), "/v1/tasks/{uuid}");
+    assert_eq!(span.get("path"), format!("/v1/tasks/{uuid}"));
+    assert_eq!(span.get("status"), "200");
+    // The task created over REST has its creation span, with the task's ids.
+    let create = wait_closed("tasker.task.create", &uuid, 1).await;
+    assert_eq!(create[0].get("namespace"), "telemetry");
+    assert!(!create[0].get("correlation_id").is_empty());
+    tasker.close();
+}
