@@ -281,10 +281,7 @@ async fn dispatch_port_jobs_are_spans_from_claim_to_completion() {
     capture();
     let tasker = Tasker::open("sqlite::memory:").await.unwrap();
     register(&tasker, FOREIGN).await;
-    let worker = tasker.worker(
-        vec!["telemetry".into()],
-        vec!["telemetry_foreign".into()],
-    );
+    let worker = tasker.worker(vec!["telemetry".into()], vec!["telemetry_foreign".into()]);
     let handle = tasker
         .create_task(TaskRequest::new("telemetry", "foreign", json!({})))
         .await

@@ -269,7 +269,10 @@ fn an_https_endpoint_is_refused_with_a_warning_and_the_run_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let (out, _) = run(
         dir.path(),
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector.invalid:4318")],
+        &[(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "https://collector.invalid:4318",
+        )],
     );
     assert_code(&out, 0);
     let stderr = text(&out.stderr);

@@ -113,7 +113,11 @@ impl OtlpConfig {
 
     /// [`OtlpConfig::from_env`] over any source of variables.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Option<Self>, String> {
-        let var = |k: &str| get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let var = |k: &str| {
+            get(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
         if var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
             || var("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"))
         {
@@ -151,18 +155,25 @@ impl OtlpConfig {
                 && p != "http/json"
                 && p != "http/protobuf"
             {
-                return Err(format!("{k}={p}: only OTLP over HTTP is supported (http/json)"));
+                return Err(format!(
+                    "{k}={p}: only OTLP over HTTP is supported (http/json)"
+                ));
             }
         }
         let mut config = OtlpConfig::new(endpoint);
-        for k in ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"] {
+        for k in [
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+        ] {
             if let Some(v) = var(k) {
                 for (name, value) in parse_pairs(&v).map_err(|e| format!("{k}: {e}"))? {
                     HeaderName::from_bytes(name.as_bytes())
                         .map_err(|_| format!("{k}: `{name}` is not a header name"))?;
                     HeaderValue::from_str(&value)
                         .map_err(|_| format!("{k}: the value of `{name}` is not a header value"))?;
-                    config.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
+                    config
+                        .headers
+                        .retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
                     config.headers.push((name, value));
                 }
             }
@@ -187,8 +198,8 @@ impl OtlpConfig {
                 })
                 .transpose()
         };
-        if let Some(ms) = number("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")?
-            .or(number("OTEL_EXPORTER_OTLP_TIMEOUT")?)
+        if let Some(ms) =
+            number("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")?.or(number("OTEL_EXPORTER_OTLP_TIMEOUT")?)
         {
             config.timeout = Duration::from_millis(ms.max(1));
         }
@@ -252,11 +263,14 @@ fn percent_decode(s: &str) -> Result<String, String> {
 /// reported on stderr and the default is used.
 pub fn filter_from_env() -> tracing_subscriber::EnvFilter {
     match std::env::var(FILTER_ENV) {
-        Ok(v) if !v.trim().is_empty() => tracing_subscriber::EnvFilter::try_new(&v)
-            .unwrap_or_else(|e| {
-                eprintln!("warning: {FILTER_ENV}={v} is not a valid filter ({e}); using {DEFAULT_FILTER}");
+        Ok(v) if !v.trim().is_empty() => {
+            tracing_subscriber::EnvFilter::try_new(&v).unwrap_or_else(|e| {
+                eprintln!(
+                    "warning: {FILTER_ENV}={v} is not a valid filter ({e}); using {DEFAULT_FILTER}"
+                );
                 tracing_subscriber::EnvFilter::new(DEFAULT_FILTER)
-            }),
+            })
+        }
         _ => tracing_subscriber::EnvFilter::new(DEFAULT_FILTER),
     }
 }
@@ -690,7 +704,9 @@ fn span_json(s: &FinishedSpan) -> Value {
         v["links"] = s
             .links
             .iter()
-            .map(|(t, id)| json!({ "traceId": format!("{t:032x}"), "spanId": format!("{id:016x}") }))
+            .map(
+                |(t, id)| json!({ "traceId": format!("{t:032x}"), "spanId": format!("{id:016x}") }),
+            )
             .collect();
     }
     if !s.events.is_empty() {
@@ -802,7 +818,10 @@ async fn export_loop(
     }
     while !buf.is_empty() {
         if Instant::now() >= deadline {
-            state.failed(buf.len(), "the flush deadline passed before every span was sent");
+            state.failed(
+                buf.len(),
+                "the flush deadline passed before every span was sent",
+            );
             buf.clear();
             break;
         }
@@ -842,7 +861,11 @@ async fn send(
         Ok(Err(e)) => state.failed(n, &format!("{}: {e}", config.endpoint)),
         Err(_) => state.failed(
             n,
-            &format!("{}: no answer within {} ms", config.endpoint, timeout.as_millis()),
+            &format!(
+                "{}: no answer within {} ms",
+                config.endpoint,
+                timeout.as_millis()
+            ),
         ),
     }
 }
@@ -899,7 +922,11 @@ mod tests {
     fn export_is_off_without_an_endpoint() {
         assert_eq!(config(&[]).unwrap(), None);
         assert_eq!(
-            config(&[("OTEL_SERVICE_NAME", "x"), ("OTEL_EXPORTER_OTLP_ENDPOINT", " ")]).unwrap(),
+            config(&[
+                ("OTEL_SERVICE_NAME", "x"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", " ")
+            ])
+            .unwrap(),
             None
         );
         assert_eq!(
@@ -916,9 +943,15 @@ mod tests {
     fn the_standard_variables_configure_export() {
         let c = config(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/"),
-            ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=abc%3D%3D, x-team = core "),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "api-key=abc%3D%3D, x-team = core ",
+            ),
             ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "API-KEY=override"),
-            ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod,service.name=r"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment=prod,service.name=r",
+            ),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
         ])
         .unwrap()
@@ -970,7 +1003,10 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_HEADERS", "novalue"),
         ])
         .unwrap_err();
-        assert!(e.contains("OTEL_EXPORTER_OTLP_HEADERS") && e.contains("novalue"), "{e}");
+        assert!(
+            e.contains("OTEL_EXPORTER_OTLP_HEADERS") && e.contains("novalue"),
+            "{e}"
+        );
         let e = config(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
             ("OTEL_BSP_MAX_QUEUE_SIZE", "many"),
@@ -1004,7 +1040,9 @@ mod tests {
                 }
                 let mut body = vec![0; length];
                 reader.read_exact(&mut body).unwrap();
-                sink.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
+                sink.lock()
+                    .unwrap()
+                    .push(serde_json::from_slice(&body).unwrap());
                 let _ = stream.write_all(
                     b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
                 );
@@ -1016,7 +1054,12 @@ mod tests {
     fn spans_of(bodies: &[Value]) -> Vec<Value> {
         bodies
             .iter()
-            .flat_map(|b| b["resourceSpans"][0]["scopeSpans"][0]["spans"].as_array().unwrap().clone())
+            .flat_map(|b| {
+                b["resourceSpans"][0]["scopeSpans"][0]["spans"]
+                    .as_array()
+                    .unwrap()
+                    .clone()
+            })
             .collect()
     }
 
@@ -1094,7 +1137,10 @@ mod tests {
     fn a_full_queue_drops_spans_and_counts_them() {
         // A collector that accepts connections and never answers keeps the exporter busy.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut config = OtlpConfig::new(format!("http://{}/v1/traces", listener.local_addr().unwrap()));
+        let mut config = OtlpConfig::new(format!(
+            "http://{}/v1/traces",
+            listener.local_addr().unwrap()
+        ));
         config.queue_size = 4;
         config.batch_size = 4;
         config.timeout = Duration::from_secs(1);
@@ -1111,7 +1157,11 @@ mod tests {
         assert!((12..=20).contains(&dropped), "dropped {dropped}");
         let started = Instant::now();
         guard.shutdown();
-        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
         drop(listener);
     }
 
