@@ -155,7 +155,13 @@ impl TelemetryGuard {
     /// Exports what is queued and stops the exporter, waiting at most the exporter's flush
     /// deadline.
     pub fn shutdown(self) {
-        drop(self)
+        #[cfg(feature = "otlp")]
+        {
+            let mut guard = self;
+            if let Some(exporter) = guard.exporter.take() {
+                exporter.shutdown();
+            }
+        }
     }
 
     /// Spans dropped so far because the export queue was full or an export failed.
