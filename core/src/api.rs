@@ -30,7 +30,7 @@ mod templates;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{Next, from_fn, from_fn_with_state};
 use axum::response::Response;
@@ -141,7 +141,8 @@ async fn no_method(req: Request) -> ApiError {
 }
 
 /// Gives every request an id (the caller's `X-Request-Id` when it sends a sane one), makes it
-/// available to error responses, returns it in `X-Request-Id` and logs the request.
+/// available to error responses, returns it in `X-Request-Id`, and runs the request in a
+/// `tasker.request` span (method, route, path, request id, then status).
 async fn request_context(req: Request, next: Next) -> Response {
     let id = req
         .headers()
@@ -155,16 +156,28 @@ async fn request_context(req: Request, next: Next) -> Response {
         })
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    // The route template (`/v1/tasks/{uuid}`), not the path, names what was called.
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("", |m| m.as_str());
     let span = tracing::info_span!(
-        "request",
-        method = %req.method(),
-        path = %req.uri().path(),
-        request_id = %id,
+        "tasker.request",
+        method = req.method().as_str(),
+        route = route,
+        path = req.uri().path(),
+        request_id = id.as_str(),
+        status = tracing::field::Empty,
+        outcome = tracing::field::Empty,
     );
     let started = Instant::now();
     let mut response = error::REQUEST_ID
         .scope(id.clone(), next.run(req).instrument(span.clone()))
         .await;
+    span.record("status", response.status().as_u16());
+    if response.status().is_server_error() {
+        span.record("outcome", "error");
+    }
     span.in_scope(|| {
         tracing::debug!(
             status = response.status().as_u16(),

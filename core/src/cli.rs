@@ -53,6 +53,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::Value;
 
+use crate::telemetry::TelemetryGuard;
 use crate::{Config, Error, ErrorKind, OpenOptions, Tasker};
 
 /// The database used when `--db` is not given: an SQLite file in the working directory.
@@ -74,7 +75,9 @@ pub const EXIT_INTERRUPTED: i32 = 130;
 /// handlers and never call it.
 ///
 /// Builds its own tokio runtime, so it must not be called from inside one. Logging goes to
-/// stderr through `tracing-subscriber`, filtered by `TASKER_LOG` (default `warn`).
+/// stderr through `tracing-subscriber`, filtered by `TASKER_LOG` (default `warn`); with the
+/// `otlp` feature, spans are exported when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (see
+/// [`crate::telemetry`]) and flushed before this function returns.
 pub fn run_cli(args: Vec<OsString>, register: impl Fn(&Tasker) + Send + Sync + 'static) -> i32 {
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
@@ -84,7 +87,7 @@ pub fn run_cli(args: Vec<OsString>, register: impl Fn(&Tasker) + Send + Sync + '
             return e.exit_code();
         }
     };
-    init_logging();
+    let telemetry = init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -109,6 +112,8 @@ pub fn run_cli(args: Vec<OsString>, register: impl Fn(&Tasker) + Send + Sync + '
     });
     // Handlers abandoned by an interrupted or timed-out run must not keep the process alive.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    // The spans of the last steps are still queued: export them before the process exits.
+    telemetry.shutdown();
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -118,15 +123,46 @@ pub fn run_cli(args: Vec<OsString>, register: impl Fn(&Tasker) + Send + Sync + '
     }
 }
 
-fn init_logging() {
+/// Logs to stderr filtered by `TASKER_LOG`, and (feature `otlp`) exports spans when an OTLP
+/// endpoint is configured, filtered by `TASKER_OTLP_LOG`. The guard flushes the export.
+fn init_logging() -> TelemetryGuard {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let filter = tracing_subscriber::EnvFilter::try_from_env("TASKER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    // `try_init`: a host process may call `run_cli` more than once.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(table::stderr_is_tty())
-        .try_init();
+        .with_filter(filter);
+    #[cfg(feature = "otlp")]
+    let (otlp, guard) = match crate::telemetry::otlp::from_env() {
+        Ok(Some((layer, guard))) => (
+            Some(layer.with_filter(crate::telemetry::otlp::filter_from_env())),
+            guard,
+        ),
+        Ok(None) => (None, TelemetryGuard::none()),
+        Err(e) => {
+            eprintln!("warning: OTLP export is off: {e}");
+            (None, TelemetryGuard::none())
+        }
+    };
+    #[cfg(not(feature = "otlp"))]
+    let (otlp, guard) = (
+        None::<tracing_subscriber::layer::Identity>,
+        TelemetryGuard::none(),
+    );
+    // `try_init`: a host process may call `run_cli` more than once; the first call's
+    // subscriber stays, and this call's exporter (fed by nothing) is stopped by the guard.
+    match tracing_subscriber::registry()
+        .with(fmt)
+        .with(otlp)
+        .try_init()
+    {
+        Ok(()) => guard,
+        Err(_) => TelemetryGuard::none(),
+    }
 }
 
 /// A failed command: what to print and which exit code to return.
@@ -209,7 +245,8 @@ pub(crate) type CliResult<T = i32> = Result<T, CliError>;
     about = "Run Tasker workflows and operate the tasks of a Tasker database",
     after_help = "Exit codes: 0 success (run: task complete), 1 task not complete or command \
                   refused, 2 bad input, 130 interrupted.\nLogging: TASKER_LOG=info|debug|... \
-                  (stderr). Engine settings: TASKER_* variables (TASKER_LEASE_MS, TASKER_ENV, ...)."
+                  (stderr). Traces: OTEL_EXPORTER_OTLP_ENDPOINT=http://HOST:4318 exports spans \
+                  (OTLP/HTTP JSON), filtered by TASKER_OTLP_LOG. Engine settings: TASKER_* variables (TASKER_LEASE_MS, TASKER_ENV, ...)."
 )]
 struct Cli {
     #[command(subcommand)]

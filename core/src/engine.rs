@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, watch};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::clock::{Clock, Millis, SystemClock};
 use crate::config::Config;
@@ -582,16 +584,52 @@ impl Tasker {
         actor: &str,
         reason: &str,
     ) -> Result<TaskState> {
-        // An operator's result reaches dependents like a handler's: same shape and size rules.
-        if let OperatorAction::CompleteStep { result, .. } = &action {
-            crate::orchestrator::check_result(result, None, self.inner.config.max_payload_bytes)
+        let (name, step) = match &action {
+            OperatorAction::Cancel => ("cancel", None),
+            OperatorAction::GiveUp => ("give_up", None),
+            OperatorAction::ResolveManually => ("resolve_manually", None),
+            OperatorAction::ResetStep { step } => ("reset_step", Some(step.as_str())),
+            OperatorAction::ResolveStep { step } => ("resolve_step", Some(step.as_str())),
+            OperatorAction::CompleteStep { step, .. } => ("complete_step", Some(step.as_str())),
+        };
+        let span = tracing::info_span!(
+            "tasker.operator",
+            task_uuid = uuid,
+            action = name,
+            step = step,
+            actor = actor,
+            task_state = Empty,
+            outcome = Empty,
+            error = Empty,
+        );
+        let applied = async {
+            // An operator's result reaches dependents like a handler's: same shape and size
+            // rules.
+            if let OperatorAction::CompleteStep { result, .. } = &action {
+                crate::orchestrator::check_result(
+                    result,
+                    None,
+                    self.inner.config.max_payload_bytes,
+                )
                 .map_err(|f| Error::validation(f.message))?;
+            }
+            self.inner
+                .store
+                .operator_action(uuid, &action, actor, reason, self.now())
+                .await
         }
-        let state = self
-            .inner
-            .store
-            .operator_action(uuid, &action, actor, reason, self.now())
-            .await?;
+        .instrument(span.clone())
+        .await;
+        match &applied {
+            Ok(state) => {
+                span.record("task_state", state.as_str());
+            }
+            Err(e) => {
+                span.record("outcome", "error");
+                span.record("error", e.kind.code());
+            }
+        }
+        let state = applied?;
         self.inner.after_change(&[(uuid.to_string(), state)], true);
         Ok(state)
     }
@@ -679,6 +717,44 @@ impl Inner {
         request: TaskRequest,
         parent: Option<crate::store::ParentLink>,
     ) -> Result<Created> {
+        let span = tracing::info_span!(
+            "tasker.task.create",
+            namespace = request.namespace.as_str(),
+            task_name = request.name.as_str(),
+            task_uuid = Empty,
+            correlation_id = Empty,
+            parent_task_uuid = parent.as_ref().map(|p| p.task_uuid.as_str()),
+            replayed = Empty,
+            existing_task_uuid = Empty,
+            outcome = Empty,
+            error = Empty,
+        );
+        let created = self
+            .plan_and_create(request, parent, &span)
+            .instrument(span.clone())
+            .await;
+        match &created {
+            Ok(Created::New(_)) => {
+                span.record("replayed", false);
+            }
+            Ok(Created::Existing { uuid, .. }) => {
+                span.record("replayed", true);
+                span.record("existing_task_uuid", uuid.as_str());
+            }
+            Err(e) => {
+                span.record("outcome", "error");
+                span.record("error", e.kind.code());
+            }
+        }
+        created
+    }
+
+    async fn plan_and_create(
+        &self,
+        request: TaskRequest,
+        parent: Option<crate::store::ParentLink>,
+        span: &tracing::Span,
+    ) -> Result<Created> {
         let prepared = self
             .template(
                 &request.namespace,
@@ -693,6 +769,9 @@ impl Inner {
             self.config.max_payload_bytes,
         )?;
         plan.parent = parent;
+        // The task's uuid puts this span in the task's trace (see `telemetry::otlp`).
+        span.record("task_uuid", plan.uuid.as_str());
+        span.record("correlation_id", plan.correlation_id.as_str());
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.creations
             .send((plan, tx))

@@ -42,6 +42,7 @@ pub mod orchestrator;
 pub mod state;
 pub mod store;
 pub mod task;
+pub mod telemetry;
 pub mod template;
 pub mod visualize;
 pub mod worker;

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::Result;
 use crate::batch::no_op_result;
@@ -128,6 +129,12 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
             plan_step_creation(inner, &f.job, r, now).await;
         }
     }
+    let spans = crate::telemetry::result_spans(
+        batch
+            .iter()
+            .zip(&results)
+            .map(|(f, r)| (&f.job, &r.resolution)),
+    );
     // Claim ahead: take the permits for Rust handlers now, so the steps these results make
     // ready are claimed in the same transaction and start without waking the worker loop.
     let mut ahead = claim_ahead(inner);
@@ -195,8 +202,12 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
                 inner.sweep.notify_one();
             }
             record_metrics(inner, &batch, &results, &reports, now);
-            for (f, r) in batch.into_iter().zip(reports) {
+            for (span, r) in spans.iter().zip(&reports) {
+                crate::telemetry::record_settled(span, r);
+            }
+            for (i, (f, r)) in batch.into_iter().zip(reports).enumerate() {
                 if let Completion::Rejected(reason) = &r.completion {
+                    let _in_span = spans.get(i).map(|s| s.enter());
                     tracing::warn!(step = %f.job.step_uuid, attempt = f.job.attempt, "completion rejected: {reason}");
                 }
                 if let Some(reply) = f.reply {
@@ -207,6 +218,9 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
         Err(e) => {
             // The attempts stay in progress; their leases expire and they are retried.
             tracing::error!("cannot record {} step results: {e}", batch.len());
+            for span in &spans {
+                span.record("outcome", "error");
+            }
             for f in batch {
                 if let Some(reply) = f.reply {
                     let _ = reply.send(Err(e.clone()));
@@ -418,20 +432,33 @@ fn spawn_jobs(inner: &Arc<Inner>, jobs: Vec<StepJob>, mut permits: Vec<OwnedSema
         };
         inner.hold(&job);
         let inner = inner.clone();
-        tokio::spawn(async move {
-            // The attempt's recorded start is when its handler begins, not when it was claimed.
-            let mut job = job;
-            job.started_at = inner.clock.now();
-            let outcome = run_attempt(&inner, &mut job).await;
-            drop(permit);
-            if let Some(outcome) = outcome {
-                let _ = inner.results.send(Finished {
-                    job,
-                    outcome,
-                    reply: None,
-                });
+        // What the handler logs runs inside this span, so it carries the task's ids.
+        let span = crate::telemetry::step_span(&job);
+        let attempt_span = span.clone();
+        tokio::spawn(
+            async move {
+                // The attempt's recorded start is when its handler begins, not when it was
+                // claimed.
+                let mut job = job;
+                job.started_at = inner.clock.now();
+                let outcome = run_attempt(&inner, &mut job).await;
+                drop(permit);
+                match outcome {
+                    Some(outcome) => {
+                        crate::telemetry::record_outcome(&attempt_span, &outcome);
+                        let _ = inner.results.send(Finished {
+                            job,
+                            outcome,
+                            reply: None,
+                        });
+                    }
+                    None => {
+                        attempt_span.record("outcome", "abandoned");
+                    }
+                }
             }
-        });
+            .instrument(span),
+        );
     }
 }
 

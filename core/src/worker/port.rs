@@ -2,12 +2,13 @@
 //! never runs on tokio threads: it calls these methods from its own threads, which block (or
 //! await) without holding anything of the engine's.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::oneshot;
+use tracing::Span;
 
 use super::Finished;
 use crate::engine::Tasker;
@@ -27,6 +28,8 @@ pub struct Worker {
     callables: Vec<String>,
     /// Checkpointed jobs waiting to be handed out again.
     resumed: Mutex<VecDeque<StepJob>>,
+    /// The `tasker.step` span of each job handed out, from its claim to its completion.
+    spans: Mutex<HashMap<(String, u32), Span>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -60,6 +63,7 @@ impl Worker {
             namespaces,
             callables,
             resumed: Mutex::new(VecDeque::new()),
+            spans: Mutex::new(HashMap::new()),
         }
     }
 
@@ -116,6 +120,7 @@ impl Worker {
                 // A no-op batch placeholder never reaches the host: the engine completes it.
                 if let Some(job) = super::finish_if_no_op(inner, job) {
                     inner.hold(&job);
+                    self.open_span(&job);
                     return Ok(Some(job));
                 }
             }
@@ -140,6 +145,14 @@ impl Worker {
         if let StepOutcome::Checkpoint(cp) = outcome {
             return self.store_checkpoint(job, cp).await;
         }
+        // The job's span ends once its result is applied (or refused).
+        let span = self
+            .spans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(job.step_uuid.clone(), job.attempt))
+            .unwrap_or_else(|| crate::telemetry::step_span(job));
+        crate::telemetry::record_outcome(&span, &outcome);
         let (tx, rx) = oneshot::channel();
         self.tasker
             .inner
@@ -150,8 +163,49 @@ impl Worker {
                 reply: Some(tx),
             })
             .map_err(|_| Error::new(ErrorKind::Shutdown, "the engine is closed"))?;
-        rx.await
-            .map_err(|_| Error::new(ErrorKind::Shutdown, "the engine is closed"))?
+        let completion = rx
+            .await
+            .map_err(|_| Error::new(ErrorKind::Shutdown, "the engine is closed"))??;
+        crate::telemetry::record_completion(&span, &completion);
+        Ok(completion)
+    }
+
+    /// The `tracing` span of a job this worker handed out (`tasker.step`, with the task's
+    /// ids), open until the job is completed. A host enters it around its handler call so
+    /// that what it logs through `tracing` carries the ids; a disabled span when the job is
+    /// not (or no longer) held by this worker.
+    pub fn span(&self, job: &StepJob) -> Span {
+        self.spans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(job.step_uuid.clone(), job.attempt))
+            .cloned()
+            .unwrap_or_else(Span::none)
+    }
+
+    /// Opens the span of a job just claimed, and ends those of jobs this process no longer
+    /// holds (expired, cancelled, or never completed by the host).
+    fn open_span(&self, job: &StepJob) {
+        let span = crate::telemetry::step_span(job);
+        let mut spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
+        if !spans.is_empty() {
+            let held = self
+                .tasker
+                .inner
+                .held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            spans.retain(|(step, attempt), span| {
+                let kept = held.get(step).is_some_and(|(_, a)| a == attempt);
+                if !kept {
+                    span.record("outcome", "abandoned");
+                }
+                kept
+            });
+        }
+        if !span.is_disabled() {
+            spans.insert((job.step_uuid.clone(), job.attempt), span);
+        }
     }
 
     /// Stores a checkpoint (`checkpoint_yield`); the job is handed out again by `next_step`
@@ -182,6 +236,16 @@ impl Worker {
                 .push_back(again);
         } else {
             inner.release(&job.step_uuid, job.attempt);
+            // The attempt is over for this worker: its span ends here.
+            if let Some(span) = self
+                .spans
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&(job.step_uuid.clone(), job.attempt))
+            {
+                span.record("outcome", "checkpoint");
+                crate::telemetry::record_completion(&span, &c);
+            }
         }
         Ok(c)
     }
