@@ -39,6 +39,9 @@ pub(crate) struct Journal {
     task_states: Vec<(String, TaskState, Millis)>,
     /// Domain events for the outbox (SPEC §10), written with the results that fired them.
     outbox: Vec<crate::events::DomainEvent>,
+    /// Who announces the steps this operation enqueued, when the backend tells listeners
+    /// (see the PostgreSQL store's `quiet_if_all_taken`); anonymous when `None`.
+    pub(crate) announce_work_as: Option<String>,
 }
 
 impl Journal {
@@ -186,6 +189,7 @@ impl Journal {
             tasks: std::mem::take(&mut self.tasks),
             task_states: std::mem::take(&mut self.task_states),
             outbox: std::mem::take(&mut self.outbox),
+            announce_work_as: self.announce_work_as.take(),
         }
     }
 }
@@ -196,4 +200,5 @@ pub(crate) struct Drained {
     pub(crate) tasks: Vec<TaskRow>,
     pub(crate) task_states: Vec<(String, TaskState, Millis)>,
     pub(crate) outbox: Vec<crate::events::DomainEvent>,
+    pub(crate) announce_work_as: Option<String>,
 }

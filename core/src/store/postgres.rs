@@ -23,8 +23,8 @@ use sqlx::{Postgres, Transaction};
 use tokio::sync::broadcast;
 
 use super::{
-    AttemptResult, ClaimRequest, Completion, Created, ExpiredAttempt, FinishReport, NewTask,
-    OperatorAction, RejectedCompletion, Store, StoreChange, TemplatePut,
+    AttemptResult, CallableFilter, ClaimRequest, Completion, Created, ExpiredAttempt, FinishReport,
+    NewTask, OperatorAction, RejectedCompletion, Store, StoreChange, TemplatePut,
 };
 use crate::clock::Millis;
 use crate::job::{Checkpoint, StepJob};
@@ -54,6 +54,8 @@ pub struct PgStore {
     changes: broadcast::Sender<StoreChange>,
     /// Alive while any clone of the store is; the listener stops with it.
     _alive: std::sync::Arc<()>,
+    /// This store's name in work announcements (see `write::quiet_if_all_taken`).
+    id: std::sync::Arc<str>,
 }
 
 impl PgStore {
@@ -84,6 +86,7 @@ impl PgStore {
             pool,
             changes,
             _alive: std::sync::Arc::new(()),
+            id: crate::orchestrator::new_uuid().into(),
         };
         if migrate {
             store.migrate().await?;
@@ -158,6 +161,7 @@ impl PgStore {
         let pool = self.pool.clone();
         let tx = self.changes.clone();
         let alive = std::sync::Arc::downgrade(&self._alive);
+        let me = self.id.clone();
         tokio::spawn(async move {
             let mut listener: Option<PgListener> = None;
             while alive.strong_count() > 0 {
@@ -196,6 +200,9 @@ impl PgStore {
                                 },
                                 _ => continue,
                             }
+                        } else if !me.is_empty() && n.payload() == &*me {
+                            // This process claimed everything it could run of that work.
+                            continue;
                         } else {
                             StoreChange::Work
                         };
@@ -346,7 +353,7 @@ impl Store for PgStore {
             return Ok((created, Vec::new()));
         }
         let mut tx = self.begin().await?;
-        let out = write::create_tasks(&mut tx, tasks, actor, claim, now).await?;
+        let out = write::create_tasks(&mut tx, tasks, actor, claim, &self.id, now).await?;
         tx.commit().await?;
         Ok(out)
     }
@@ -354,6 +361,9 @@ impl Store for PgStore {
     async fn claim(&self, req: &ClaimRequest, now: Millis) -> Result<Vec<StepJob>> {
         if req.limit == 0 {
             return Ok(Vec::new());
+        }
+        if req.callables != CallableFilter::Workflows {
+            return write::claim_at_once(&self.pool, req, now).await;
         }
         let mut tx = self.begin().await?;
         let jobs = write::claim_and_flush(&mut tx, req, now).await?;
@@ -381,7 +391,7 @@ impl Store for PgStore {
         now: Millis,
     ) -> Result<(Vec<FinishReport>, Vec<StepJob>)> {
         let mut tx = self.begin().await?;
-        let out = write::finish(&mut tx, results, actor, Some(claim), now).await?;
+        let out = write::finish(&mut tx, results, actor, Some((claim, &self.id)), now).await?;
         tx.commit().await?;
         Ok(out)
     }

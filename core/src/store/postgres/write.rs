@@ -11,7 +11,7 @@ use super::{OUTBOX_LOCK, TASK_CHANNEL, WORK_CHANNEL};
 use crate::clock::Millis;
 use crate::job::{Checkpoint, StepJob};
 use crate::orchestrator::SettleCause;
-use crate::state::{StepEvent, StepState, TaskEvent, TaskState, task_transition};
+use crate::state::{StepEvent, StepState, TaskEvent, TaskState, step_transition, task_transition};
 use crate::store::apply::{
     NewRows, Rejection, Rows, Tallies, Target, checkpoint_history, expansion_rows, finish_row,
     operator_expansion, rejected, settle_task, stale_checkpoint, start_new,
@@ -26,6 +26,23 @@ use crate::template::TaskTemplate;
 use crate::{Error, ErrorKind, Result};
 
 // ---------------------------------------------------------------- journal
+
+/// When the claim that ends an operation came back short, it took every ready step its
+/// process's worker loop could run: the work announcement then names that process (`me`),
+/// whose listener does not wake its own workers for nothing (the process wakes them itself
+/// when they have something to do). Other processes are woken as always.
+fn quiet_if_all_taken(
+    j: &mut Journal,
+    claim_req: Option<&ClaimRequest>,
+    me: Option<&str>,
+    claimed: usize,
+) {
+    if let (Some(req), Some(me)) = (claim_req, me)
+        && claimed < req.limit
+    {
+        j.announce_work_as = Some(me.to_string());
+    }
+}
 
 /// Writes a journal: transitions, task-state changes and their announcements in one statement,
 /// outbox records (in commit order, see [`OUTBOX_LOCK`]) in a second when there are any.
@@ -66,7 +83,7 @@ pub(super) async fn flush(tx: &mut PgConnection, j: &mut Journal) -> Result<()> 
                 AS u(task_uuid, state, at, done)
             WHERE t.task_uuid = u.task_uuid),
          n1 AS (SELECT pg_notify($22, n) FROM unnest($23::text[]) n),
-         n2 AS (SELECT pg_notify($24, '') WHERE $25)
+         n2 AS (SELECT pg_notify($24, $26) WHERE $25)
          SELECT (SELECT COUNT(*) FROM n1) + (SELECT COUNT(*) FROM n2)",
     )
     .bind(&a.s_step)
@@ -94,6 +111,7 @@ pub(super) async fn flush(tx: &mut PgConnection, j: &mut Journal) -> Result<()> 
     .bind(&notes)
     .bind(WORK_CHANNEL)
     .bind(work)
+    .bind(d.announce_work_as.as_deref().unwrap_or(""))
     .execute(&mut *tx)
     .await?;
     if !d.outbox.is_empty() {
@@ -364,6 +382,7 @@ pub(super) async fn create_tasks(
     tasks: &[NewTask],
     actor: &str,
     claim_req: Option<&ClaimRequest>,
+    me: &str,
     now: Millis,
 ) -> Result<(Vec<Created>, Vec<StepJob>)> {
     let mut j = Journal::default();
@@ -433,6 +452,7 @@ pub(super) async fn create_tasks(
         Some(req) => claim(tx, &mut j, req, now).await?,
         None => Vec::new(),
     };
+    quiet_if_all_taken(&mut j, claim_req, Some(me), jobs.len());
     flush(tx, &mut j).await?;
     Ok((created, jobs))
 }
@@ -682,7 +702,7 @@ async fn known_identities<'c>(
 /// waited for. The ancestors' results are gathered by key look-ups only: the `OFFSET 0`
 /// subqueries cannot be turned into joins, which a planner misled about a table's size would
 /// run as scans of every edge and step.
-fn claim_statement(req: &ClaimRequest) -> Option<(String, Vec<Vec<String>>)> {
+fn claim_statement(req: &ClaimRequest, record: bool) -> Option<(String, Vec<Vec<String>>)> {
     if req.limit == 0 {
         return None;
     }
@@ -717,6 +737,25 @@ fn claim_statement(req: &ClaimRequest) -> Option<(String, Vec<Vec<String>>)> {
         filter.push_str(&format!(" AND enqueued_at <= {before}"));
     }
     let limit = req.limit;
+    // A claim that is its own transaction records its transitions itself.
+    let recorded = if record {
+        format!(
+            ",
+         recorded AS (
+            INSERT INTO step_transitions (step_uuid, task_uuid, from_state, to_state, event,
+                actor, reason, attempt, created_at)
+            SELECT step_uuid, task_uuid, '{from}', '{to}', '{event}', $1, NULL, attempts,
+                started_at
+            FROM claimed)",
+            from = StepState::Enqueued.as_str(),
+            to = step_transition(StepState::Enqueued, StepEvent::Claim)
+                .map(StepState::as_str)
+                .unwrap_or("in_progress"),
+            event = StepEvent::Claim.as_str(),
+        )
+    } else {
+        String::new()
+    };
     let sql = format!(
         "WITH picked AS (
             SELECT step_uuid FROM steps WHERE state = 'enqueued'{filter}
@@ -729,7 +768,7 @@ fn claim_statement(req: &ClaimRequest) -> Option<(String, Vec<Vec<String>>)> {
             FROM picked WHERE s.step_uuid = picked.step_uuid
             RETURNING s.step_uuid, s.task_uuid, s.name, s.attempts, s.definition, s.inputs,
                 s.checkpoint, s.timeout_at, s.started_at, s.namespace, s.step_type, s.priority,
-                s.enqueued_at)
+                s.enqueued_at){recorded}
          SELECT c.step_uuid, c.task_uuid, c.name, c.attempts, c.definition,
             c.inputs, c.checkpoint, c.timeout_at, c.started_at, c.namespace,
             json_build_array(t.name, t.version, t.correlation_id, t.context::json,
@@ -761,7 +800,7 @@ async fn claim(
     req: &ClaimRequest,
     now: Millis,
 ) -> Result<Vec<StepJob>> {
-    let Some((sql, lists)) = claim_statement(req) else {
+    let Some((sql, lists)) = claim_statement(req, false) else {
         return Ok(Vec::new());
     };
     // Every process looks for workflow steps on each poll; most of the time there are none,
@@ -788,6 +827,34 @@ async fn claim(
     found
         .iter()
         .map(|row| rows::claimed_job(row, j, req))
+        .collect()
+}
+
+/// A claim as one statement, which is its own transaction and records its transitions: what
+/// a worker looking for work runs (most of these find nothing, and then cost one round trip).
+/// Workflow steps are claimed by [`claim_and_flush`].
+pub(super) async fn claim_at_once(
+    pool: &PgPool,
+    req: &ClaimRequest,
+    now: Millis,
+) -> Result<Vec<StepJob>> {
+    let Some((sql, lists)) = claim_statement(req, true) else {
+        return Ok(Vec::new());
+    };
+    let mut q = sqlx::query(AssertSqlSafe(sql))
+        .bind(&req.worker_id)
+        .bind(now)
+        .bind(req.lease_ms)
+        .bind(req.default_timeout_ms);
+    for l in lists {
+        q = q.bind(l);
+    }
+    let found = q.fetch_all(pool).await?;
+    // The statement wrote the transitions; the journal only checks them.
+    let mut recorded = Journal::default();
+    found
+        .iter()
+        .map(|row| rows::claimed_job(row, &mut recorded, req))
         .collect()
 }
 
@@ -876,9 +943,13 @@ pub(super) async fn finish(
     tx: &mut PgConnection,
     results: &[AttemptResult],
     actor: &str,
-    claim_req: Option<&ClaimRequest>,
+    claim_req: Option<(&ClaimRequest, &str)>,
     now: Millis,
 ) -> Result<(Vec<FinishReport>, Vec<StepJob>)> {
+    let (claim_req, me) = match claim_req {
+        Some((req, me)) => (Some(req), Some(me)),
+        None => (None, None),
+    };
     let mut j = Journal::default();
     let steps: Vec<&str> = results.iter().map(|r| r.step_uuid.as_str()).collect();
     let mut targets: Vec<Target> = Vec::with_capacity(results.len());
@@ -966,6 +1037,7 @@ pub(super) async fn finish(
         Some(req) => claim(tx, &mut j, req, now).await?,
         None => Vec::new(),
     };
+    quiet_if_all_taken(&mut j, claim_req, me, jobs.len());
     let reports = reports(
         tx,
         &mut j,
