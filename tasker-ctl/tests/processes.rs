@@ -52,6 +52,10 @@ struct Setup {
     db: String,
     dir: tempfile::TempDir,
     tasker: Tasker,
+    /// The lease of the processes it starts: one second where a test kills or freezes one
+    /// (so that takeovers come quickly), longer where none is, so that a loaded machine's
+    /// delays cannot pass for a lost worker there.
+    lease_ms: &'static str,
 }
 
 impl Setup {
@@ -89,6 +93,15 @@ impl Setup {
             db,
             dir: tempfile::tempdir().unwrap(),
             tasker,
+            lease_ms: "1000",
+        }
+    }
+
+    /// The same with the processes' leases at ten seconds.
+    async fn unhurried(templates: &[&str]) -> Setup {
+        Setup {
+            lease_ms: "10000",
+            ..Setup::new(templates).await
         }
     }
 
@@ -112,7 +125,7 @@ impl Setup {
                 "off",
             ],
         )
-        .env("TASKER_LEASE_MS", "1000")
+        .env("TASKER_LEASE_MS", self.lease_ms)
         .env("TASKER_POLL_INTERVAL_MS", "100")
         .env("TASKER_PG_MAX_CONNECTIONS", "6")
         .env("TASKER_KIT_INVOCATION_LOG", self.log())
@@ -139,13 +152,13 @@ impl Setup {
         (w, url)
     }
 
-    /// Starts a worker process with a one-second lease.
+    /// Starts a worker process.
     fn worker(&self, name: &str) -> Worker {
         let child = command(
             self.dir.path(),
             &["worker", "--db", &self.db, "--shutdown-timeout", "10"],
         )
-        .env("TASKER_LEASE_MS", "1000")
+        .env("TASKER_LEASE_MS", self.lease_ms)
         .env("TASKER_POLL_INTERVAL_MS", "100")
         .env("TASKER_PG_MAX_CONNECTIONS", "4")
         .env("TASKER_KIT_INVOCATION_LOG", self.log())
@@ -341,7 +354,7 @@ async fn a_late_completion_from_a_fenced_off_worker_is_rejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_run_every_step_of_200_tasks_exactly_once() {
-    let s = Setup::new(&[CHAIN]).await;
+    let s = Setup::unhurried(&[CHAIN]).await;
     let workers: Vec<Worker> = ["a", "b", "c"].iter().map(|n| s.worker(n)).collect();
     let mut tasks = Vec::new();
     for n in 0..200 {
@@ -566,7 +579,7 @@ async fn wait_task(client: &tasker_core::api::client::Client, uuid: &str) -> (u1
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_and_three_workers_run_500_tasks_exactly_once_without_5xx() {
     use tasker_core::api::client::Client;
-    let s = Setup::new(&[CHAIN]).await;
+    let s = Setup::unhurried(&[CHAIN]).await;
     let (_s1, url1) = s.server("s1");
     let (_s2, url2) = s.server("s2");
     let _workers: Vec<Worker> = ["a", "b", "c"].iter().map(|n| s.worker(n)).collect();

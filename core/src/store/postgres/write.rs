@@ -1220,7 +1220,9 @@ pub(super) async fn checkpoint(
 }
 
 /// Extends the leases of the listed attempts still held by `worker_id` (a superseded attempt
-/// stays expired).
+/// stays expired). A row another transaction holds is skipped, not waited for: that
+/// transaction is recording the attempt's result or its expiry, and waiting could deadlock
+/// with a batch of results that takes the same rows in another order.
 pub(super) async fn renew_leases(
     pool: &PgPool,
     worker_id: &str,
@@ -1232,9 +1234,12 @@ pub(super) async fn renew_leases(
     let numbers: Vec<i64> = attempts.iter().map(|(_, a)| i64::from(*a)).collect();
     Ok(sqlx::query(
         "UPDATE steps s SET lease_expires_at = $1, updated_at = $2
-         FROM unnest($4::text[], $5::int8[]) AS a(step_uuid, attempt)
-         WHERE s.step_uuid = a.step_uuid AND s.attempts = a.attempt
-           AND s.worker_id = $3 AND s.state = 'in_progress'",
+         FROM (
+            SELECT h.step_uuid FROM unnest($4::text[], $5::int8[]) AS a(step_uuid, attempt)
+            JOIN steps h ON h.step_uuid = a.step_uuid AND h.attempts = a.attempt
+            WHERE h.worker_id = $3 AND h.state = 'in_progress'
+            FOR UPDATE OF h SKIP LOCKED) held
+         WHERE s.step_uuid = held.step_uuid",
     )
     .bind(lease_until)
     .bind(now)
