@@ -194,23 +194,6 @@ impl<'a> TransitionArrays<'a> {
     }
 }
 
-/// Locks the rows of the tasks `step_uuids` belong to (and of `tasks`), in one order. Key
-/// look-ups only (`OFFSET 0` keeps them from becoming a join the planner could run as a scan).
-async fn lock_tasks(tx: &mut PgConnection, step_uuids: &[&str], tasks: &[&str]) -> Result<()> {
-    sqlx::query(
-        "SELECT 1 FROM tasks WHERE task_uuid IN (
-            SELECT s.task_uuid FROM unnest($1::text[]) u(id),
-                LATERAL (SELECT task_uuid FROM steps WHERE step_uuid = u.id OFFSET 0) s
-            UNION SELECT unnest($2::text[]))
-         ORDER BY task_uuid FOR UPDATE",
-    )
-    .bind(step_uuids)
-    .bind(tasks)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
-}
-
 // ---------------------------------------------------------------- templates
 
 pub(super) async fn put_template(
@@ -875,7 +858,17 @@ pub(super) async fn claim_and_flush(
 /// still the current one (held by the reporting worker, when one reports; still expired, for
 /// engine-made expiries). A step that declares `publishes_events` returns what its events'
 /// metadata needs.
+///
+/// First it locks the rows of the results' tasks in uuid order, by key look-ups (the one-time
+/// condition runs before any step row is taken): the settling that follows, a
+/// statement with a snapshot of its own, then sees every transaction that moved those tasks
+/// before. Two processes finishing the two parents of a join would otherwise both miss it.
 const FINISH: &str = "
+WITH locked AS (
+  SELECT 1 FROM tasks WHERE task_uuid IN (
+    SELECT l.task_uuid FROM unnest($8::text[]) u(id),
+      LATERAL (SELECT task_uuid FROM steps WHERE step_uuid = u.id OFFSET 0) l)
+  ORDER BY task_uuid FOR UPDATE)
 UPDATE steps s SET state = r.state, result = COALESCE(r.result, s.result),
     error = COALESCE(r.error, s.error), completed_at = COALESCE(r.completed_at, s.completed_at),
     next_attempt_at = r.next_attempt_at, lease_expires_at = NULL, timeout_at = NULL,
@@ -888,6 +881,7 @@ WHERE s.step_uuid = r.step_uuid AND s.state = 'in_progress' AND s.attempts = r.a
   AND (r.worker IS NULL OR s.worker_id = r.worker)
   AND (r.timeout_guard IS NULL OR s.timeout_at <= r.timeout_guard)
   AND (r.lease_guard IS NULL OR s.lease_expires_at <= r.lease_guard)
+  AND (SELECT COUNT(*) FROM locked) >= 0
 RETURNING 'f', r.idx, s.task_uuid,
   CASE WHEN strpos(s.definition, '\"publishes_events\"') > 0 THEN json_build_array(s.name,
     s.namespace, (SELECT correlation_id FROM tasks t WHERE t.task_uuid = s.task_uuid),
@@ -951,7 +945,6 @@ pub(super) async fn finish(
         None => (None, None),
     };
     let mut j = Journal::default();
-    let steps: Vec<&str> = results.iter().map(|r| r.step_uuid.as_str()).collect();
     let mut targets: Vec<Target> = Vec::with_capacity(results.len());
     let mut applied: Vec<Option<String>> = vec![None; results.len()];
     let mut cols = FinishColumns::default();
@@ -962,7 +955,6 @@ pub(super) async fn finish(
     }
     let mut rows = Rows::new(results, &targets, &mut applied, claim_req, actor, now);
     if !results.is_empty() {
-        lock_tasks(tx, &steps, &[]).await?;
         let found = sqlx::query(FINISH)
             .bind(now)
             .bind(&cols.state)
