@@ -583,11 +583,22 @@ async fn run_loop(inner: Arc<Inner>) {
         if more {
             continue;
         }
-        let until_check = next_unknown_check.saturating_duration_since(tokio::time::Instant::now());
+        // The next unserved-steps check bounds the sleep only where there is one: without it
+        // the check's time stays in the past, and the loop would poll every millisecond.
+        let nap = if inner.config.fail_unknown_callables {
+            let until_check =
+                next_unknown_check.saturating_duration_since(tokio::time::Instant::now());
+            inner
+                .config
+                .poll_interval
+                .min(until_check.max(Duration::from_millis(1)))
+        } else {
+            inner.config.poll_interval
+        };
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
             _ = work.changed() => {}
-            _ = tokio::time::sleep(inner.config.poll_interval.min(until_check.max(Duration::from_millis(1)))) => {}
+            _ = tokio::time::sleep(nap) => {}
         }
     }
 }
