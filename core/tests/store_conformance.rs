@@ -414,7 +414,8 @@ async fn creation_records_the_same_whether_or_not_it_claims(db: Db) {
             .into_iter()
             .map(|r| (r.from_state, r.to_state, r.event, r.actor, r.created_at))
             .collect();
-        let st: Vec<(Option<String>, Option<String>, String, String, String)> = s
+        type StepRow = (Option<String>, Option<String>, String, String, String);
+        let st: Vec<StepRow> = s
             .step_transitions(&uuid, None)
             .await
             .unwrap()

@@ -369,16 +369,7 @@ pub(crate) fn start_new(
             if t.edges.iter().any(|(_, child)| child == name) {
                 counts.add(StepState::Pending);
             } else {
-                j.step_moves(
-                    &s.uuid,
-                    &t.uuid,
-                    StepState::Pending,
-                    &[StepEvent::Enqueue],
-                    None,
-                    actor,
-                    None,
-                    now,
-                )?;
+                j.step_enqueued(&s.uuid, &t.uuid, actor, now)?;
                 counts.add(StepState::Enqueued);
             }
         }
@@ -502,16 +493,7 @@ impl<'a> Rows<'a> {
                     j.step_created(&row.text_at(1)?, &row.text_at(2)?, actor, now);
                 }
                 "e" => {
-                    j.step_moves(
-                        &row.text_at(1)?,
-                        &row.text_at(2)?,
-                        StepState::Pending,
-                        &[StepEvent::Enqueue],
-                        None,
-                        actor,
-                        None,
-                        now,
-                    )?;
+                    j.step_enqueued(&row.text_at(1)?, &row.text_at(2)?, actor, now)?;
                 }
                 "k" => {
                     let from: StepState = parse_state(&row.text_at(3)?)?;

@@ -45,6 +45,27 @@ pub(crate) struct Journal {
 }
 
 impl Journal {
+    /// Records a `pending` step's move to `enqueued`.
+    pub(crate) fn step_enqueued(
+        &mut self,
+        step_uuid: &str,
+        task_uuid: &str,
+        actor: &str,
+        at: Millis,
+    ) -> Result<()> {
+        self.step_moves(
+            step_uuid,
+            task_uuid,
+            StepState::Pending,
+            &[StepEvent::Enqueue],
+            None,
+            actor,
+            None,
+            at,
+        )
+        .map(|_| ())
+    }
+
     /// Records a new step's first row (`create`, into `pending`).
     pub(crate) fn step_created(
         &mut self,

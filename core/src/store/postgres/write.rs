@@ -65,7 +65,7 @@ pub(super) async fn flush(tx: &mut PgConnection, j: &mut Journal) -> Result<()> 
         u_done.push(state.is_terminal().then_some(*at));
         notes.push(format!("{task} {}", state.as_str()));
     }
-    sqlx::query(
+    a.query(
         "WITH st AS (
             INSERT INTO step_transitions (step_uuid, task_uuid, from_state, to_state, event,
                 actor, reason, attempt, created_at)
@@ -86,23 +86,6 @@ pub(super) async fn flush(tx: &mut PgConnection, j: &mut Journal) -> Result<()> 
          n2 AS (SELECT pg_notify($24, $26) WHERE $25)
          SELECT (SELECT COUNT(*) FROM n1) + (SELECT COUNT(*) FROM n2)",
     )
-    .bind(&a.s_step)
-    .bind(&a.s_task)
-    .bind(&a.s_from)
-    .bind(&a.s_to)
-    .bind(&a.s_event)
-    .bind(&a.s_actor)
-    .bind(&a.s_reason)
-    .bind(&a.s_attempt)
-    .bind(&a.s_at)
-    .bind(&a.t_task)
-    .bind(&a.t_from)
-    .bind(&a.t_to)
-    .bind(&a.t_event)
-    .bind(&a.t_actor)
-    .bind(&a.t_reason)
-    .bind(&a.t_meta)
-    .bind(&a.t_at)
     .bind(&u_task)
     .bind(&u_state)
     .bind(&u_at)
@@ -171,6 +154,36 @@ struct TransitionArrays<'a> {
 }
 
 impl<'a> TransitionArrays<'a> {
+    /// `sql` with these arrays bound as its parameters 1 to 17: step transitions (`$1`–`$9`:
+    /// step, task, from, to, event, actor, reason, attempt, at), then task transitions
+    /// (`$10`–`$17`: task, from, to, event, actor, reason, metadata, at).
+    fn query<'q>(
+        &'q self,
+        sql: &'static str,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>
+    where
+        'a: 'q,
+    {
+        sqlx::query(sql)
+            .bind(&self.s_step)
+            .bind(&self.s_task)
+            .bind(&self.s_from)
+            .bind(&self.s_to)
+            .bind(&self.s_event)
+            .bind(&self.s_actor)
+            .bind(&self.s_reason)
+            .bind(&self.s_attempt)
+            .bind(&self.s_at)
+            .bind(&self.t_task)
+            .bind(&self.t_from)
+            .bind(&self.t_to)
+            .bind(&self.t_event)
+            .bind(&self.t_actor)
+            .bind(&self.t_reason)
+            .bind(&self.t_meta)
+            .bind(&self.t_at)
+    }
+
     fn of(d: &'a Drained) -> TransitionArrays<'a> {
         TransitionArrays {
             s_step: d.steps.iter().map(|r| r.step_uuid.as_str()).collect(),
@@ -483,10 +496,11 @@ pub(super) async fn create_tasks_at_once(
         notes.push(format!("{task} {}", state.as_str()));
     }
     let a = TransitionArrays::of(&d);
-    let inserted: Vec<String> = sqlx::query_scalar(
-        "WITH snap AS (
+    let inserted: Vec<String> = a
+        .query(
+            "WITH snap AS (
             INSERT INTO template_snapshots (content_hash, definition)
-            SELECT v->>0, v->>1 FROM json_array_elements($2::json) v
+            SELECT v->>0, v->>1 FROM json_array_elements($19::json) v
             ON CONFLICT (content_hash) DO NOTHING),
          ins AS (
             INSERT INTO tasks (task_uuid, namespace, name, version, template_hash, state,
@@ -495,9 +509,9 @@ pub(super) async fn create_tasks_at_once(
                 parent_step_uuid, created_at, updated_at, state_entered_at, completed_at)
             SELECT v->>0, v->>1, v->>2, v->>3, v->>4, COALESCE(u.state, 'pending'), v->>5,
                 v->>6, v->>7, v->>8, v->>9, (v->>10)::int8, v->>11, v->>12, v->>13, v->>14,
-                v->>15, v->>16, $1, $1, $1, u.done
-            FROM json_array_elements($3::json) v
-            LEFT JOIN unnest($4::text[], $5::text[], $6::int8[]) AS u(task_uuid, state, done)
+                v->>15, v->>16, $18, $18, $18, u.done
+            FROM json_array_elements($20::json) v
+            LEFT JOIN unnest($21::text[], $22::text[], $23::int8[]) AS u(task_uuid, state, done)
                 ON u.task_uuid = v->>0
             ON CONFLICT (identity_hash) DO NOTHING
             RETURNING task_uuid),
@@ -507,28 +521,28 @@ pub(super) async fn create_tasks_at_once(
                 created_at, updated_at)
             SELECT v->>0, v->>1, (v->>2)::int8, v->>3, v->>4, v->>5, v->>6, v->>7, v->>8,
                 COALESCE(m.state, 'pending'), (v->>9)::int8, (v->>10)::int8, (v->>11)::int8,
-                CASE WHEN m.state = 'enqueued' THEN $1 END, $1, $1
-            FROM json_array_elements($7::json) v
-            LEFT JOIN unnest($8::text[], $9::text[]) AS m(step_uuid, state)
+                CASE WHEN m.state = 'enqueued' THEN $18 END, $18, $18
+            FROM json_array_elements($24::json) v
+            LEFT JOIN unnest($25::text[], $26::text[]) AS m(step_uuid, state)
                 ON m.step_uuid = v->>0
             WHERE v->>1 IN (SELECT task_uuid FROM ins)),
          ed AS (
             INSERT INTO step_edges (task_uuid, from_step, to_step)
-            SELECT v->>0, v->>1, v->>2 FROM json_array_elements($10::json) v
+            SELECT v->>0, v->>1, v->>2 FROM json_array_elements($27::json) v
             WHERE v->>0 IN (SELECT task_uuid FROM ins)),
          str AS (
             INSERT INTO step_transitions (step_uuid, task_uuid, from_state, to_state, event,
                 actor, reason, attempt, created_at)
-            SELECT * FROM unnest($11::text[], $12::text[], $13::text[], $14::text[],
-                $15::text[], $16::text[], $17::text[], $18::int8[], $19::int8[])
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+                $5::text[], $6::text[], $7::text[], $8::int8[], $9::int8[])
                 AS r(step_uuid, task_uuid, from_state, to_state, event, actor, reason,
                     attempt, created_at)
             WHERE r.task_uuid IN (SELECT task_uuid FROM ins)),
          ttr AS (
             INSERT INTO task_transitions (task_uuid, from_state, to_state, event, actor,
                 reason, metadata, created_at)
-            SELECT * FROM unnest($20::text[], $21::text[], $22::text[], $23::text[],
-                $24::text[], $25::text[], $26::text[], $27::int8[])
+            SELECT * FROM unnest($10::text[], $11::text[], $12::text[], $13::text[],
+                $14::text[], $15::text[], $16::text[], $17::int8[])
                 AS r(task_uuid, from_state, to_state, event, actor, reason, metadata,
                     created_at)
             WHERE r.task_uuid IN (SELECT task_uuid FROM ins)),
@@ -539,40 +553,26 @@ pub(super) async fn create_tasks_at_once(
             SELECT pg_notify($30, '') WHERE $31 AND EXISTS (SELECT 1 FROM ins))
          SELECT task_uuid FROM ins
          WHERE (SELECT COUNT(*) FROM n1) + (SELECT COUNT(*) FROM n2) >= 0",
-    )
-    .bind(now)
-    .bind(json(&rows.snapshots)?)
-    .bind(json(&rows.tasks)?)
-    .bind(&u_task)
-    .bind(&u_state)
-    .bind(&u_done)
-    .bind(json(&rows.steps)?)
-    .bind(&m_step)
-    .bind(&m_state)
-    .bind(json(&rows.edges)?)
-    .bind(&a.s_step)
-    .bind(&a.s_task)
-    .bind(&a.s_from)
-    .bind(&a.s_to)
-    .bind(&a.s_event)
-    .bind(&a.s_actor)
-    .bind(&a.s_reason)
-    .bind(&a.s_attempt)
-    .bind(&a.s_at)
-    .bind(&a.t_task)
-    .bind(&a.t_from)
-    .bind(&a.t_to)
-    .bind(&a.t_event)
-    .bind(&a.t_actor)
-    .bind(&a.t_reason)
-    .bind(&a.t_meta)
-    .bind(&a.t_at)
-    .bind(TASK_CHANNEL)
-    .bind(&notes)
-    .bind(WORK_CHANNEL)
-    .bind(work)
-    .fetch_all(pool)
-    .await?;
+        )
+        .bind(now)
+        .bind(json(&rows.snapshots)?)
+        .bind(json(&rows.tasks)?)
+        .bind(&u_task)
+        .bind(&u_state)
+        .bind(&u_done)
+        .bind(json(&rows.steps)?)
+        .bind(&m_step)
+        .bind(&m_state)
+        .bind(json(&rows.edges)?)
+        .bind(TASK_CHANNEL)
+        .bind(&notes)
+        .bind(WORK_CHANNEL)
+        .bind(work)
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<std::result::Result<_, _>>()?;
     let known = known_identities(pool, &group.lost(&inserted)).await?;
     group.resolve(tasks, &inserted, &known)
 }

@@ -212,16 +212,7 @@ pub(super) async fn settle_many(
             }
         }
         for (step, task) in &ready {
-            j.step_moves(
-                step,
-                task,
-                StepState::Pending,
-                &[StepEvent::Enqueue],
-                None,
-                actor,
-                None,
-                now,
-            )?;
+            j.step_enqueued(step, task, actor, now)?;
         }
         for task_uuid in chunk {
             if let Some(s) = j.task_state(task_uuid)
