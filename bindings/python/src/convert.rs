@@ -16,7 +16,8 @@ pub(crate) fn to_json<T: Serialize>(v: &T) -> PyResult<String> {
 
 /// JSON text from Python, parsed into `T`; `what` names it in the error.
 pub(crate) fn from_json<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> PyResult<T> {
-    serde_json::from_str(text).map_err(|e| crate::error::invalid_argument(format!("invalid {what}: {e}")))
+    serde_json::from_str(text)
+        .map_err(|e| crate::error::invalid_argument(format!("invalid {what}: {e}")))
 }
 
 /// A JSON value as a Python object (through `json.loads`).

@@ -130,7 +130,10 @@ impl Engine {
     /// Registers every template in a YAML file or a directory of them; returns JSON: a list
     /// of `{namespace, name, version, callables}`.
     fn register_templates(&self, py: Python<'_>, path: PathBuf) -> PyResult<String> {
-        let loaded = self.run(py, move |t| async move { t.register_templates(&path).await })?;
+        let loaded = self.run(
+            py,
+            move |t| async move { t.register_templates(&path).await },
+        )?;
         to_json(&loaded.iter().map(summary).collect::<Vec<_>>())
     }
 
@@ -207,7 +210,11 @@ impl Engine {
                 step: need_step()?,
                 result: from_json(result.unwrap_or("{}"), "step result")?,
             },
-            other => return Err(invalid_argument(format!("unknown operator action {other:?}"))),
+            other => {
+                return Err(invalid_argument(format!(
+                    "unknown operator action {other:?}"
+                )));
+            }
         };
         let actor = actor.to_string();
         let state = self.run(py, move |t| async move {
@@ -217,7 +224,11 @@ impl Engine {
     }
 
     /// A dispatch-port worker serving `callables` of `namespaces`.
-    fn worker(&self, namespaces: Vec<String>, callables: Vec<String>) -> PyResult<crate::worker::Worker> {
+    fn worker(
+        &self,
+        namespaces: Vec<String>,
+        callables: Vec<String>,
+    ) -> PyResult<crate::worker::Worker> {
         self.check_process()?;
         Ok(crate::worker::Worker::new(self, namespaces, callables))
     }

@@ -5,7 +5,7 @@
 use pyo3::prelude::*;
 use serde_json::{Map, Value, json};
 use tasker_core::batch::{BatchOutcome, BatchWorkerContext, CursorConfig};
-use tasker_core::{BatchAggregationScenario, ErrorType, StepJob, StepOutcome};
+use tasker_core::{BatchAggregationScenario, ErrorType, StepOutcome};
 
 use crate::convert::{from_json, to_json};
 use crate::error::invalid_argument;
@@ -20,6 +20,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(no_batches, m)?)?;
     m.add_function(wrap_pyfunction!(batch_worker_success, m)?)?;
     m.add_function(wrap_pyfunction!(aggregation_scenario, m)?)?;
+    m.add_function(wrap_pyfunction!(batch_worker_context, m)?)?;
     Ok(())
 }
 
@@ -80,7 +81,9 @@ fn parse_outcome(outcome: &str) -> PyResult<BatchOutcome> {
 /// An analyzer's success carrying a batch outcome (as made by `create_batch_outcome`).
 #[pyfunction]
 fn batch_analyzer_success(outcome: &str) -> PyResult<String> {
-    to_json(&StepOutcome::batch_analyzer_success(parse_outcome(outcome)?))
+    to_json(&StepOutcome::batch_analyzer_success(parse_outcome(
+        outcome,
+    )?))
 }
 
 /// An analyzer's success when there is nothing to process.
@@ -93,8 +96,9 @@ fn no_batches(reason: &str) -> PyResult<String> {
 #[pyfunction]
 fn batch_worker_success(batch_context: &str, result: &str) -> PyResult<String> {
     let ctx: Value = from_json(batch_context, "batch context")?;
-    let cursor: CursorConfig = serde_json::from_value(ctx.get("cursor").cloned().unwrap_or_default())
-        .map_err(|e| invalid_argument(format!("invalid batch cursor: {e}")))?;
+    let cursor: CursorConfig =
+        serde_json::from_value(ctx.get("cursor").cloned().unwrap_or_default())
+            .map_err(|e| invalid_argument(format!("invalid batch cursor: {e}")))?;
     let batch = BatchWorkerContext {
         cursor,
         is_no_op: ctx.get("is_no_op").and_then(Value::as_bool) == Some(true),
@@ -137,10 +141,32 @@ fn aggregation_scenario(
     }))
 }
 
-/// A batch worker's view of its batch, or `None` for a step that is not a batch worker.
-pub(crate) fn batch_context(job: &StepJob) -> PyResult<Option<String>> {
-    let Some(b) = BatchWorkerContext::from_job(job) else {
+/// A batch worker's view of its batch from its step inputs and last checkpoint (JSON), or
+/// `None` for a step that is not a batch worker.
+#[pyfunction]
+#[pyo3(signature = (inputs, checkpoint=None))]
+fn batch_worker_context(inputs: &str, checkpoint: Option<&str>) -> PyResult<Option<String>> {
+    let inputs: Map<String, Value> = from_json(inputs, "step inputs")?;
+    let checkpoint = match checkpoint {
+        Some(text) => from_json(text, "checkpoint")?,
+        None => None,
+    };
+    // The same reading as `BatchWorkerContext::from_job`, from the parts a context holds.
+    let Some(Ok(cursor)) = inputs
+        .get("cursor")
+        .map(|c| serde_json::from_value::<CursorConfig>(c.clone()))
+    else {
         return Ok(None);
+    };
+    let b = BatchWorkerContext {
+        cursor,
+        is_no_op: inputs.get("is_no_op").and_then(Value::as_bool) == Some(true),
+        batch_metadata: inputs
+            .get("batch_metadata")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default(),
+        checkpoint,
     };
     to_json(&json!({
         "batch_id": b.batch_id(),

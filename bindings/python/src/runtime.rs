@@ -30,7 +30,12 @@ pub(crate) fn handle() -> PyResult<Handle> {
         .enable_all()
         .build()
         .map_err(|e| {
-            crate::error::raise("InternalError", "internal_error", &format!("cannot start the engine runtime: {e}"), None)
+            crate::error::raise(
+                "InternalError",
+                "internal_error",
+                &format!("cannot start the engine runtime: {e}"),
+                None,
+            )
         })?;
     let rt: &'static Runtime = Box::leak(Box::new(rt));
     *slot = Some((pid, rt));

@@ -55,12 +55,6 @@ impl Job {
         self.job.timeout_at
     }
 
-    /// The batch worker's view of its batch as JSON, or `None` for a step that is not a batch
-    /// worker.
-    fn batch_context(&self) -> PyResult<Option<String>> {
-        crate::handler_api::batch_context(&self.job)
-    }
-
     fn __repr__(&self) -> String {
         format!(
             "Job(step={:?}, callable={:?}, attempt={}, task={})",
@@ -123,11 +117,18 @@ impl Worker {
     /// Hands back a job's outcome, given as the JSON of a core `StepOutcome`
     /// (`{"outcome": "success", "result": {...}}` or `{"outcome": "failure", ...}`); returns
     /// `(accepted, reason_if_rejected)`.
-    fn complete(&self, py: Python<'_>, job: &Job, outcome: &str) -> PyResult<(bool, Option<String>)> {
+    fn complete(
+        &self,
+        py: Python<'_>,
+        job: &Job,
+        outcome: &str,
+    ) -> PyResult<(bool, Option<String>)> {
         crate::engine::check_process(self.pid)?;
         let outcome: StepOutcome = from_json(outcome, "step outcome")?;
         if matches!(outcome, StepOutcome::Checkpoint(_)) {
-            return Err(invalid_argument("a checkpoint goes through Worker.checkpoint"));
+            return Err(invalid_argument(
+                "a checkpoint goes through Worker.checkpoint",
+            ));
         }
         let c = py.detach(|| self.port.complete(&job.job, outcome)).py()?;
         Ok(Self::completion(c))
@@ -146,7 +147,10 @@ impl Worker {
         let cursor = from_json(cursor, "checkpoint cursor")?;
         let accumulated = from_json(accumulated, "accumulated results")?;
         let c = py
-            .detach(|| self.port.checkpoint(&job.job, cursor, items_processed, accumulated))
+            .detach(|| {
+                self.port
+                    .checkpoint(&job.job, cursor, items_processed, accumulated)
+            })
             .py()?;
         Ok(Self::completion(c))
     }
