@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from tasker_core import ErrorType, StepContext, StepHandler, StepHandlerResult, Tasker
-from tasker_core.errors import NotFoundError, PermanentError, TemplateError
+from tasker_core.errors import NotFoundError, PermanentError, ShutdownError, TemplateError
 
 LINEAR = """
 name: linear
@@ -253,3 +253,27 @@ def test_a_script_runs_a_workflow_in_a_fresh_interpreter(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["complete", str(2**16)]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_opens_its_own_engine(tasker, tmp_path):
+    tasker.register_template(LINEAR)
+    tasker.register_handler(Square)
+    assert tasker.run_task("linear", namespace="py", context={"n": 1}, timeout=30).is_complete
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's engine refuses, a new one works
+        code = 1
+        try:
+            try:
+                tasker.get_task("x")
+            except ShutdownError:
+                with Tasker(f"sqlite:{tmp_path / 'child.db'}", handlers=[Square]) as child:
+                    child.register_template(LINEAR)
+                    task = child.run_task("linear", namespace="py", context={"n": 2}, timeout=30)
+                    code = 0 if task.results["d"] == {"value": 2**16} else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # the parent's engine is unaffected
+    assert tasker.run_task("linear", namespace="py", context={"n": 3}, timeout=30).is_complete
