@@ -305,6 +305,7 @@ class Tasker:
         if self._closed:
             return
         self._closed = True
+        self._pool.request_stop()
         try:
             self._engine.drain(drain_timeout)
         finally:

@@ -199,6 +199,10 @@ class WorkerPool:
                 t.start()
                 self._threads.append(t)
 
+    def request_stop(self) -> None:
+        """Stops taking new work; running handlers finish and hand their results back."""
+        self._stop.set()
+
     def stop(self, timeout: float | None = None) -> None:
         """Stops taking work and waits for running handlers to finish."""
         self._stop.set()
