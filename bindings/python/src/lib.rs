@@ -1,0 +1,26 @@
+//! `tasker_core._native`: the engine handle and the dispatch port of `tasker-core`, for the
+//! `tasker-py` package. Everything Python-facing (handler classes, the worker thread pool,
+//! exceptions) lives in the pure-Python package; this module only crosses the boundary.
+//!
+//! Data crosses as JSON strings, parsed by Python's `json` on the other side (see
+//! `convert.rs`); core errors become the exceptions of `tasker_core.errors` (see `error.rs`).
+
+mod convert;
+mod engine;
+mod error;
+mod handler_api;
+mod runtime;
+mod worker;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+#[pyo3(name = "_native")]
+fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<engine::Engine>()?;
+    m.add_class::<worker::Worker>()?;
+    m.add_class::<worker::Job>()?;
+    handler_api::register(m)?;
+    Ok(())
+}

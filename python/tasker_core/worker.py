@@ -1,0 +1,264 @@
+"""The Python worker: a pool of threads pulling jobs from the engine's dispatch port,
+running the handler each job names and handing its outcome back. Waiting for work releases
+the GIL; ``async def`` handlers run on one event loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import threading
+import traceback
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from tasker_core import _native
+from tasker_core.context import StepContext
+from tasker_core.errors import ShutdownError, StepError
+from tasker_core.registry import HandlerRegistry
+from tasker_core.types import ErrorType, StepHandlerResult
+
+__all__ = ["WorkerPool", "execute"]
+
+log = logging.getLogger("tasker_core.worker")
+
+# How long one wait for work lasts; only bounds how fast a stop or a change of the served
+# callables is noticed (new work wakes waiting threads at once).
+_WAIT_SECONDS = 0.5
+
+
+class _EventLoop:
+    """One asyncio loop on its own thread for ``async def`` handlers."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def run(self, coro: Any) -> Any:
+        with self._lock:
+            if self._loop is None or self._loop.is_closed():
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever, name="tasker-asyncio", daemon=True
+                )
+                thread.start()
+                self._loop, self._thread = loop, thread
+            loop = self._loop
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, loop)
+        return future.result()
+
+    def close(self) -> None:
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+        if loop is not None and thread is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(5)
+            if not thread.is_alive():
+                loop.close()
+
+
+def _failure_from_exception(exc: BaseException) -> StepHandlerResult:
+    """SPEC §5.4: a raised PermanentError / RetryableError keeps its type; anything else is a
+    retryable ``handler_error``; the exception class, message and traceback are recorded."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if isinstance(exc, StepError):
+        result = StepHandlerResult.failure(
+            exc.message or type(exc).__name__,
+            error_type=exc.error_type,
+            retryable=exc.retryable,
+            error_code=exc.error_code,
+            metadata=exc.metadata or None,
+            retry_after_seconds=exc.retry_after_seconds,
+        )
+    else:
+        result = StepHandlerResult.failure(
+            f"{type(exc).__name__}: {exc}",
+            error_type=ErrorType.HANDLER_ERROR,
+            metadata={"exception_class": f"{type(exc).__module__}.{type(exc).__qualname__}"},
+        )
+    result.backtrace = tb
+    return result
+
+
+def _as_result(value: Any, handler: Any) -> StepHandlerResult:
+    if isinstance(value, StepHandlerResult):
+        return value
+    if getattr(handler, "_tasker_functional", False):
+        if value is None:
+            return StepHandlerResult.success(result={})
+        if isinstance(value, dict):
+            return StepHandlerResult.success(result=value)
+    return StepHandlerResult.failure(
+        f"the handler returned {type(value).__name__}, not a StepHandlerResult "
+        "(return StepHandlerResult.success(result=...) or .failure(...))",
+        error_type=ErrorType.INVALID_RESULT,
+        retryable=False,
+    )
+
+
+def execute(
+    registry: HandlerRegistry, context: StepContext, loop: _EventLoop | None = None
+) -> StepHandlerResult:
+    """Runs the handler for ``context``'s callable and returns its result; never raises."""
+    callable_name = context.handler_callable
+    handler = registry.resolve(callable_name)
+    if handler is None:
+        return StepHandlerResult.failure(
+            f"no handler for callable {callable_name!r}: not registered "
+            f"(registered: {', '.join(registry.names()) or 'none'}) and not importable "
+            "as a module path",
+            error_type=ErrorType.HANDLER_NOT_FOUND,
+            retryable=False,
+        )
+    try:
+        if callable(handler) and not hasattr(handler, context.handler_method):
+            value = handler(context)
+        else:
+            method = getattr(handler, context.handler_method, None)
+            if method is None:
+                return StepHandlerResult.failure(
+                    f"handler {type(handler).__name__} has no method {context.handler_method!r}",
+                    error_type=ErrorType.HANDLER_NOT_FOUND,
+                    retryable=False,
+                )
+            value = method(context)
+        if inspect.isawaitable(value):
+            value = (loop or _EventLoop()).run(_await(value))
+    except Exception as exc:
+        return _failure_from_exception(exc)
+    return _as_result(value, handler)
+
+
+async def _await(value: Any) -> Any:
+    return await value
+
+
+def outcome_json(result: StepHandlerResult) -> str:
+    """The result's wire form as JSON; a result that is not JSON (an object, NaN, a set)
+    becomes an ``invalid_result`` failure naming the reason."""
+    try:
+        return json.dumps(result.to_outcome(), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        failure = StepHandlerResult.failure(
+            f"the step result is not JSON-serialisable: {exc}",
+            error_type=ErrorType.INVALID_RESULT,
+            retryable=False,
+        )
+        return json.dumps(failure.to_outcome())
+
+
+class WorkerPool:
+    """Threads serving the callables of a registry through one dispatch-port worker."""
+
+    def __init__(
+        self,
+        engine: _native.Engine,
+        registry: HandlerRegistry,
+        *,
+        concurrency: int = 4,
+        namespaces: Sequence[str] = (),
+    ):
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self._engine = engine
+        self._registry = registry
+        self._concurrency = concurrency
+        self._namespaces = list(namespaces)
+        self._callables: frozenset[str] = frozenset()
+        self._port: _native.Worker | None = None
+        self._retired: list[_native.Worker] = []
+        # Taken to swap the port, and around every checkpoint: a checkpointed job is handed
+        # out again by the port that stored it, so no checkpoint may land on a retired one.
+        self._port_lock = threading.RLock()
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._loop = _EventLoop()
+
+    @property
+    def callables(self) -> frozenset[str]:
+        return self._callables
+
+    def serve(self, callables: set[str] | frozenset[str]) -> None:
+        """Serves (at least) ``callables`` from now on and starts the threads if needed."""
+        wanted = frozenset(callables) | self._callables
+        with self._port_lock:
+            if self._port is None or wanted != self._callables:
+                new = self._engine.worker(self._namespaces, sorted(wanted))
+                if self._port is not None:
+                    self._retired.append(self._port)
+                self._port = new
+                self._callables = wanted
+        if not self._threads:
+            self._stop.clear()
+            for i in range(self._concurrency):
+                t = threading.Thread(target=self._run, name=f"tasker-worker-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def request_stop(self) -> None:
+        """Stops taking new work; running handlers finish and hand their results back."""
+        self._stop.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stops taking work and waits for running handlers to finish."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads = []
+        self._loop.close()
+
+    def _current(self) -> _native.Worker | None:
+        with self._port_lock:
+            return self._port
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                retired = None
+                with self._port_lock:
+                    if self._retired:
+                        retired = self._retired.pop()
+                if retired is not None:
+                    # Jobs checkpointed on a replaced port come out of that port only.
+                    while (job := retired.next_step(0)) is not None:
+                        self._handle(retired, job)
+                    continue
+                port = self._current()
+                if port is None:
+                    return
+                job = port.next_step(_WAIT_SECONDS)
+                if job is not None:
+                    self._handle(port, job)
+            except ShutdownError:
+                return
+            except Exception:
+                log.exception("tasker worker loop error (continuing)")
+
+    def _handle(self, port: _native.Worker, job: _native.Job) -> None:
+        context = StepContext(json.loads(job.payload))
+        result = execute(self._registry, context, self._loop)
+        if result.checkpoint is not None:
+            cp = result.checkpoint
+            with self._port_lock:
+                target = self._port or port
+                try:
+                    payload = (json.dumps(cp.get("cursor")), json.dumps(cp.get("accumulated")))
+                except (TypeError, ValueError) as exc:
+                    bad = StepHandlerResult.failure(
+                        f"the checkpoint is not JSON-serialisable: {exc}",
+                        error_type=ErrorType.INVALID_RESULT,
+                        retryable=False,
+                    )
+                    port.complete(job, outcome_json(bad))
+                    return
+                accepted, reason = target.checkpoint(
+                    job, payload[0], int(cp.get("items_processed", 0)), payload[1]
+                )
+        else:
+            accepted, reason = port.complete(job, outcome_json(result))
+        if not accepted:
+            log.info("result of %r attempt %d not applied: %s", job.step_name, job.attempt, reason)
