@@ -42,6 +42,9 @@ pub(crate) struct Journal {
     /// Who announces the steps this operation enqueued, when the backend tells listeners
     /// (see the PostgreSQL store's `quiet_if_all_taken`); anonymous when `None`.
     pub(crate) announce_work_as: Option<String>,
+    /// An earlier statement of this operation enqueued steps without announcing them: the
+    /// flush announces them.
+    pub(crate) work_enqueued_before: bool,
 }
 
 impl Journal {
@@ -211,6 +214,7 @@ impl Journal {
             task_states: std::mem::take(&mut self.task_states),
             outbox: std::mem::take(&mut self.outbox),
             announce_work_as: self.announce_work_as.take(),
+            work_enqueued_before: std::mem::take(&mut self.work_enqueued_before),
         }
     }
 }
@@ -222,4 +226,5 @@ pub(crate) struct Drained {
     pub(crate) task_states: Vec<(String, TaskState, Millis)>,
     pub(crate) outbox: Vec<crate::events::DomainEvent>,
     pub(crate) announce_work_as: Option<String>,
+    pub(crate) work_enqueued_before: bool,
 }

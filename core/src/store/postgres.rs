@@ -348,10 +348,10 @@ impl Store for PgStore {
         claim: Option<&ClaimRequest>,
         now: Millis,
     ) -> Result<(Vec<Created>, Vec<StepJob>)> {
-        if claim.is_none() {
+        let Some(claim) = claim else {
             let created = write::create_tasks_at_once(&self.pool, tasks, actor, now).await?;
             return Ok((created, Vec::new()));
-        }
+        };
         let mut tx = self.begin().await?;
         let out = write::create_tasks(&mut tx, tasks, actor, claim, &self.id, now).await?;
         tx.commit().await?;

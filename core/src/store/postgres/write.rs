@@ -51,7 +51,7 @@ pub(super) async fn flush(tx: &mut PgConnection, j: &mut Journal) -> Result<()> 
     if d.steps.is_empty() && d.tasks.is_empty() && d.task_states.is_empty() && d.outbox.is_empty() {
         return Ok(());
     }
-    let work = d.steps.iter().any(|s| s.to == StepState::Enqueued);
+    let work = d.work_enqueued_before || d.steps.iter().any(|s| s.to == StepState::Enqueued);
     let a = TransitionArrays::of(&d);
     let mut u_task = Vec::with_capacity(d.task_states.len());
     let mut u_state = Vec::with_capacity(d.task_states.len());
@@ -370,85 +370,22 @@ async fn settle_many(
 
 // ---------------------------------------------------------------- creation
 
-/// Creates `tasks` (those whose identity exists, or repeats one earlier in the group or one
-/// a concurrent transaction just committed, come back as [`Created::Existing`]), settles the
-/// new ones and runs `claim`; everything is journaled and flushed.
+/// Creates `tasks` as [`create_tasks_at_once`] does, within the caller's transaction, then runs
+/// `claim`. The steps the creation made ready are announced with the claim's outcome (see
+/// [`quiet_if_all_taken`]), not by the creating statement.
 pub(super) async fn create_tasks(
     tx: &mut PgConnection,
     tasks: &[NewTask],
     actor: &str,
-    claim_req: Option<&ClaimRequest>,
+    claim_req: &ClaimRequest,
     me: &str,
     now: Millis,
 ) -> Result<(Vec<Created>, Vec<StepJob>)> {
+    let (created, work) = insert_started(&mut *tx, tasks, actor, false, now).await?;
     let mut j = Journal::default();
-    let group = Group::of(tasks);
-    let rows = NewRows::of(&group.candidates)?;
-    sqlx::query(
-        "INSERT INTO template_snapshots (content_hash, definition)
-         SELECT v->>0, v->>1 FROM json_array_elements($1::json) v
-         ON CONFLICT (content_hash) DO NOTHING",
-    )
-    .bind(json(&rows.snapshots)?)
-    .execute(&mut *tx)
-    .await?;
-    // A task whose identity exists is not inserted (waiting, if another transaction is
-    // inserting it, for that one to commit or roll back).
-    let inserted: Vec<String> = sqlx::query_scalar(
-        "INSERT INTO tasks (task_uuid, namespace, name, version, template_hash, state, context,
-            initiator, source_system, reason, tags, priority, correlation_id,
-            parent_correlation_id, idempotency_key, identity_hash, parent_task_uuid,
-            parent_step_uuid, created_at, updated_at, state_entered_at)
-         SELECT v->>0, v->>1, v->>2, v->>3, v->>4, 'pending', v->>5, v->>6, v->>7, v->>8, v->>9,
-            (v->>10)::int8, v->>11, v->>12, v->>13, v->>14, v->>15, v->>16, $1, $1, $1
-         FROM json_array_elements($2::json) v
-         ON CONFLICT (identity_hash) DO NOTHING
-         RETURNING task_uuid",
-    )
-    .bind(now)
-    .bind(json(&rows.tasks)?)
-    .fetch_all(&mut *tx)
-    .await?;
-    let known = known_identities(&mut *tx, &group.lost(&inserted)).await?;
-    let created = group.resolve(tasks, &inserted, &known)?;
-    let new = group.inserted(&inserted);
-    if !new.is_empty() {
-        let rows = NewRows::of(&new)?;
-        sqlx::query(
-            "INSERT INTO steps (step_uuid, task_uuid, seq, name, namespace, callable, step_type,
-                definition, inputs, state, max_attempts, priority, timeout_ms, created_at,
-                updated_at)
-             SELECT v->>0, v->>1, (v->>2)::int8, v->>3, v->>4, v->>5, v->>6, v->>7, v->>8,
-                'pending', (v->>9)::int8, (v->>10)::int8, (v->>11)::int8, $1, $1
-             FROM json_array_elements($2::json) v",
-        )
-        .bind(now)
-        .bind(json(&rows.steps)?)
-        .execute(&mut *tx)
-        .await?;
-        if !rows.edges.is_empty() {
-            sqlx::query(
-                "INSERT INTO step_edges (task_uuid, from_step, to_step)
-                 SELECT v->>0, v->>1, v->>2 FROM json_array_elements($1::json) v",
-            )
-            .bind(json(&rows.edges)?)
-            .execute(&mut *tx)
-            .await?;
-        }
-        for t in &new {
-            j.task_created(&t.uuid, actor, now);
-            for s in &t.steps {
-                j.step_created(&s.uuid, &t.uuid, actor, now);
-            }
-        }
-        let uuids: Vec<String> = new.iter().map(|t| t.uuid.clone()).collect();
-        settle_many(tx, &mut j, &uuids, SettleCause::Start, actor, None, now).await?;
-    }
-    let jobs = match claim_req {
-        Some(req) => claim(tx, &mut j, req, now).await?,
-        None => Vec::new(),
-    };
-    quiet_if_all_taken(&mut j, claim_req, Some(me), jobs.len());
+    j.work_enqueued_before = work;
+    let jobs = claim(tx, &mut j, claim_req, now).await?;
+    quiet_if_all_taken(&mut j, Some(claim_req), Some(me), jobs.len());
     flush(tx, &mut j).await?;
     Ok((created, jobs))
 }
@@ -465,6 +402,20 @@ pub(super) async fn create_tasks_at_once(
     actor: &str,
     now: Millis,
 ) -> Result<Vec<Created>> {
+    let mut conn = pool.acquire().await?;
+    Ok(insert_started(&mut conn, tasks, actor, true, now).await?.0)
+}
+
+/// The statement of [`create_tasks_at_once`], on `conn`; `announce` sends the work
+/// announcement for the steps it enqueued. Returns what became of each task and whether any
+/// step was enqueued.
+async fn insert_started(
+    conn: &mut PgConnection,
+    tasks: &[NewTask],
+    actor: &str,
+    announce: bool,
+    now: Millis,
+) -> Result<(Vec<Created>, bool)> {
     let group = Group::of(tasks);
     let rows = NewRows::of(&group.candidates)?;
     let mut j = Journal::default();
@@ -567,14 +518,15 @@ pub(super) async fn create_tasks_at_once(
         .bind(TASK_CHANNEL)
         .bind(&notes)
         .bind(WORK_CHANNEL)
-        .bind(work)
-        .fetch_all(pool)
+        .bind(work && announce)
+        .fetch_all(&mut *conn)
         .await?
         .iter()
         .map(|r| r.try_get(0))
         .collect::<std::result::Result<_, _>>()?;
-    let known = known_identities(pool, &group.lost(&inserted)).await?;
-    group.resolve(tasks, &inserted, &known)
+    let known = known_identities(&mut *conn, &group.lost(&inserted)).await?;
+    let created = group.resolve(tasks, &inserted, &known)?;
+    Ok((created, work && !inserted.is_empty()))
 }
 
 /// A group of creations with repeated identities folded: within the group, a later task with
@@ -599,15 +551,6 @@ impl<'a> Group<'a> {
             }
         }
         Group { first, candidates }
-    }
-
-    /// The candidates whose insert went through.
-    fn inserted(&self, inserted: &[String]) -> Vec<&'a NewTask> {
-        self.candidates
-            .iter()
-            .copied()
-            .filter(|t| inserted.contains(&t.uuid))
-            .collect()
     }
 
     /// The identities of the candidates whose insert did not go through.
