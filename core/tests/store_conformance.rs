@@ -599,6 +599,21 @@ async fn group_finish_reports_each_result_and_claims_what_became_ready(db: Db) {
     names.sort();
     assert_eq!(names, ["b", "c"]);
     assert!(claimed.iter().all(|j| j.task_uuid == t1));
+    // The claim's audit rows come after those of the settle that made the step ready.
+    let audit = s.step_transitions(&t1, Some("b")).await.unwrap();
+    let moves: Vec<(Option<&str>, &str)> = audit
+        .iter()
+        .map(|t| (t.from_state.as_deref(), t.to_state.as_str()))
+        .collect();
+    assert_eq!(
+        moves,
+        [
+            (None, "pending"),
+            (Some("pending"), "enqueued"),
+            (Some("enqueued"), "in_progress")
+        ],
+        "{audit:#?}"
+    );
     let view = s.get_task(&t1).await.unwrap();
     assert_eq!(view.step("a").unwrap().result, Some(json!({"v": 1})));
     assert_eq!(

@@ -195,10 +195,12 @@ impl Setup {
 
     /// Waits until `step` of `task` is running; returns the worker holding it.
     async fn running(&self, task: &str, step: &str) -> String {
+        let key = (task.to_string(), step.to_string());
         for _ in 0..1000 {
             let t = self.tasker.get_task(task).await.unwrap();
             let s = t.steps.iter().find(|s| s.name == step).unwrap();
-            if s.state == StepState::InProgress {
+            // Claimed is not yet running: the handler has started once it logged itself.
+            if s.state == StepState::InProgress && self.invocations().contains_key(&key) {
                 return s.worker_id.clone().unwrap();
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -39,9 +39,6 @@ pub(crate) struct Journal {
     task_states: Vec<(String, TaskState, Millis)>,
     /// Domain events for the outbox (SPEC §10), written with the results that fired them.
     outbox: Vec<crate::events::DomainEvent>,
-    /// Who announces the steps this operation enqueued, when the backend tells listeners
-    /// (see the PostgreSQL store's `quiet_if_all_taken`); anonymous when `None`.
-    pub(crate) announce_work_as: Option<String>,
     /// An earlier statement of this operation enqueued steps without announcing them: the
     /// flush announces them.
     pub(crate) work_enqueued_before: bool,
@@ -213,7 +210,6 @@ impl Journal {
             tasks: std::mem::take(&mut self.tasks),
             task_states: std::mem::take(&mut self.task_states),
             outbox: std::mem::take(&mut self.outbox),
-            announce_work_as: self.announce_work_as.take(),
             work_enqueued_before: std::mem::take(&mut self.work_enqueued_before),
         }
     }
@@ -225,6 +221,5 @@ pub(crate) struct Drained {
     pub(crate) tasks: Vec<TaskRow>,
     pub(crate) task_states: Vec<(String, TaskState, Millis)>,
     pub(crate) outbox: Vec<crate::events::DomainEvent>,
-    pub(crate) announce_work_as: Option<String>,
     pub(crate) work_enqueued_before: bool,
 }

@@ -47,6 +47,60 @@ pub(crate) const TASK_CHANNEL: &str = "tasker_task";
 const MIGRATION_LOCK: i64 = 0x7461_736b_6572_0001;
 pub(crate) const OUTBOX_LOCK: i64 = 0x7461_736b_6572_0002;
 
+/// Pooled connections idle for this long are tested before they are handed out.
+const IDLE_TEST: Duration = Duration::from_secs(10);
+/// How long every pooled connection is tested after the server was seen dropping one.
+const SUSPICION: Duration = Duration::from_secs(10);
+
+/// Whether the server was seen dropping connections lately (a restart, a failover, an
+/// administrator's `pg_terminate_backend`): until [`SUSPICION`] has passed, every pooled
+/// connection is tested before use. The rest of the time none is, which saves a round trip on
+/// every database call (sqlx's own test, a ping per acquire, was one of the hot path's seven).
+#[derive(Debug)]
+struct Suspicion {
+    base: std::time::Instant,
+    /// Milliseconds after `base` until which connections are tested.
+    until_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Suspicion {
+    fn default() -> Self {
+        Suspicion {
+            base: std::time::Instant::now(),
+            until_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl Suspicion {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn raise(&self) {
+        let until = self.now_ms().saturating_add(SUSPICION.as_millis() as u64);
+        self.until_ms
+            .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn raised(&self) -> bool {
+        self.now_ms() < self.until_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Whether `e` says the connection is gone (rather than that a statement failed).
+fn connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
+        // The server ends sessions with these on shutdown or termination
+        // (admin_shutdown, crash_shutdown, cannot_connect_now).
+        sqlx::Error::Database(d) => {
+            matches!(d.code().as_deref(), Some("57P01" | "57P02" | "57P03"))
+        }
+        _ => false,
+    }
+}
+
 /// The PostgreSQL store.
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -54,8 +108,10 @@ pub struct PgStore {
     changes: broadcast::Sender<StoreChange>,
     /// Alive while any clone of the store is; the listener stops with it.
     _alive: std::sync::Arc<()>,
-    /// This store's name in work announcements (see `write::quiet_if_all_taken`).
+    /// This store's name in work announcements (see `write::claim_and_write`).
     id: std::sync::Arc<str>,
+    /// When pooled connections are tested before use (see [`Suspicion`]).
+    suspicion: std::sync::Arc<Suspicion>,
 }
 
 impl PgStore {
@@ -72,12 +128,25 @@ impl PgStore {
             .options([("jit", "off")])
             // Statements of variable shape are few (claim filters); keep them all prepared.
             .statement_cache_capacity(512);
+        let suspicion = std::sync::Arc::new(Suspicion::default());
+        let check = suspicion.clone();
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(2))
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(30))
-            // A connection the server dropped (a restart) is found out before it is handed out.
-            .test_before_acquire(true)
+            // A connection the server dropped (a restart) is found out before it is handed
+            // out, but a test costs a round trip: only connections idle for long, or all of
+            // them while the server was seen dropping connections, are tested.
+            .test_before_acquire(false)
+            .before_acquire(move |conn, meta| {
+                let test = meta.idle_for >= IDLE_TEST || check.raised();
+                Box::pin(async move {
+                    if test {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await
             .map_err(|e| open_error(url, e))?;
@@ -87,6 +156,7 @@ impl PgStore {
             changes,
             _alive: std::sync::Arc::new(()),
             id: crate::orchestrator::new_uuid().into(),
+            suspicion,
         };
         if migrate {
             store.migrate().await?;
@@ -162,6 +232,7 @@ impl PgStore {
         let tx = self.changes.clone();
         let alive = std::sync::Arc::downgrade(&self._alive);
         let me = self.id.clone();
+        let suspicion = self.suspicion.clone();
         tokio::spawn(async move {
             let mut listener: Option<PgListener> = None;
             while alive.strong_count() > 0 {
@@ -211,9 +282,11 @@ impl PgStore {
                     // The connection was lost; the next call reconnects, and whatever was
                     // announced meanwhile is missed.
                     Ok(Ok(None)) => {
+                        suspicion.raise();
                         let _ = tx.send(StoreChange::Resync);
                     }
                     Ok(Err(e)) => {
+                        suspicion.raise();
                         tracing::debug!("listener lost its connection: {e}");
                         listener = None;
                         let _ = tx.send(StoreChange::Resync);
@@ -224,8 +297,20 @@ impl PgStore {
         });
     }
 
+    /// Starts a transaction. A `BEGIN` that meets a connection the server dropped has done
+    /// nothing, so it is retried (on a tested connection) instead of failing the caller.
     async fn begin(&self) -> Result<Transaction<'static, Postgres>> {
-        Ok(self.pool.begin().await?)
+        let mut tries = 0;
+        loop {
+            match self.pool.begin().await {
+                Ok(tx) => return Ok(tx),
+                Err(e) if tries < 2 && connection_lost(&e) => {
+                    self.suspicion.raise();
+                    tries += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// The connection pool (for tests and tools that inspect the database).

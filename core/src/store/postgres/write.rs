@@ -27,50 +27,16 @@ use crate::{Error, ErrorKind, Result};
 
 // ---------------------------------------------------------------- journal
 
-/// When the claim that ends an operation came back short, it took every ready step its
-/// process's worker loop could run: the work announcement then names that process (`me`),
-/// whose listener does not wake its own workers for nothing (the process wakes them itself
-/// when they have something to do). Other processes are woken as always.
-fn quiet_if_all_taken(
-    j: &mut Journal,
-    claim_req: Option<&ClaimRequest>,
-    me: Option<&str>,
-    claimed: usize,
-) {
-    if let (Some(req), Some(me)) = (claim_req, me)
-        && claimed < req.limit
-    {
-        j.announce_work_as = Some(me.to_string());
-    }
-}
-
-/// Writes a journal: transitions, task-state changes and their announcements in one statement,
-/// outbox records (in commit order, see [`OUTBOX_LOCK`]) in a second when there are any.
-pub(super) async fn flush(tx: &mut PgConnection, j: &mut Journal) -> Result<()> {
-    let d = j.drain();
-    if d.steps.is_empty() && d.tasks.is_empty() && d.task_states.is_empty() && d.outbox.is_empty() {
-        return Ok(());
-    }
-    let work = d.work_enqueued_before || d.steps.iter().any(|s| s.to == StepState::Enqueued);
-    let a = TransitionArrays::of(&d);
-    let mut u_task = Vec::with_capacity(d.task_states.len());
-    let mut u_state = Vec::with_capacity(d.task_states.len());
-    let mut u_at = Vec::with_capacity(d.task_states.len());
-    let mut u_done: Vec<Option<i64>> = Vec::with_capacity(d.task_states.len());
-    let mut notes = Vec::with_capacity(d.task_states.len());
-    for (task, state, at) in &d.task_states {
-        u_task.push(task.as_str());
-        u_state.push(state.as_str());
-        u_at.push(*at);
-        u_done.push(state.is_terminal().then_some(*at));
-        notes.push(format!("{task} {}", state.as_str()));
-    }
-    a.query(
-        "WITH st AS (
+/// The journal's writes as common table expressions, parameters `$1`–`$23`: step transitions
+/// (`st`, one row per insert returned so that later inserts can be ordered after them), task
+/// transitions (`tt`), task-state changes (`ts`) and their announcements (`n1`, which the
+/// statement must read for them to be sent). Bound by [`JournalArrays::bind`].
+const JOURNAL_CTES: &str = "st AS (
             INSERT INTO step_transitions (step_uuid, task_uuid, from_state, to_state, event,
                 actor, reason, attempt, created_at)
             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                $6::text[], $7::text[], $8::int8[], $9::int8[])),
+                $6::text[], $7::text[], $8::int8[], $9::int8[])
+            RETURNING 1),
          tt AS (
             INSERT INTO task_transitions (task_uuid, from_state, to_state, event, actor, reason,
                 metadata, created_at)
@@ -82,21 +48,40 @@ pub(super) async fn flush(tx: &mut PgConnection, j: &mut Journal) -> Result<()> 
             FROM unnest($18::text[], $19::text[], $20::int8[], $21::int8[])
                 AS u(task_uuid, state, at, done)
             WHERE t.task_uuid = u.task_uuid),
-         n1 AS (SELECT pg_notify($22, n) FROM unnest($23::text[]) n),
-         n2 AS (SELECT pg_notify($24, $26) WHERE $25)
-         SELECT (SELECT COUNT(*) FROM n1) + (SELECT COUNT(*) FROM n2)",
-    )
-    .bind(&u_task)
-    .bind(&u_state)
-    .bind(&u_at)
-    .bind(&u_done)
-    .bind(TASK_CHANNEL)
-    .bind(&notes)
-    .bind(WORK_CHANNEL)
-    .bind(work)
-    .bind(d.announce_work_as.as_deref().unwrap_or(""))
-    .execute(&mut *tx)
-    .await?;
+         n1 AS (SELECT pg_notify($22, n) FROM unnest($23::text[]) n)";
+
+/// Writes a journal: transitions, task-state changes and their announcements in one statement,
+/// outbox records (in commit order, see [`OUTBOX_LOCK`]) in a second when there are any.
+pub(super) async fn flush(tx: &mut PgConnection, j: &mut Journal) -> Result<()> {
+    let d = j.drain();
+    if d.steps.is_empty() && d.tasks.is_empty() && d.task_states.is_empty() && d.outbox.is_empty() {
+        return Ok(());
+    }
+    let work = d.work_enqueued_before || d.steps.iter().any(|s| s.to == StepState::Enqueued);
+    let a = JournalArrays::of(&d);
+    a.bind(flush_sql())
+        .bind(WORK_CHANNEL)
+        .bind(work)
+        .execute(&mut *tx)
+        .await?;
+    write_outbox(tx, &d).await
+}
+
+/// [`flush`]'s statement: the journal, and the work announcement (`$24`–`$25`: channel,
+/// whether to send it).
+fn flush_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        format!(
+            "WITH {JOURNAL_CTES},
+         n2 AS (SELECT pg_notify($24, '') WHERE $25)
+         SELECT (SELECT COUNT(*) FROM n1) + (SELECT COUNT(*) FROM n2)"
+        )
+    })
+}
+
+/// The outbox records of a drained journal, in commit order (see [`OUTBOX_LOCK`]).
+async fn write_outbox(tx: &mut PgConnection, d: &Drained) -> Result<()> {
     if !d.outbox.is_empty() {
         // Sequence numbers are taken at insert, not at commit: holding this lock to the
         // commit makes the outbox's order the commit order, so a consumer paging by `seq`
@@ -132,6 +117,56 @@ pub(super) async fn flush(tx: &mut PgConnection, j: &mut Journal) -> Result<()> 
     Ok(())
 }
 
+/// A drained journal as the parameters of [`JOURNAL_CTES`].
+struct JournalArrays<'a> {
+    transitions: TransitionArrays<'a>,
+    u_task: Vec<&'a str>,
+    u_state: Vec<&'a str>,
+    u_at: Vec<i64>,
+    u_done: Vec<Option<i64>>,
+    notes: Vec<String>,
+}
+
+impl<'a> JournalArrays<'a> {
+    fn of(d: &'a Drained) -> JournalArrays<'a> {
+        let n = d.task_states.len();
+        let mut a = JournalArrays {
+            transitions: TransitionArrays::of(d),
+            u_task: Vec::with_capacity(n),
+            u_state: Vec::with_capacity(n),
+            u_at: Vec::with_capacity(n),
+            u_done: Vec::with_capacity(n),
+            notes: Vec::with_capacity(n),
+        };
+        for (task, state, at) in &d.task_states {
+            a.u_task.push(task.as_str());
+            a.u_state.push(state.as_str());
+            a.u_at.push(*at);
+            a.u_done.push(state.is_terminal().then_some(*at));
+            a.notes.push(format!("{task} {}", state.as_str()));
+        }
+        a
+    }
+
+    /// `sql` with the journal bound as its parameters 1 to 23.
+    fn bind<'q>(
+        &'q self,
+        sql: impl sqlx::SqlSafeStr,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>
+    where
+        'a: 'q,
+    {
+        self.transitions
+            .query(sql)
+            .bind(&self.u_task)
+            .bind(&self.u_state)
+            .bind(&self.u_at)
+            .bind(&self.u_done)
+            .bind(TASK_CHANNEL)
+            .bind(&self.notes)
+    }
+}
+
 /// A journal's transitions as column arrays, for `unnest`.
 struct TransitionArrays<'a> {
     s_step: Vec<&'a str>,
@@ -159,7 +194,7 @@ impl<'a> TransitionArrays<'a> {
     /// (`$10`–`$17`: task, from, to, event, actor, reason, metadata, at).
     fn query<'q>(
         &'q self,
-        sql: &'static str,
+        sql: impl sqlx::SqlSafeStr,
     ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>
     where
         'a: 'q,
@@ -372,7 +407,7 @@ async fn settle_many(
 
 /// Creates `tasks` as [`create_tasks_at_once`] does, within the caller's transaction, then runs
 /// `claim`. The steps the creation made ready are announced with the claim's outcome (see
-/// [`quiet_if_all_taken`]), not by the creating statement.
+/// [`claim_and_write`]), not by the creating statement.
 pub(super) async fn create_tasks(
     tx: &mut PgConnection,
     tasks: &[NewTask],
@@ -384,9 +419,7 @@ pub(super) async fn create_tasks(
     let (created, work) = insert_started(&mut *tx, tasks, actor, false, now).await?;
     let mut j = Journal::default();
     j.work_enqueued_before = work;
-    let jobs = claim(tx, &mut j, claim_req, now).await?;
-    quiet_if_all_taken(&mut j, Some(claim_req), Some(me), jobs.len());
-    flush(tx, &mut j).await?;
+    let jobs = claim_and_write(tx, &mut j, claim_req, me, now).await?;
     Ok((created, jobs))
 }
 
@@ -628,7 +661,7 @@ async fn known_identities<'c>(
 /// waited for. The ancestors' results are gathered by key look-ups only: the `OFFSET 0`
 /// subqueries cannot be turned into joins, which a planner misled about a table's size would
 /// run as scans of every edge and step.
-fn claim_statement(req: &ClaimRequest, record: bool) -> Option<(String, Vec<Vec<String>>)> {
+fn claim_parts(req: &ClaimRequest, base: usize) -> Option<ClaimParts> {
     if req.limit == 0 {
         return None;
     }
@@ -636,7 +669,7 @@ fn claim_statement(req: &ClaimRequest, record: bool) -> Option<(String, Vec<Vec<
     let mut filter = String::new();
     let mut in_list = |filter: &mut String, column: &str, negate: bool, values: &[String]| {
         lists.push(values.to_vec());
-        let n = 4 + lists.len();
+        let n = base + 3 + lists.len();
         if negate {
             filter.push_str(&format!(" AND {column} <> ALL(${n})"));
         } else {
@@ -663,40 +696,41 @@ fn claim_statement(req: &ClaimRequest, record: bool) -> Option<(String, Vec<Vec<
         filter.push_str(&format!(" AND enqueued_at <= {before}"));
     }
     let limit = req.limit;
-    // A claim that is its own transaction records its transitions itself.
-    let recorded = if record {
-        format!(
-            ",
-         recorded AS (
-            INSERT INTO step_transitions (step_uuid, task_uuid, from_state, to_state, event,
-                actor, reason, attempt, created_at)
-            SELECT step_uuid, task_uuid, '{from}', '{to}', '{event}', $1, NULL, attempts,
-                started_at
-            FROM claimed)",
-            from = StepState::Enqueued.as_str(),
-            to = step_transition(StepState::Enqueued, StepEvent::Claim)
-                .map(StepState::as_str)
-                .unwrap_or("in_progress"),
-            event = StepEvent::Claim.as_str(),
-        )
-    } else {
-        String::new()
-    };
-    let sql = format!(
-        "WITH picked AS (
+    let p = |i: usize| format!("${}", base + i - 1);
+    let (worker, now, lease, timeout) = (p(1), p(2), p(3), p(4));
+    let ctes = format!(
+        "picked AS (
             SELECT step_uuid FROM steps WHERE state = 'enqueued'{filter}
             ORDER BY priority DESC, enqueued_at LIMIT {limit}
             FOR UPDATE SKIP LOCKED),
          claimed AS (
-            UPDATE steps s SET state = 'in_progress', attempts = s.attempts + 1, worker_id = $1,
-                lease_expires_at = $2 + $3, started_at = GREATEST($2, COALESCE(s.enqueued_at, $2)),
-                updated_at = $2, next_attempt_at = NULL, timeout_at = $2 + COALESCE(s.timeout_ms, $4)
+            UPDATE steps s SET state = 'in_progress', attempts = s.attempts + 1,
+                worker_id = {worker}, lease_expires_at = {now} + {lease},
+                started_at = GREATEST({now}, COALESCE(s.enqueued_at, {now})),
+                updated_at = {now}, next_attempt_at = NULL,
+                timeout_at = {now} + COALESCE(s.timeout_ms, {timeout})
             FROM picked WHERE s.step_uuid = picked.step_uuid
             RETURNING s.step_uuid, s.task_uuid, s.name, s.attempts, s.definition, s.inputs,
                 s.checkpoint, s.timeout_at, s.started_at, s.namespace, s.step_type, s.priority,
-                s.enqueued_at){recorded}
-         SELECT c.step_uuid, c.task_uuid, c.name, c.attempts, c.definition,
-            c.inputs, c.checkpoint, c.timeout_at, c.started_at, c.namespace,
+                s.enqueued_at)"
+    );
+    // A claim that writes its own audit rows (instead of handing them to a journal).
+    let recorded = format!(
+        "recorded AS (
+            INSERT INTO step_transitions (step_uuid, task_uuid, from_state, to_state, event,
+                actor, reason, attempt, created_at)
+            SELECT step_uuid, task_uuid, '{from}', '{to}', '{event}', {worker}, NULL, attempts,
+                started_at
+            FROM claimed",
+        from = StepState::Enqueued.as_str(),
+        to = step_transition(StepState::Enqueued, StepEvent::Claim)
+            .map(StepState::as_str)
+            .unwrap_or("in_progress"),
+        event = StepEvent::Claim.as_str(),
+    );
+    let select = "SELECT c.step_uuid, c.task_uuid, c.name, c.attempts, c.definition,
+            c.inputs, c.checkpoint, c.timeout_at, c.started_at, c.namespace, c.priority,
+            c.enqueued_at,
             json_build_array(t.name, t.version, t.correlation_id, t.context::json,
                 t.template_hash)::text AS task,
             (WITH RECURSIVE anc(id) AS (
@@ -704,19 +738,115 @@ fn claim_statement(req: &ClaimRequest, record: bool) -> Option<(String, Vec<Vec<
                 UNION
                 SELECT e.from_step FROM anc, LATERAL (
                     SELECT from_step FROM step_edges WHERE to_step = anc.id OFFSET 0) e)
-             SELECT COALESCE(json_object_agg(a.name, a.result::json), '{{}}')::text
+             SELECT COALESCE(json_object_agg(a.name, a.result::json), '{}')::text
              FROM anc, LATERAL (
                 SELECT name, result FROM steps WHERE step_uuid = anc.id
                   AND state IN ('complete', 'resolved_manually') OFFSET 0) a)
               AS dependency_results,
             CASE WHEN c.step_type = 'deferred_convergence' THEN
-              (SELECT COALESCE(json_object_agg(p.name, p.error::json), '{{}}')::text
+              (SELECT COALESCE(json_object_agg(p.name, p.error::json), '{}')::text
                FROM step_edges e JOIN steps p ON p.step_uuid = e.from_step
                WHERE e.to_step = c.step_uuid AND p.state = 'error') END AS failed_dependencies
-         FROM claimed c JOIN tasks t ON t.task_uuid = c.task_uuid
-         ORDER BY c.priority DESC, c.enqueued_at"
+         FROM claimed c JOIN tasks t ON t.task_uuid = c.task_uuid"
+        .to_string();
+    Some(ClaimParts {
+        ctes,
+        recorded,
+        select,
+        lists,
+        limit,
+    })
+}
+
+/// The pieces of a claim statement whose parameters start at `$base`: the worker id, now,
+/// the lease and the default timeout, then the filter's lists.
+struct ClaimParts {
+    /// `picked` (the rows taken, skipping those other claims hold) and `claimed` (updated).
+    ctes: String,
+    /// `recorded`, open-ended: its `FROM claimed` may be followed by a condition.
+    recorded: String,
+    /// The claimed jobs, with what a handler needs of their task and ancestors.
+    select: String,
+    lists: Vec<Vec<String>>,
+    limit: usize,
+}
+
+/// The claim statement and its text parameters (bound after the four fixed ones), or `None`
+/// when the request cannot match anything; `record` makes it write its own audit rows.
+fn claim_statement(req: &ClaimRequest, record: bool) -> Option<(String, Vec<Vec<String>>)> {
+    let c = claim_parts(req, 1)?;
+    let recorded = if record {
+        format!(", {})", c.recorded)
+    } else {
+        String::new()
+    };
+    let sql = format!(
+        "WITH {}{recorded} {} ORDER BY c.priority DESC, c.enqueued_at",
+        c.ctes, c.select
     );
-    Some((sql, lists))
+    Some((sql, c.lists))
+}
+
+/// Claims ready steps and writes the journal `j` in one statement (and its outbox records, if
+/// any, in a second, as [`flush`] does): the journal's audit rows, then the claim's (ordered after them, so that a
+/// step's `enqueued` row precedes its `in_progress` one), the task-state changes and the
+/// announcements.
+///
+/// When the claim came back short, it took every ready step this process's worker loop can
+/// run: the work announcement then names this process (`me`), whose listener does not wake
+/// its own workers for nothing (the process wakes them itself when they have something to
+/// do). Other processes are woken as always.
+async fn claim_and_write(
+    tx: &mut PgConnection,
+    j: &mut Journal,
+    req: &ClaimRequest,
+    me: &str,
+    now: Millis,
+) -> Result<Vec<StepJob>> {
+    let Some(c) = claim_parts(req, 27) else {
+        flush(tx, j).await?;
+        return Ok(Vec::new());
+    };
+    let d = j.drain();
+    let work = d.work_enqueued_before || d.steps.iter().any(|s| s.to == StepState::Enqueued);
+    let sql = format!(
+        "WITH {JOURNAL_CTES},
+         {ctes},
+         {recorded} WHERE (SELECT COUNT(*) FROM st) >= 0),
+         n2 AS (SELECT pg_notify($24, CASE WHEN (SELECT COUNT(*) FROM claimed) < {limit}
+                THEN $26 ELSE '' END) WHERE $25)
+         SELECT c.* FROM (SELECT (SELECT COUNT(*) FROM n1) + (SELECT COUNT(*) FROM n2) AS sent) n
+         LEFT JOIN ({select}) c ON true
+         ORDER BY c.priority DESC, c.enqueued_at",
+        ctes = c.ctes,
+        recorded = c.recorded,
+        limit = c.limit,
+        select = c.select,
+    );
+    let a = JournalArrays::of(&d);
+    let mut q = a
+        .bind(AssertSqlSafe(sql))
+        .bind(WORK_CHANNEL)
+        .bind(work)
+        .bind(me)
+        .bind(&req.worker_id)
+        .bind(now)
+        .bind(req.lease_ms)
+        .bind(req.default_timeout_ms);
+    for l in &c.lists {
+        q = q.bind(l);
+    }
+    let found = q.fetch_all(&mut *tx).await?;
+    // The statement wrote the claim's transitions; the journal only checks them.
+    let mut recorded = Journal::default();
+    let mut jobs = Vec::with_capacity(found.len());
+    for row in &found {
+        if row.try_get::<Option<String>, _>("step_uuid")?.is_some() {
+            jobs.push(rows::claimed_job(row, &mut recorded, req)?);
+        }
+    }
+    write_outbox(tx, &d).await?;
+    Ok(jobs)
 }
 
 /// Claims ready steps; their transitions go into `j`.
@@ -968,11 +1098,6 @@ pub(super) async fn finish(
     }
     let mut events = std::mem::take(&mut rows.events);
     let (tallies, _) = rows.into_parts();
-    let jobs = match claim_req {
-        Some(req) => claim(tx, &mut j, req, now).await?,
-        None => Vec::new(),
-    };
-    quiet_if_all_taken(&mut j, claim_req, me, jobs.len());
     let reports = reports(
         tx,
         &mut j,
@@ -984,7 +1109,19 @@ pub(super) async fn finish(
         now,
     )
     .await?;
-    flush(tx, &mut j).await?;
+    // The claim of what became ready and the journal travel together.
+    let jobs = match (claim_req, me) {
+        (Some(req), Some(me)) => claim_and_write(tx, &mut j, req, me, now).await?,
+        (Some(req), None) => {
+            let jobs = claim(tx, &mut j, req, now).await?;
+            flush(tx, &mut j).await?;
+            jobs
+        }
+        (None, _) => {
+            flush(tx, &mut j).await?;
+            Vec::new()
+        }
+    };
     Ok((reports, jobs))
 }
 
