@@ -623,6 +623,70 @@ async fn group_finish_reports_each_result_and_claims_what_became_ready(db: Db) {
     assert_eq!(s.rejected_completions(&t1).await.unwrap().len(), 1);
 }
 
+/// A backend that announces changes to other processes (PostgreSQL) announces a task-state
+/// change made by a result batch whatever its claim-ahead took, and steps a creation made
+/// ready. A backend that announces nothing (SQLite, one process) has nothing to check.
+async fn result_batches_and_creations_are_announced(db: Db) {
+    use tasker_core::store::StoreChange;
+    let Some(mut changes) = db.stores[db.stores.len() - 1].changes() else {
+        return;
+    };
+    let s = db.store();
+    let t = linear("conf", "announced", "work");
+    s.put_template(&t, false, T0).await.unwrap();
+    let task = create(s, &t, json!({}), T0).await;
+    announced(&mut changes, "the created task's first step", |c| {
+        matches!(c, StoreChange::Work)
+    })
+    .await;
+    let a = claim_one(s, "w1", T0 + 1).await;
+    // Finishing `a` makes `b` ready, and the claim-ahead takes it.
+    let (_, jobs) = s
+        .finish_and_claim(
+            &[result(&a, Some("w1"), success(json!({})))],
+            ORCH,
+            &claim_req("w1", &[], any(), 4),
+            T0 + 2,
+        )
+        .await
+        .unwrap();
+    assert_eq!(jobs.len(), 1);
+    // Finishing `b` completes the task; the claim-ahead finds nothing.
+    let (reports, jobs) = s
+        .finish_and_claim(
+            &[result(&jobs[0], Some("w1"), success(json!({})))],
+            ORCH,
+            &claim_req("w1", &[], any(), 4),
+            T0 + 3,
+        )
+        .await
+        .unwrap();
+    assert!(jobs.is_empty());
+    assert_eq!(reports[0].task_state, Some(TaskState::Complete));
+    announced(&mut changes, "the task's completion", |c| {
+        matches!(c, StoreChange::Task { task_uuid, state: TaskState::Complete } if *task_uuid == task)
+    })
+    .await;
+}
+
+/// Waits (10 s at most) for a change that `want` accepts.
+async fn announced(
+    changes: &mut tokio::sync::broadcast::Receiver<tasker_core::store::StoreChange>,
+    what: &str,
+    want: impl Fn(&tasker_core::store::StoreChange) -> bool,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, changes.recv()).await {
+            Ok(Ok(c)) if want(&c) => return,
+            Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => {}
+            Ok(Err(e)) => panic!("changes ended: {e}"),
+            Err(_) => panic!("not announced within 10 s: {what}"),
+        }
+    }
+}
+
 /// A result's expansion goes in with the result, only if the result applies; steps the task
 /// already has are left alone, and edges reach only steps that exist and have not started.
 async fn expansion_creates_steps_with_the_result(db: Db) {
@@ -2101,6 +2165,7 @@ macro_rules! all_tests {
                 identity_duplicates_return_existing,
                 group_creation_resolves_identities_within_the_group,
                 group_finish_reports_each_result_and_claims_what_became_ready,
+                result_batches_and_creations_are_announced,
                 expansion_creates_steps_with_the_result,
                 batch_parallelism_caps_running_workers,
                 batch_fail_fast_cancels_unfinished_siblings,

@@ -29,8 +29,9 @@ use crate::{Error, ErrorKind, Result};
 
 /// The journal's writes as common table expressions, parameters `$1`–`$23`: step transitions
 /// (`st`, one row per insert returned so that later inserts can be ordered after them), task
-/// transitions (`tt`), task-state changes (`ts`) and their announcements (`n1`, which the
-/// statement must read for them to be sent). Bound by [`JournalArrays::bind`].
+/// transitions (`tt`), task-state changes (`ts`) and their announcements (`n1`). A `SELECT`
+/// CTE runs only if the statement's output needs it: the statement must return a value read
+/// from `n1` (a subquery whose value goes nowhere is planned away, notifications and all). Bound by [`JournalArrays::bind`].
 const JOURNAL_CTES: &str = "st AS (
             INSERT INTO step_transitions (step_uuid, task_uuid, from_state, to_state, event,
                 actor, reason, attempt, created_at)
@@ -815,7 +816,8 @@ async fn claim_and_write(
          {recorded} WHERE (SELECT COUNT(*) FROM st) >= 0),
          n2 AS (SELECT pg_notify($24, CASE WHEN (SELECT COUNT(*) FROM claimed) < {limit}
                 THEN $26 ELSE '' END) WHERE $25)
-         SELECT c.* FROM (SELECT (SELECT COUNT(*) FROM n1) + (SELECT COUNT(*) FROM n2) AS sent) n
+         SELECT n.sent, c.*
+         FROM (SELECT (SELECT COUNT(*) FROM n1) + (SELECT COUNT(*) FROM n2) AS sent) n
          LEFT JOIN ({select}) c ON true
          ORDER BY c.priority DESC, c.enqueued_at",
         ctes = c.ctes,
