@@ -11,6 +11,7 @@ mod error;
 mod handler_api;
 mod runtime;
 mod worker;
+mod testing;
 
 use pyo3::prelude::*;
 
@@ -22,5 +23,6 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<worker::Worker>()?;
     m.add_class::<worker::Job>()?;
     handler_api::register(m)?;
+    testing::register(m)?;
     Ok(())
 }

@@ -1,0 +1,86 @@
+"""Every conformance scenario of ``tests/scenarios`` with the Python kit, on SQLite (a fresh
+in-memory database each) and on PostgreSQL (a fresh database each on the server
+``TASKER_TEST_DATABASE_URL`` names, dropped afterwards)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tasker_core import Tasker, _native
+
+from . import ecommerce_handlers, kit, runner
+
+#: Scenarios that cannot pass with the Python binding yet: (scenario name, backend or None for
+#: both) -> why. A listed scenario that passes fails its test, so the list stays true.
+KNOWN_FAILURES: dict[tuple[str, str | None], str] = {}
+
+FILES = runner.scenario_files()
+
+
+def _register_ecommerce(tasker: Tasker) -> None:
+    ecommerce_handlers().register_handlers(tasker)
+
+
+def _check(name: str, backend: str, database_url: str) -> None:
+    path = runner.SCENARIOS_DIR / f"{name}.yaml"
+    scenario = runner.load(path)
+    assert scenario["name"] == name, f"{path}: name {scenario['name']!r} differs from the file"
+    outcome = runner.run(scenario, database_url, [_register_ecommerce])
+    known = KNOWN_FAILURES.get((name, backend)) or KNOWN_FAILURES.get((name, None))
+    print(
+        f"{backend:<8} scenario {name:<40} {'ok' if outcome.passed else 'FAILED'} "
+        f"({outcome.elapsed * 1000:.0f} ms)"
+    )
+    if known is not None:
+        if outcome.passed:
+            pytest.fail(f"{name} passes on {backend} but is listed in KNOWN_FAILURES; remove it")
+        pytest.xfail(f"known failure: {known}\n{outcome.report()}")
+    assert outcome.passed, f"{name} on {backend}:\n{outcome.report()}"
+
+
+def test_scenario_files_exist_and_load() -> None:
+    assert FILES, f"no scenario files in {runner.SCENARIOS_DIR}"
+    for path in FILES:
+        runner.load(path)
+
+
+@pytest.mark.parametrize("name", [p.stem for p in FILES])
+def test_scenario_on_sqlite(name: str) -> None:
+    _check(name, "sqlite", "sqlite::memory:")
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[str]:
+    server = os.environ.get("TASKER_TEST_DATABASE_URL")
+    if not server:
+        pytest.skip("TASKER_TEST_DATABASE_URL is not set (./run test sets it)")
+    url = _native.create_scratch_database(server, "tasker_pytest_conf")
+    try:
+        yield url
+    finally:
+        _native.drop_database(server, url)
+
+
+@pytest.mark.parametrize("name", [p.stem for p in FILES])
+def test_scenario_on_postgres(name: str, postgres_database: str) -> None:
+    _check(name, "postgres", postgres_database)
+
+
+def test_kit_counts_executions_per_task_and_step() -> None:
+    ctx = kit_context("kit.record", step_name="r")
+    handler = kit.KitHandler("kit.record")
+    first = handler.call(ctx)
+    second = handler.call(ctx)
+    assert first.result == {"recorded": True, "execution": 1}
+    assert second.result == {"recorded": True, "execution": 2}
+    assert kit.executions(ctx.task_uuid, "r") == 2
+    assert kit.invocations(ctx.task_uuid) == ["r", "r"]
+
+
+def kit_context(callable_name: str, **kwargs: object) -> object:
+    from tasker_core import StepContext
+
+    return StepContext.build(handler_callable=callable_name, **kwargs)  # type: ignore[arg-type]
