@@ -46,13 +46,15 @@ VALIDATED_ITEMS = [
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Tasker]:
-    """An engine on a fresh SQLite file with the example's template and Python handlers."""
+    """An engine on a fresh SQLite file with the example's template. Its callables are the
+    guide's import paths (``handlers.ecommerce.ValidateCartHandler``, ...): the engine finds
+    the Python handlers by them, with no explicit registration."""
     with Tasker(f"sqlite:{tmp_path / 'ecommerce.db'}", poll_interval_ms=50) as tasker:
         infos = tasker.register_templates(ECOMMERCE_DIR / "templates")
         assert [(i.namespace, i.name, i.version) for i in infos] == [
             ("ecommerce", "ecommerce_order_processing", "1.0.0")
         ]
-        handlers.register_handlers(tasker)
+        assert set(infos[0].callables) == set(handlers.CALLABLES)
         yield tasker
 
 
@@ -244,6 +246,17 @@ def test_gateway_errors_are_retried_with_backoff_until_exhausted(engine: Tasker)
             if t["event"] == "claim" and t.get("attempt") == attempt
         )
         assert claim > transitions.index(ready[n]), transitions
+
+
+def test_explicitly_registered_handlers_run_the_order(tmp_path: Path) -> None:
+    """``register_handlers`` (for a module not importable as ``handlers``) serves the same
+    callables."""
+    with Tasker(f"sqlite:{tmp_path / 'explicit.db'}", poll_interval_ms=50) as tasker:
+        handlers.register_handlers(tasker)
+        tasker.register_templates(ECOMMERCE_DIR / "templates")
+        task = run(tasker, order("sample_order.json"))
+    assert task.status == "complete", task
+    assert task.results["send_confirmation"]["recipient"] == "customer@example.com"
 
 
 def test_handlers_unit_tested_with_a_built_context() -> None:

@@ -7,21 +7,26 @@ in for the gateway and warehouse calls, which makes their parallel run visible.
                    └─> update_inventory ─┘
 
 The template (``../templates/ecommerce_order_processing.yaml``) names the handlers by the
-guide's import paths, ``handlers.ecommerce.ValidateCartHandler`` and so on;
-:func:`register_handlers` registers each class under that callable::
+guide's import paths, ``handlers.ecommerce.ValidateCartHandler`` and so on. With this
+directory on ``sys.path`` those paths resolve to the classes below (see ``ecommerce`` at the
+end), so registering the template is enough::
 
+    import sys
+    sys.path.insert(0, "examples/ecommerce/python")
     from tasker_core import Tasker
-    import handlers
 
     with Tasker("sqlite::memory:", templates="examples/ecommerce/templates") as tasker:
-        handlers.register_handlers(tasker)
         task = tasker.run_task("ecommerce_order_processing", namespace="ecommerce",
                                context={...})
+
+:func:`register_handlers` registers the classes under those callables explicitly instead
+(for a module loaded under another name).
 """
 
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 from tasker_core import ErrorType, StepContext, StepHandler, StepHandlerResult, Tasker
 
@@ -32,6 +37,7 @@ __all__ = [
     "SendConfirmationHandler",
     "UpdateInventoryHandler",
     "ValidateCartHandler",
+    "ecommerce",
     "register_handlers",
 ]
 
@@ -257,3 +263,9 @@ def register_handlers(tasker: Tasker) -> None:
     """Registers every handler under the callable the template names it by."""
     for callable_name, cls in CALLABLES.items():
         tasker.register_handler(cls, name=callable_name)
+
+
+#: The guide lays its handlers out as a package ``handlers`` with a module ``ecommerce``; the
+#: template's callables are those paths. With this file importable as ``handlers``,
+#: ``handlers.ecommerce.ValidateCartHandler`` resolves to the class above.
+ecommerce = SimpleNamespace(**{cls.__name__: cls for cls in CALLABLES.values()})

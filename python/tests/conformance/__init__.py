@@ -1,9 +1,9 @@
 """The Python conformance kit and runner (``tests/README.md``), and the e-commerce example's
-Python handlers loaded from ``examples/ecommerce/python``."""
+Python handlers (``examples/ecommerce/python/handlers.py``)."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -13,15 +13,13 @@ ECOMMERCE_DIR = REPO_DIR / "examples" / "ecommerce"
 
 
 def ecommerce_handlers() -> ModuleType:
-    """``examples/ecommerce/python/handlers.py`` as a module (imported once)."""
-    name = "tasker_examples_ecommerce_handlers"
-    module = sys.modules.get(name)
-    if module is None:
-        path = ECOMMERCE_DIR / "python" / "handlers.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load {path}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+    """The example's handler module, imported as ``handlers`` from
+    ``examples/ecommerce/python`` (put on ``sys.path``), so that the template's callables
+    ``handlers.ecommerce.<Class>`` resolve as import paths."""
+    directory = str(ECOMMERCE_DIR / "python")
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    module = importlib.import_module("handlers")
+    if Path(module.__file__ or "").resolve().parent != ECOMMERCE_DIR / "python":
+        raise ImportError(f"`handlers` resolves to {module.__file__}, not the example's module")
     return module

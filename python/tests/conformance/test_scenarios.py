@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tasker_core import Tasker, _native
+from tasker_core import StepContext, Tasker, _native
 
 from . import ecommerce_handlers, kit, runner
 
@@ -70,7 +71,7 @@ def test_scenario_on_postgres(name: str, postgres_database: str) -> None:
 
 
 def test_kit_counts_executions_per_task_and_step() -> None:
-    ctx = kit_context("kit.record", step_name="r")
+    ctx = StepContext.build(handler_callable="kit.record", step_name="r")
     handler = kit.KitHandler("kit.record")
     first = handler.call(ctx)
     second = handler.call(ctx)
@@ -80,7 +81,34 @@ def test_kit_counts_executions_per_task_and_step() -> None:
     assert kit.invocations(ctx.task_uuid) == ["r", "r"]
 
 
-def kit_context(callable_name: str, **kwargs: object) -> object:
-    from tasker_core import StepContext
+def test_kit_bad_input_and_overflow_fail_with_the_kit_codes() -> None:
+    square = kit.KitHandler("kit.square")
+    missing = square.call(StepContext.build(handler_callable="kit.square"))
+    assert (missing.error_type, missing.error_code) == ("validation_error", kit.BAD_INPUT)
+    assert "even_number" in (missing.error_message or "")
+    big = square.call(StepContext.build(input_data={"even_number": 2**27}))
+    assert (big.error_type, big.error_code) == ("permanent_error", kit.OVERFLOW)
+    assert big.retryable is False
 
-    return StepContext.build(handler_callable=callable_name, **kwargs)  # type: ignore[arg-type]
+
+def test_runner_rejects_unknown_keys_and_bad_states(tmp_path: Path) -> None:
+    bad_key = tmp_path / "bad_key.yaml"
+    bad_key.write_text("name: bad_key\ntemplate: x.yaml\nexpect: { stpes: {} }\n")
+    with pytest.raises(runner.ScenarioError, match=r"unknown key.*stpes"):
+        runner.load(bad_key)
+    bad_state = tmp_path / "bad_state.yaml"
+    bad_state.write_text("name: bad_state\ntemplate: x.yaml\nexpect: { task: finished }\n")
+    with pytest.raises(runner.ScenarioError, match="'finished' is not one of"):
+        runner.load(bad_state)
+
+
+def test_subset_match_locates_every_mismatch() -> None:
+    diffs: list[str] = []
+    runner.subset_match({"value": 4}, {"value": 4.0, "other": 1}, "", diffs)
+    assert diffs == []
+    runner.subset_match({"a": 1, "b": [1, 2], "c": "x"}, {"a": 2, "b": [1]}, "", diffs)
+    assert diffs == [
+        "/a: expected 1, found 2",
+        "/b: expected [1,2], found [1]",
+        '/c: expected "x", key missing',
+    ]
