@@ -10,8 +10,8 @@ mod engine;
 mod error;
 mod handler_api;
 mod runtime;
-mod worker;
 mod testing;
+mod worker;
 
 use pyo3::prelude::*;
 

@@ -18,6 +18,16 @@ from . import ecommerce_handlers, kit, runner
 #: both) -> why. A listed scenario that passes fails its test, so the list stays true.
 KNOWN_FAILURES: dict[tuple[str, str | None], str] = {}
 
+#: Scenarios not run at all, with the precise reason: (scenario name, backend) -> why.
+SKIPS: dict[tuple[str, str], str] = {}
+if not runner.FAIL_UNKNOWN_CALLABLES_OPTION:
+    SKIPS[("handler_not_found", "postgres")] = (
+        "tasker_core.Tasker has no fail_unknown_callables option and the binding's Engine "
+        "turns the unknown-callable check off for PostgreSQL URLs, so the step nothing serves "
+        "waits for another worker instead of failing with handler_not_found (it would only "
+        "end at the scenario's 30 s deadline)"
+    )
+
 FILES = runner.scenario_files()
 
 
@@ -26,6 +36,9 @@ def _register_ecommerce(tasker: Tasker) -> None:
 
 
 def _check(name: str, backend: str, database_url: str) -> None:
+    skip = SKIPS.get((name, backend))
+    if skip is not None:
+        pytest.skip(skip)
     path = runner.SCENARIOS_DIR / f"{name}.yaml"
     scenario = runner.load(path)
     assert scenario["name"] == name, f"{path}: name {scenario['name']!r} differs from the file"
