@@ -32,6 +32,7 @@ __all__ = [
     "executions",
     "invocations",
     "register_handlers",
+    "release",
 ]
 
 #: Largest magnitude the kit's arithmetic accepts (exact in every host language).
@@ -46,6 +47,8 @@ INJECTED = "KIT_INJECTED_FAILURE"
 _LOCK = threading.Lock()
 _LOG: dict[str, list[str]] = {}
 _ITEMS: dict[str, list[int]] = {}
+# task uuid -> set once the runner is done with the task: its kit.sleep calls end at once.
+_RELEASED: dict[str, threading.Event] = {}
 
 
 def invocations(task_uuid: str) -> list[str]:
@@ -65,6 +68,19 @@ def processed_items(task_uuid: str, step: str) -> list[int]:
     """Items ``kit.checkpointing_work`` processed for ``step`` of ``task_uuid``, in order."""
     with _LOCK:
         return list(_ITEMS.get(f"{task_uuid}/{step}", ()))
+
+
+def _released(task_uuid: str) -> threading.Event:
+    with _LOCK:
+        return _RELEASED.setdefault(task_uuid, threading.Event())
+
+
+def release(task_uuids: list[str]) -> None:
+    """Ends the ``kit.sleep`` calls of these tasks now and any later ones at once: a runner
+    calls it once a task has come to rest, where the Rust kit's sleeping future would simply
+    be dropped (a thread cannot be)."""
+    for uuid in task_uuids:
+        _released(uuid).set()
 
 
 def _record(ctx: StepContext) -> int:
@@ -216,14 +232,14 @@ def _fold(
 
 
 def _sleep(h: KitHandler, ctx: StepContext, _: int) -> Any:
-    """Sleeps ``ms``, cooperatively cancelled by the step timeout: a thread cannot be killed,
-    so the sleep ends once the attempt's deadline has passed (its result is then refused)."""
+    """Sleeps ``ms``, cooperatively cancelled: a thread cannot be killed, so the sleep ends
+    once the attempt's deadline has passed (its result is then refused) or the runner has
+    released the task (:func:`release`)."""
     ms = _uint_config(ctx, "ms") or 0
-    until = time.monotonic() + ms / 1000
+    seconds = ms / 1000
     if ctx.timeout_at:
-        until = min(until, time.monotonic() + max(0.0, ctx.timeout_at / 1000 - time.time()) + 0.05)
-    while (left := until - time.monotonic()) > 0:
-        time.sleep(min(left, 0.05))
+        seconds = min(seconds, max(0.0, ctx.timeout_at / 1000 - time.time()) + 0.05)
+    _released(ctx.task_uuid).wait(seconds)
     return {"slept_ms": ms}
 
 

@@ -423,6 +423,8 @@ class Outcome:
     task: Task | None = None
     diffs: list[str] = field(default_factory=list)
     elapsed: float = 0.0
+    #: The uuid of the task the scenario created (none when creation failed).
+    task_uuid: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -503,6 +505,8 @@ def run(
     except TaskerError as e:
         out.diffs.append(f"engine error: {e.code}: {e}")
     finally:
+        if out.task_uuid is not None:
+            kit.release([out.task_uuid, *_descendants(tasker, out.task_uuid)])
         tasker.close(drain_timeout=2.0)
     out.elapsed = time.monotonic() - started
     return out
@@ -590,6 +594,7 @@ def _drive(
             out.diffs.extend(_compare_create_error(expect["create_error"], e))
             return
         raise _Stop(f"create failed: {e.code} ({e})") from e
+    out.task_uuid = handle.uuid
     if "create_error" in expect:
         out.diffs.append(
             f"create: expected a {expect['create_error']['kind']} error, created task {handle.uuid}"
@@ -683,6 +688,17 @@ def _drive(
     if "dlq" in expect:
         entries = json.loads(_native.dlq_entries(tasker._engine, task.uuid))
         out.diffs.extend(compare_dlq(expect["dlq"], entries))
+
+
+def _descendants(tasker: Tasker, uuid: str) -> list[str]:
+    """The uuids of every task that workflow steps of ``uuid`` (and of its children) started."""
+    found: list[str] = []
+    try:
+        for raw in json.loads(_native.child_tasks(tasker._engine, uuid)):
+            found += [raw["uuid"], *_descendants(tasker, raw["uuid"])]
+    except TaskerError:
+        pass
+    return found
 
 
 def _child_of(tasker: Tasker, task: Task, step: str) -> Task | None:
