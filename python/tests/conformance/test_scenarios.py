@@ -125,3 +125,41 @@ def test_subset_match_locates_every_mismatch() -> None:
         "/b: expected [1,2], found [1]",
         '/c: expected "x", key missing',
     ]
+
+
+def test_runner_reports_every_mismatch() -> None:
+    """A scenario whose expectations are wrong fails with one line per mismatch."""
+    scenario = runner.load(runner.SCENARIOS_DIR / "linear.yaml")
+    scenario["expect"] = {
+        "task": "error",
+        "step_count": 3,
+        "steps": {
+            "linear_step_2": {"state": "complete", "result": {"value": 1297}},
+            "linear_step_4": {"error_code": "NOPE"},
+            "missing_step": {"state": "complete"},
+        },
+        "absent_steps": ["linear_step_1"],
+        "executions": {"linear_step_3": 2},
+    }
+    outcome = runner.run(scenario, "sqlite::memory:", [])
+    assert not outcome.passed
+    assert outcome.task is not None and outcome.task.status == "complete"
+    assert outcome.diffs == [
+        "task: expected state error, found complete",
+        "step linear_step_2 result /value: expected 1297, found 1296",
+        "step linear_step_4: expected an error, has none",
+        "step missing_step: expected to exist, absent",
+        "step linear_step_1: expected absent, exists in state complete",
+        "step_count: expected 3, found 4 (linear_step_1, linear_step_2, linear_step_3, "
+        "linear_step_4)",
+        "executions of linear_step_3: expected 2, found 1",
+    ]
+    assert "linear_step_4" in outcome.report() and "2821109907456" in outcome.report()
+
+
+def test_runner_reports_a_creation_that_should_have_failed() -> None:
+    scenario = runner.load(runner.SCENARIOS_DIR / "linear.yaml")
+    scenario["expect"] = {"create_error": {"kind": "validation_error"}}
+    outcome = runner.run(scenario, "sqlite::memory:", [])
+    assert len(outcome.diffs) == 1
+    assert outcome.diffs[0].startswith("create: expected a validation_error error, created task")
