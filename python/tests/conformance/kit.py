@@ -322,8 +322,8 @@ def _decide(h: KitHandler, ctx: StepContext, _: int) -> Any:
 
 
 def _show_number(v: float) -> str:
-    """A number as serde_json prints an f64 (``5000.0``, ``0.01``)."""
-    return repr(v)
+    """A number as the Rust kit prints an f64 in its messages (``5000``, ``0.01``)."""
+    return str(int(v)) if v.is_integer() else repr(v)
 
 
 def _decide_by_parent(h: KitHandler, ctx: StepContext, routes: Any) -> Any:

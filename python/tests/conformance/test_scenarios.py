@@ -163,3 +163,20 @@ def test_runner_reports_a_creation_that_should_have_failed() -> None:
     outcome = runner.run(scenario, "sqlite::memory:", [])
     assert len(outcome.diffs) == 1
     assert outcome.diffs[0].startswith("create: expected a validation_error error, created task")
+
+
+def test_kit_decide_routes_by_the_first_matching_route() -> None:
+    decide = kit.KitHandler("kit.decide")
+    config = {
+        "field": "amount",
+        "routes": [{"below": 1000, "steps": ["auto"]}, {"below": 5000, "steps": []}],
+    }
+    auto = decide.call(StepContext.build(input_data={"amount": 999.99}, step_config=config))
+    assert auto.success is True
+    assert auto.result is not None
+    assert auto.result["decision_point_outcome"]["step_names"] == ["auto"]
+    skipped = decide.call(StepContext.build(input_data={"amount": 1000}, step_config=config))
+    assert skipped.success is True
+    none = decide.call(StepContext.build(input_data={"amount": 5000.0}, step_config=config))
+    assert (none.success, none.error_type) == (False, "decision_error")
+    assert none.error_message == "kit.decide: no route for amount = 5000"
