@@ -1,5 +1,15 @@
 """The Python conformance kit and runner (``tests/README.md``), and the e-commerce example's
-Python handlers (``examples/ecommerce/python/handlers.py``)."""
+Python handlers (``examples/ecommerce/python/handlers.py``).
+
+- ``kit.py``: the ``kit.*`` handlers, the Python twin of ``tests/src/kit.rs``;
+- ``runner.py``: loads a scenario file (unknown keys and bad state names are load errors),
+  runs it on a fresh ``tasker_core.Tasker`` and lists every mismatch;
+- ``test_scenarios.py``: one test per scenario file on SQLite and one on PostgreSQL (a scratch
+  database on ``$TASKER_TEST_DATABASE_URL``, dropped afterwards; skipped when unset).
+
+Run from ``python/``: ``pytest tests/conformance`` (``-k "sqlite and checkpoint"`` for a
+subset; ``-s`` prints one line per scenario).
+"""
 
 from __future__ import annotations
 
