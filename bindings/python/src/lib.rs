@@ -10,6 +10,7 @@ mod engine;
 mod error;
 mod handler_api;
 mod runtime;
+mod testing;
 mod worker;
 
 use pyo3::prelude::*;
@@ -22,5 +23,6 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<worker::Worker>()?;
     m.add_class::<worker::Job>()?;
     handler_api::register(m)?;
+    testing::register(m)?;
     Ok(())
 }
