@@ -161,25 +161,33 @@ class APIMixin:
                 headers.update({str(k): str(v) for k, v in source["headers"].items()})
         return base_url, timeout, tuple(sorted(headers.items()))
 
+    def _clients(self) -> _Clients:
+        clients: _Clients | None = self.__dict__.get("_tasker_http_clients")
+        if clients is None:
+            with _setup_lock:
+                clients = self.__dict__.setdefault("_tasker_http_clients", _Clients())
+        assert clients is not None
+        return clients
+
     def _client(self) -> httpx.Client:
         key = self._settings()
-        with _clients_lock:
-            clients = _sync_clients.setdefault(id(self), {})
-            client = clients.get(key)
+        clients = self._clients()
+        with clients.lock:
+            client = clients.sync.get(key)
             if client is None:
-                client = clients[key] = _new_client(httpx.Client, key, self.follow_redirects)
-                weakref.finalize(self, _close_sync, id(self))
+                client = clients.sync[key] = httpx.Client(**_client_options(key, self))
         return client
 
     def _async_client(self) -> httpx.AsyncClient:
         key = self._settings()
-        loop = asyncio.get_running_loop()
+        clients = self._clients()
         # An async client belongs to the event loop it was first used on.
-        per_loop = _async_clients.setdefault(loop, {})
-        clients = per_loop.setdefault(id(self), {})
-        client = clients.get(key)
-        if client is None:
-            client = clients[key] = _new_client(httpx.AsyncClient, key, self.follow_redirects)
+        loop = asyncio.get_running_loop()
+        with clients.lock:
+            per_loop = clients.by_loop.setdefault(loop, {})
+            client = per_loop.get(key)
+            if client is None:
+                client = per_loop[key] = httpx.AsyncClient(**_client_options(key, self))
         return client
 
     # -- requests ---------------------------------------------------------------------------
@@ -311,27 +319,27 @@ def _scoped(call: Callable[..., Any]) -> Callable[..., Any]:
 
 _ClientKey = tuple[str, float, tuple[tuple[str, str], ...]]
 
-# Clients by handler instance and settings: httpx.Client is thread-safe and keeps its
-# connections, so every thread of the worker shares one per configuration.
-_clients_lock = threading.Lock()
-_sync_clients: dict[int, dict[_ClientKey, httpx.Client]] = {}
-_async_clients: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[int, dict[_ClientKey, httpx.AsyncClient]]
-] = weakref.WeakKeyDictionary()
+_setup_lock = threading.Lock()
 
 
-def _new_client(kind: Any, key: _ClientKey, follow_redirects: bool) -> Any:
+class _Clients:
+    """A handler instance's HTTP clients, one per configuration: httpx.Client is
+    thread-safe and keeps its connections, so every worker thread shares it; an async client
+    is kept per event loop."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.sync: dict[_ClientKey, httpx.Client] = {}
+        self.by_loop: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[_ClientKey, httpx.AsyncClient]
+        ] = weakref.WeakKeyDictionary()
+
+
+def _client_options(key: _ClientKey, handler: APIMixin) -> dict[str, Any]:
     base_url, timeout, headers = key
-    return kind(
-        base_url=base_url,
-        timeout=timeout,
-        headers=dict(headers),
-        follow_redirects=follow_redirects,
-    )
-
-
-def _close_sync(owner: int) -> None:
-    with _clients_lock:
-        clients = _sync_clients.pop(owner, {})
-    for client in clients.values():
-        client.close()
+    return {
+        "base_url": base_url,
+        "timeout": timeout,
+        "headers": dict(headers),
+        "follow_redirects": handler.follow_redirects,
+    }
