@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from tasker_core import StepContext, StepHandler, StepHandlerResult
+from tasker_core import StepContext, StepHandler, StepHandlerResult, Tasker
 from tasker_core.errors import PermanentError
 from tasker_core.step_handler.functional import (
     FunctionalHandler,
@@ -302,6 +302,14 @@ def test_registered_functions_run_by_name_in_an_engine(tasker):
     step = failed.steps["price"]
     assert (step.state, step.attempts) == ("error", 1)
     assert (step.error["error_type"], step.error["error_code"]) == ("permanent_error", "REFUSED")
+
+
+def test_functions_given_to_the_engine_handle(tmp_path):
+    with Tasker(f"sqlite:{tmp_path / 'handle.db'}", handlers=[make_cart, charge]) as engine:
+        engine.register_template(SIMPLE.format(first="make_cart", second="charge"))
+        task = engine.run_task("functional_demo", namespace="functional", timeout=30)
+    assert task.status == "complete", task
+    assert task.results["price"] == {"amount": 4.0, "currency": "EUR"}
 
 
 def test_functions_named_by_import_path_are_found_unregistered(tasker):
