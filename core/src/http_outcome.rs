@@ -12,7 +12,7 @@
 //!     retry_after: Some("2".into()),
 //!     ..HttpResponse::default()
 //! };
-//! let StepOutcome::Failure(f) = http_outcome::failure_outcome(&response, 0).unwrap() else {
+//! let StepOutcome::Failure(f) = http_outcome::failure_outcome(&response, 0, None).unwrap() else {
 //!     unreachable!()
 //! };
 //! assert_eq!(f.error_type, ErrorType::RetryableError);
