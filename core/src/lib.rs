@@ -35,6 +35,7 @@ pub mod dlq;
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod http_outcome;
 pub mod job;
 pub mod lifecycle;
 pub mod metrics;

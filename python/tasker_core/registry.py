@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, TypeAlias
 
 from tasker_core.step_handler import StepHandler
+from tasker_core.step_handler.functional import handler_for
 
 __all__ = ["HandlerRegistry", "HandlerSpec"]
 
@@ -24,8 +25,9 @@ class HandlerRegistry:
         self._lock = threading.Lock()
 
     def register(self, handler: HandlerSpec, name: str | None = None) -> list[str]:
-        """Registers a handler class, instance or function; returns the callables it now
-        serves (its name, and its import path for classes and functions)."""
+        """Registers a handler class, instance or function (a decorated functional handler
+        runs with its declared inputs and dependencies); returns the callables it now serves
+        (its name, and its import path for classes and functions)."""
         instance: Any
         names: list[str | None]
         if inspect.isclass(handler):
@@ -36,6 +38,9 @@ class HandlerRegistry:
         elif isinstance(handler, StepHandler):
             instance = handler
             names = [name or type(handler).registered_name(), _import_path(type(handler))]
+        elif (functional := handler_for(handler)) is not None:
+            instance = functional
+            names = [name or functional.registered_name(), _import_path(handler)]
         elif callable(handler):
             instance = handler
             declared = getattr(handler, "handler_name", None)
@@ -71,6 +76,8 @@ class HandlerRegistry:
             return None
         if inspect.isclass(target) and issubclass(target, StepHandler):
             instance: Any = target()
+        elif (functional := handler_for(target)) is not None:
+            instance = functional
         elif callable(target) and not inspect.isclass(target):
             instance = target
         else:

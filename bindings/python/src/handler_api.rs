@@ -1,14 +1,16 @@
 //! The handler-side logic the Python mixins are thin wrappers of: error-type defaults,
-//! decision and batch outcomes, a batch worker's view, aggregation. Defined once in the core;
+//! decision and batch outcomes, a batch worker's view, aggregation, HTTP classification. Defined once in the core;
 //! here each is one function taking and returning JSON.
 
 use pyo3::prelude::*;
 use serde_json::{Map, Value, json};
 use tasker_core::batch::{BatchOutcome, BatchWorkerContext, CursorConfig};
+use tasker_core::clock::{Clock, SystemClock};
+use tasker_core::http_outcome::{self, HttpResponse};
 use tasker_core::{BatchAggregationScenario, ErrorType, StepOutcome};
 
 use crate::convert::{from_json, to_json};
-use crate::error::invalid_argument;
+use crate::error::{IntoPyResult, invalid_argument};
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(error_types, m)?)?;
@@ -21,6 +23,12 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(batch_worker_success, m)?)?;
     m.add_function(wrap_pyfunction!(aggregation_scenario, m)?)?;
     m.add_function(wrap_pyfunction!(batch_worker_context, m)?)?;
+    m.add_function(wrap_pyfunction!(http_status_class, m)?)?;
+    m.add_function(wrap_pyfunction!(http_retry_after, m)?)?;
+    m.add_function(wrap_pyfunction!(http_success, m)?)?;
+    m.add_function(wrap_pyfunction!(http_failure, m)?)?;
+    m.add_function(wrap_pyfunction!(http_connection_failure, m)?)?;
+    m.add_function(wrap_pyfunction!(http_timeout_failure, m)?)?;
     Ok(())
 }
 
@@ -179,4 +187,64 @@ fn batch_worker_context(inputs: &str, checkpoint: Option<&str>) -> PyResult<Opti
         "accumulated": b.accumulated(),
     }))
     .map(Some)
+}
+
+fn http_status(status: i64) -> PyResult<u16> {
+    u16::try_from(status).map_err(|_| {
+        crate::error::to_py(tasker_core::Error::validation(format!(
+            "{status} is not an HTTP status code (100-599)"
+        )))
+    })
+}
+
+fn http_response(response: &str) -> PyResult<HttpResponse> {
+    from_json(response, "HTTP response")
+}
+
+/// What a status says: `(ok, retryable, client_error, server_error)`.
+#[pyfunction]
+fn http_status_class(status: i64) -> PyResult<(bool, bool, bool, bool)> {
+    let c = http_outcome::classify(http_status(status)?).py()?;
+    Ok((c.ok, c.retryable, c.client_error, c.server_error))
+}
+
+/// The seconds a `Retry-After` header asks to wait from now, or `None` when it is neither
+/// delay-seconds nor an HTTP-date.
+#[pyfunction]
+fn http_retry_after(header: &str) -> Option<f64> {
+    http_outcome::retry_after_seconds(header, SystemClock.now())
+}
+
+/// The success outcome of a 2xx response (JSON of an `HttpResponse`), with `result` (JSON)
+/// instead of the body when given.
+#[pyfunction]
+#[pyo3(signature = (response, result=None))]
+fn http_success(response: &str, result: Option<&str>) -> PyResult<String> {
+    let result: Option<Value> = match result {
+        Some(text) => Some(from_json(text, "result")?),
+        None => None,
+    };
+    to_json(&http_outcome::success_outcome(&http_response(response)?, result).py()?)
+}
+
+/// The classified failure outcome of a response that is not a success.
+#[pyfunction]
+#[pyo3(signature = (response, message=None))]
+fn http_failure(response: &str, message: Option<&str>) -> PyResult<String> {
+    let response = http_response(response)?;
+    to_json(&http_outcome::failure_outcome(&response, SystemClock.now(), message).py()?)
+}
+
+/// A request that could not connect (retryable, `CONNECTION_ERROR`).
+#[pyfunction]
+#[pyo3(signature = (detail, operation=None))]
+fn http_connection_failure(detail: &str, operation: Option<&str>) -> PyResult<String> {
+    to_json(&http_outcome::connection_failure(detail, operation))
+}
+
+/// A request that timed out (`timeout`, retryable, `TIMEOUT`).
+#[pyfunction]
+#[pyo3(signature = (detail, operation=None))]
+fn http_timeout_failure(detail: &str, operation: Option<&str>) -> PyResult<String> {
+    to_json(&http_outcome::timeout_failure(detail, operation))
 }

@@ -1,5 +1,5 @@
-"""Mixins for the handler types of SPEC §12. The logic behind them (the wire shapes of
-decision outcomes) lives in the engine; these only adapt it to Python."""
+"""The decision handler type (SPEC §6, §12): the wire shapes of decision outcomes come from
+the engine; this mixin only adapts them to Python."""
 
 from __future__ import annotations
 
@@ -31,12 +31,3 @@ class DecisionMixin:
     def decision_failure(self, message: str) -> StepHandlerResult:
         """The decision could not be made: the step fails permanently (``decision_error``)."""
         return StepHandlerResult.from_outcome(_native.decision_failure(message))
-
-
-def __getattr__(name: str) -> Any:
-    if name == "APIMixin":
-        raise ImportError(
-            "APIMixin is not yet supported in this tasker-py build; call your HTTP client "
-            "from a StepHandler and return StepHandlerResult.failure(..., retryable=...)"
-        )
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,2 @@
+"""The seeds' Python handlers, under the module path their tests import
+(``from handlers.ecommerce import ...``)."""
