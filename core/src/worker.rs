@@ -570,7 +570,11 @@ async fn run_loop(inner: Arc<Inner>) {
         work.mark_unchanged();
         if inner.config.fail_unknown_callables && tokio::time::Instant::now() >= next_unknown_check
         {
-            next_unknown_check = tokio::time::Instant::now() + unknown_check_every(&inner);
+            next_unknown_check = tokio::time::Instant::now()
+                + unknown_check_every(
+                    inner.config.unknown_callable_grace,
+                    inner.config.poll_interval,
+                );
             if let Err(e) = fail_unknown_callables(&inner, inner.clock.now()).await {
                 tracing::error!("checking for unserved steps failed: {e}");
             }
@@ -603,9 +607,10 @@ async fn run_loop(inner: Arc<Inner>) {
     }
 }
 
-fn unknown_check_every(inner: &Inner) -> Duration {
-    (inner.config.unknown_callable_grace / 4)
-        .clamp(Duration::from_millis(10), inner.config.poll_interval)
+/// How often steps nobody serves are looked for: a quarter of their grace period, at least
+/// every poll, and not more often than every 10 ms unless the poll is shorter still.
+fn unknown_check_every(grace: Duration, poll: Duration) -> Duration {
+    (grace / 4).max(Duration::from_millis(10)).min(poll)
 }
 
 /// Returns true when the claim took every step it asked for (more may be waiting).
@@ -896,4 +901,21 @@ pub(crate) async fn renew_held(inner: &Inner) -> Result<()> {
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unknown_check_every;
+    use std::time::Duration;
+
+    #[test]
+    fn unknown_callables_are_checked_within_a_poll_whatever_the_settings() {
+        let ms = Duration::from_millis;
+        assert_eq!(unknown_check_every(ms(2000), ms(1000)), ms(500));
+        assert_eq!(unknown_check_every(ms(8000), ms(1000)), ms(1000));
+        assert_eq!(unknown_check_every(ms(0), ms(1000)), ms(10));
+        // A poll shorter than the 10 ms floor wins (this used to panic in `clamp`).
+        assert_eq!(unknown_check_every(ms(2000), ms(5)), ms(5));
+        assert_eq!(unknown_check_every(ms(0), ms(1)), ms(1));
+    }
 }
