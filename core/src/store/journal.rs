@@ -221,5 +221,7 @@ pub(crate) struct Drained {
     pub(crate) tasks: Vec<TaskRow>,
     pub(crate) task_states: Vec<(String, TaskState, Millis)>,
     pub(crate) outbox: Vec<crate::events::DomainEvent>,
+    /// Only PostgreSQL announces work to other processes.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) work_enqueued_before: bool,
 }
