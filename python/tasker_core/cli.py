@@ -57,6 +57,19 @@ _RUN_VALUE_OPTIONS = frozenset(
 )
 
 
+_PREFACE = f"""tasker-py: Python handlers on the Tasker command line.
+
+  {PROG} worker --database-url URL [--namespaces NS,...] [--templates PATH]...
+      [--module MODULE]... [--threads N] [--shutdown-timeout S] [--processes N]
+      serve steps with Python handlers until SIGTERM (see `{PROG} worker --help`)
+  {PROG} run TEMPLATE --context JSON|@FILE [--db PATH] [--format table|json]
+      [--module MODULE]... [--threads N]
+      one task in this process, with Python handlers
+
+The other commands are tasker-ctl's (the `worker` listed below is the Python one above):
+"""
+
+
 class CliError(Exception):
     """A command that cannot go on: the message for people and the exit code."""
 
@@ -70,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line ``argv`` (without the program name; default ``sys.argv[1:]``)
     and returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] in (["-h"], ["--help"]):
+        print(_PREFACE)
     try:
         if args and args[0] == "worker":
             return worker_command(args[1:])

@@ -240,8 +240,9 @@ def test_two_workers_share_a_database_and_run_every_step_exactly_once(ws, postgr
         "--threads",
         "2",
     )
-    b = ws.worker("b", postgres_url, "--module", "cli_handlers", "--threads", "2")
-    assert "cli_handlers.Record" in ws.stderr("b")  # served by import path from the DB template
+    # No --module: b serves only what the templates in the database name by import path.
+    b = ws.worker("b", postgres_url, "--threads", "2")
+    assert ws.stderr("b").rstrip().endswith("with 2 threads: cli_handlers.Record")
 
     with Tasker(postgres_url) as client:
         handles = [
@@ -250,7 +251,7 @@ def test_two_workers_share_a_database_and_run_every_step_exactly_once(ws, postgr
         ]
         tasks = [h.wait(timeout=90) for h in handles]
     assert [t.status for t in tasks] == ["complete"] * 20
-    assert all(t.results["c"]["n"] == 3 for t in tasks)
+    assert all(t.results["c"]["n"] == 4 for t in tasks)  # a 1, b 1+1, c 1+2+1
     assert all(s.attempts == 1 for t in tasks for s in t.steps.values())
 
     rows = ws.invocations()
@@ -259,6 +260,7 @@ def test_two_workers_share_a_database_and_run_every_step_exactly_once(ws, postgr
     assert len(step_uuids) == 60
     assert set(step_uuids) == expected  # every step ran, none twice
     assert {r[4] for r in rows} == {a.pid, b.pid}  # both processes took work
+    assert {r[2] for r in rows if r[4] == b.pid} == {"b"}  # b only what it serves
 
     assert terminate(a) == 0
     assert terminate(b) == 0
