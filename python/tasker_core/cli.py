@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     and returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] in (["-h"], ["--help"]):
-        print(_PREFACE)
+        print(_PREFACE, flush=True)
     try:
         if args and args[0] == "worker":
             return worker_command(args[1:])
@@ -237,10 +237,12 @@ def ctl_command(args: list[str]) -> int:
     try:
         code = _native.run_cli([PROG, *args], on_engine)
     finally:
+        # The task is over (or no longer waited for): handlers still running are abandoned
+        # as the core abandons its own, their attempts retried once their leases run out.
         for pool, engine in started:
             pool.request_stop()
             engine.close()
-            pool.stop(5.0)
+            pool.stop(0.2)
         signal.signal(signal.SIGINT, previous)
     return code
 

@@ -236,10 +236,13 @@ class WorkerPool:
         self._stop.set()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stops taking work and waits for running handlers to finish."""
+        """Stops taking work and waits for running handlers to finish, for ``timeout``
+        seconds in all at most (the threads are daemons: a handler still running after
+        that does not keep the process alive)."""
         self._stop.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout)
+            t.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
         self._threads = []
         self._loop.close()
 

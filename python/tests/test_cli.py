@@ -217,8 +217,8 @@ def ws(tmp_path):
         w.stop_all()
 
 
-def terminate(proc, timeout=30):
-    proc.send_signal(signal.SIGTERM)
+def terminate(proc, timeout=30, sig=signal.SIGTERM):
+    proc.send_signal(sig)
     return proc.wait(timeout)
 
 
@@ -321,7 +321,7 @@ def test_sigterm_lets_a_running_step_finish_then_exits_0(ws, postgres_url):
     assert "stopped: 1 finished, 0 handed back" in ws.stderr("a")
 
 
-def test_sigterm_hands_back_what_does_not_finish_in_time(ws, postgres_url):
+def test_ctrl_c_hands_back_what_does_not_finish_in_time(ws, postgres_url):
     ws.template("stall", STALL)
     a = ws.worker(
         "a",
@@ -336,7 +336,8 @@ def test_sigterm_hands_back_what_does_not_finish_in_time(ws, postgres_url):
     with Tasker(postgres_url) as client:
         handle = client.create_task("stall", namespace="cli")
         wait_for(lambda: ws.invocations(), 30, "the step to start")
-        assert terminate(a) == 0
+        assert terminate(a, sig=signal.SIGINT) == 0
+        assert "interrupted: finishing running steps (up to 0.5 s)" in ws.stderr("a")
         assert "stopped: 0 finished, 1 handed back" in ws.stderr("a")
         # Handed back means its lease ended now: the next worker re-runs it at once, long
         # before the default lease (30 s) could have run out.
@@ -511,6 +512,20 @@ def test_run_again_after_sigkill_attaches_to_the_same_task_and_finishes_it(ws):
         ("ran", "hang", 2),
     ]
     assert rows[1][4] == first.pid and rows[2][4] != first.pid
+
+
+def test_run_ctrl_c_exits_130_and_the_task_keeps_its_state(ws):
+    template = ws.template("run_stall", RUN_STALL)
+    db = ws.root / "run.db"
+    proc = ws.start("ctrl_c", "run", str(template), "--db", str(db), "--module", "cli_handlers")
+    wait_for(lambda: any(r[0] == "start" for r in ws.invocations()), 60, "the hang step")
+    started = time.monotonic()
+    assert terminate(proc, sig=signal.SIGINT) == 130
+    assert time.monotonic() - started < 5  # the hanging handler does not hold the exit
+    assert "run the same command again to attach to it" in ws.stderr("ctrl_c")
+    r = ws.run("task", "list", "--db", str(db), "--format", "json")
+    assert r.returncode == 0, r.stderr
+    assert [t["status"] for t in json.loads(r.stdout)] == ["steps_in_process"]
 
 
 # -- async handlers past their timeout ----------------------------------------------------------
