@@ -403,6 +403,8 @@ def _open(options: WorkerOptions, registry: HandlerRegistry) -> Tasker:
             options.database_url,
             concurrency=options.threads,
             namespaces=options.namespaces,
+            # Another process may serve what this one does not (on SQLite too).
+            fail_unknown_callables=False,
         )
     except TaskerError as e:
         raise CliError(f"cannot open the database {options.database_url}: {e}") from None

@@ -174,6 +174,7 @@ class Tasker:
         handlers: Iterable[HandlerSpec] = (),
         poll_interval_ms: int | None = None,
         unknown_callable_grace_ms: int | None = None,
+        fail_unknown_callables: bool | None = None,
     ):
         url = database_url or _default_url()
         if not url.startswith(("sqlite:", "postgres:", "postgresql:")):
@@ -183,6 +184,7 @@ class Tasker:
             url,
             poll_interval_ms=poll_interval_ms,
             unknown_callable_grace_ms=unknown_callable_grace_ms,
+            fail_unknown_callables=fail_unknown_callables,
         )
         self._registry = HandlerRegistry()
         self._pool = WorkerPool(

@@ -376,6 +376,18 @@ def test_prefork_workers_serve_and_stop_on_sigterm(ws, postgres_url):
     assert ws.stderr("pre").count("stopped:") == 2
 
 
+def test_a_worker_serves_an_sqlite_file_too(ws):
+    ws.template("linear3", LINEAR)
+    url = f"sqlite:{ws.root / 'shared.db'}"
+    w = ws.worker("w", url, "--templates", str(ws.templates), "--module", "cli_handlers")
+    # The client runs no handler and, like the worker, leaves unknown callables to others.
+    with Tasker(url, fail_unknown_callables=False) as client:
+        task = client.create_task("linear3", namespace="cli").wait(timeout=60)
+    assert task.status == "complete"
+    assert {r[4] for r in ws.invocations()} == {w.pid}
+    assert terminate(w) == 0
+
+
 def test_worker_errors_are_clear(ws, postgres_url, tmp_path):
     ws.template("linear3", LINEAR)
     r = ws.run("worker", "--database-url", postgres_url, "--module", "no_such_handlers")
