@@ -376,6 +376,43 @@ def test_prefork_workers_serve_and_stop_on_sigterm(ws, postgres_url):
     assert ws.stderr("pre").count("stopped:") == 2
 
 
+def test_a_worker_serves_templates_registered_after_it_started(ws, postgres_url):
+    ws.template("linear3", LINEAR)
+    (ws.root / "late_handlers.py").write_text(
+        "from tasker_core import StepHandler, StepHandlerResult\n\n\n"
+        "class Triple(StepHandler):\n"
+        "    def call(self, context):\n"
+        "        return StepHandlerResult.success(result={'n': 3 * context.get_input('n')})\n"
+    )
+    w = ws.worker(
+        "w",
+        postgres_url,
+        "--templates",
+        str(ws.templates),
+        "--module",
+        "cli_handlers",
+        "--refresh",
+        "0.2",
+    )
+    assert "late_handlers.Triple" not in ws.stderr("w")
+    with Tasker(postgres_url) as client:
+        client.register_template(
+            textwrap.dedent(
+                """
+                name: late
+                namespace_name: cli
+                version: "1.0.0"
+                steps:
+                  - {name: triple, handler: {callable: late_handlers.Triple}}
+                """
+            )
+        )
+        task = client.run_task("late", namespace="cli", context={"n": 5}, timeout=30)
+    assert task.status == "complete"
+    assert task.results["triple"] == {"n": 15}
+    assert terminate(w) == 0
+
+
 def test_a_worker_serves_an_sqlite_file_too(ws):
     ws.template("linear3", LINEAR)
     url = f"sqlite:{ws.root / 'shared.db'}"
