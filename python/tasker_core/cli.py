@@ -128,8 +128,10 @@ def import_handler_modules(names: Sequence[str], registry: HandlerRegistry) -> l
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            missing = f" (no module named {e.name!r})" if e.name and e.name != name else ""
-            raise CliError(f"--module {name}: cannot import it{missing}: {e}") from None
+            raise CliError(
+                f"--module {name}: cannot import it: {e} (is its directory on PYTHONPATH or "
+                "the working directory?)"
+            ) from None
         except Exception as e:
             tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
             raise CliError(
