@@ -471,7 +471,8 @@ def serve(options: WorkerOptions, registry: HandlerRegistry) -> int:
 
 def prefork(options: WorkerOptions, registry: HandlerRegistry) -> int:
     """Forks ``options.processes`` workers (each opens its own engine) and waits for them;
-    SIGTERM / SIGINT are passed on. Exit 0 when every worker exited 0."""
+    SIGTERM / SIGINT are passed on, and a worker that exits on its own stops the others.
+    Exit 0 when every worker exited 0, else the first failure's code."""
     stop = _Stop()
     stop.install()
     children: list[int] = []
@@ -511,7 +512,8 @@ def prefork(options: WorkerOptions, registry: HandlerRegistry) -> int:
             print(f"worker process {pid} exited with {codes[pid]}; stopping", file=sys.stderr)
             stop.signal_name = "worker exited"
             stop.event.set()
-    return EXIT_OK if all(c == 0 for c in codes.values()) else EXIT_FAILED
+    # The first failure's code (2 for bad input, as a single worker would exit).
+    return next((c if c > 0 else EXIT_FAILED for c in codes.values() if c != 0), EXIT_OK)
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -439,6 +439,9 @@ def test_worker_errors_are_clear(ws, postgres_url, tmp_path):
     r = ws.run("worker", "--database-url", bad, "--module", "cli_handlers")
     assert r.returncode == 2
     assert "cannot open the database" in r.stderr
+    r = ws.run("worker", "--database-url", bad, "--module", "cli_handlers", "--processes", "2")
+    assert r.returncode == 2  # the forked workers' own exit code
+    assert "cannot open the database" in r.stderr
 
     r = ws.run(
         "worker",
