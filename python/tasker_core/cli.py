@@ -26,6 +26,7 @@ import contextlib
 import importlib
 import inspect
 import json
+import logging
 import os
 import signal
 import sys
@@ -391,6 +392,17 @@ class _Stop:
 def worker_command(argv: Sequence[str]) -> int:
     """``python -m tasker_core worker ...``; returns the exit code."""
     options = parse_worker_args(argv)
+    if not logging.getLogger().handlers:
+        # The worker's own warnings (a result not applied, a loop error) with a timestamp;
+        # TASKER_PY_LOG=INFO|DEBUG shows more.
+        level = os.environ.get("TASKER_PY_LOG", "WARNING").upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise CliError(f"TASKER_PY_LOG={level}: expected DEBUG, INFO, WARNING or ERROR")
+        logging.basicConfig(
+            level=level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
     # Imported once, before any fork: a prefork parent shares the imported code.
     registry = HandlerRegistry()
     import_handler_modules(options.modules, registry)
