@@ -79,6 +79,28 @@ pub const EXIT_INTERRUPTED: i32 = 130;
 /// `otlp` feature, spans are exported when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (see
 /// [`crate::telemetry`]) and flushed before this function returns.
 pub fn run_cli(args: Vec<OsString>, register: impl Fn(&Tasker) + Send + Sync + 'static) -> i32 {
+    run_cli_with(args, None, &register)
+}
+
+/// [`run_cli`] on a runtime the host owns, for hosts whose handlers pull work on their own
+/// threads through the dispatch port ([`crate::worker::Worker`]): those calls need a runtime
+/// that outlives the command, so the host can stop its threads after this returns. `register`
+/// is called inside `runtime`'s `block_on`: it may start threads and open dispatch-port
+/// workers, but must not block on the runtime itself. Must not be called from inside a
+/// runtime.
+pub fn run_cli_on(
+    args: Vec<OsString>,
+    runtime: &tokio::runtime::Handle,
+    register: impl Fn(&Tasker) + Send + Sync + 'static,
+) -> i32 {
+    run_cli_with(args, Some(runtime), &register)
+}
+
+fn run_cli_with(
+    args: Vec<OsString>,
+    host_runtime: Option<&tokio::runtime::Handle>,
+    register: &(dyn Fn(&Tasker) + Send + Sync),
+) -> i32 {
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
@@ -88,30 +110,38 @@ pub fn run_cli(args: Vec<OsString>, register: impl Fn(&Tasker) + Send + Sync + '
         }
     };
     let telemetry = init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return EXIT_FAILED;
-        }
+    let (owned, handle) = match host_runtime {
+        Some(h) => (None, h.clone()),
+        None => match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => {
+                let h = rt.handle().clone();
+                (Some(rt), h)
+            }
+            Err(e) => {
+                eprintln!("error: cannot start the async runtime: {e}");
+                return EXIT_FAILED;
+            }
+        },
     };
-    let result = runtime.block_on(async move {
+    let result = handle.block_on(async move {
         match cli.command {
-            Command::Run(args) => run::run(args, &register).await,
-            Command::Serve(args) => serve::serve(args, &register).await,
+            Command::Run(args) => run::run(args, register).await,
+            Command::Serve(args) => serve::serve(args, register).await,
             Command::Auth(cmd) => auth_cmd::dispatch(cmd).await,
             Command::Task(cmd) => task_cmd::dispatch(cmd).await,
             Command::Template(cmd) => template_cmd::dispatch(cmd).await,
             Command::Dlq(cmd) => dlq_cmd::dispatch(cmd).await,
-            Command::Worker(args) => process_cmd::worker(args, &register).await,
+            Command::Worker(args) => process_cmd::worker(args, register).await,
             Command::Migrate(args) => process_cmd::migrate(args).await,
         }
     });
     // Handlers abandoned by an interrupted or timed-out run must not keep the process alive.
-    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    if let Some(rt) = owned {
+        rt.shutdown_timeout(std::time::Duration::from_millis(200));
+    }
     // The spans of the last steps are still queued: export them before the process exits.
     telemetry.shutdown();
     match result {

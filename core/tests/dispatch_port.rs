@@ -610,3 +610,51 @@ steps:
         "the placeholder was never handed out"
     );
 }
+
+/// Draining (graceful shutdown) stops a port's claims at once: a ready step is left for other
+/// processes while the job already held finishes and is counted.
+#[test]
+fn a_draining_engine_hands_out_no_new_jobs() {
+    let env = Env::new(config());
+    env.register(&one_step("drained", "py.drain", ""));
+    let w = env
+        .tasker
+        .worker(vec!["port".into()], vec!["py.drain".into()]);
+    let first = env.create("drained", json!({}));
+    let job = w
+        .next_step(Duration::from_secs(10))
+        .unwrap()
+        .expect("the first step is handed out");
+    assert_eq!(job.task_uuid, first);
+
+    // Start the drain and poll it once, so it is under way before the next claim.
+    let tasker = env.tasker.clone();
+    let mut drain = Box::pin(async move { tasker.drain(Duration::from_secs(20)).await });
+    env.rt.block_on(async {
+        tokio::select! {
+            biased;
+            _ = &mut drain => panic!("the drain cannot end while a job is held"),
+            _ = tokio::task::yield_now() => {}
+        }
+    });
+    let drained = env.rt.spawn(drain);
+
+    let second = env.create("drained", json!({}));
+    assert!(
+        w.next_step(Duration::from_millis(300)).unwrap().is_none(),
+        "a draining engine claimed a new step"
+    );
+    assert_eq!(
+        w.complete(&job, StepOutcome::success(json!({"ok": true})))
+            .unwrap(),
+        Completion::Accepted
+    );
+    let report = env.rt.block_on(drained).unwrap().unwrap();
+    assert_eq!((report.finished, report.handed_back), (1, 0));
+    let untouched = env.rt.block_on(env.tasker.get_task(&second)).unwrap();
+    assert_eq!(untouched.steps[0].attempts, 0);
+    assert_eq!(
+        w.next_step(Duration::from_secs(1)).unwrap_err().kind,
+        ErrorKind::Shutdown
+    );
+}

@@ -174,6 +174,7 @@ class Tasker:
         handlers: Iterable[HandlerSpec] = (),
         poll_interval_ms: int | None = None,
         unknown_callable_grace_ms: int | None = None,
+        fail_unknown_callables: bool | None = None,
     ):
         url = database_url or _default_url()
         if not url.startswith(("sqlite:", "postgres:", "postgresql:")):
@@ -183,6 +184,7 @@ class Tasker:
             url,
             poll_interval_ms=poll_interval_ms,
             unknown_callable_grace_ms=unknown_callable_grace_ms,
+            fail_unknown_callables=fail_unknown_callables,
         )
         self._registry = HandlerRegistry()
         self._pool = WorkerPool(
@@ -209,6 +211,25 @@ class Tasker:
         info = _template_info(json.loads(self._engine.register_template_yaml(yaml_text)))
         self._learn([info])
         return info
+
+    def registered_templates(self) -> list[TemplateInfo]:
+        """Every template registered in the database (each version), whoever registered it."""
+        return [_template_info(t) for t in json.loads(self._engine.templates())]
+
+    def serve_registered_templates(self, namespaces: Sequence[str] = ()) -> list[TemplateInfo]:
+        """Serves the callables of the templates already in the database (those of
+        ``namespaces`` only, when given) that resolve to a handler here, by name or as an
+        import path; returns the templates considered."""
+        infos = [
+            t for t in self.registered_templates() if not namespaces or t.namespace in namespaces
+        ]
+        self._learn(infos)
+        return infos
+
+    @property
+    def served_callables(self) -> frozenset[str]:
+        """The callables this engine's worker threads take steps of."""
+        return self._pool.callables
 
     def register_handler(self, handler: HandlerSpec, name: str | None = None) -> list[str]:
         """Registers a handler class, instance or decorated function; returns the callables
@@ -302,15 +323,22 @@ class Tasker:
     def close(self, drain_timeout: float = 10.0) -> None:
         """Stops taking work, lets running handlers finish (up to ``drain_timeout``
         seconds), hands the rest back and closes the engine. Idempotent."""
+        self.shutdown(drain_timeout)
+
+    def shutdown(self, drain_timeout: float = 10.0) -> tuple[int, int]:
+        """:meth:`close`, returning ``(finished, handed_back)``: the attempts that finished
+        within ``drain_timeout`` and those handed back for another worker to re-run (their
+        leases end now). ``(0, 0)`` when already closed."""
         if self._closed:
-            return
+            return (0, 0)
         self._closed = True
         self._pool.request_stop()
         try:
-            self._engine.drain(drain_timeout)
+            report = self._engine.drain(drain_timeout)
         finally:
             self._pool.stop(drain_timeout)
             self._engine.close()
+        return report
 
     def __enter__(self) -> Tasker:
         return self

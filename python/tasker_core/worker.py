@@ -5,10 +5,12 @@ the GIL; ``async def`` handlers run on one event loop thread."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import json
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -29,6 +31,14 @@ log = logging.getLogger("tasker_core.worker")
 _WAIT_SECONDS = 0.5
 
 
+class _Overran(Exception):
+    """An ``async def`` handler ran past its step's timeout and was cancelled."""
+
+    def __init__(self, seconds: float):
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
 class _EventLoop:
     """One asyncio loop on its own thread for ``async def`` handlers."""
 
@@ -37,7 +47,10 @@ class _EventLoop:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def run(self, coro: Any) -> Any:
+    def run(self, coro: Any, timeout: float | None = None) -> Any:
+        """Runs ``coro`` on the loop and returns its value. When ``timeout`` seconds pass
+        first, the coroutine is cancelled (it gets ``CancelledError`` at its current
+        ``await``) and :class:`_Overran` is raised."""
         with self._lock:
             if self._loop is None or self._loop.is_closed():
                 loop = asyncio.new_event_loop()
@@ -48,7 +61,13 @@ class _EventLoop:
                 self._loop, self._thread = loop, thread
             loop = self._loop
         future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, loop)
-        return future.result()
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            if future.done():
+                raise  # the coroutine itself raised TimeoutError
+            future.cancel()
+            raise _Overran(timeout or 0.0) from None
 
     def close(self) -> None:
         with self._lock:
@@ -127,10 +146,23 @@ def execute(
                 )
             value = method(context)
         if inspect.isawaitable(value):
-            value = (loop or _EventLoop()).run(_await(value))
+            value = (loop or _EventLoop()).run(_await(value), _seconds_left(context))
+    except _Overran as overran:
+        return StepHandlerResult.failure(
+            f"async handler for step {context.step_name!r} ran past the step's timeout "
+            f"(cancelled after {overran.seconds:.3f} s)",
+            error_type=ErrorType.TIMEOUT,
+        )
     except Exception as exc:
         return _failure_from_exception(exc)
     return _as_result(value, handler)
+
+
+def _seconds_left(context: StepContext) -> float | None:
+    """Time left before the attempt's deadline (``None`` when it has none)."""
+    if not context.timeout_at:
+        return None
+    return max(context.timeout_at / 1000.0 - time.time(), 0.001)
 
 
 async def _await(value: Any) -> Any:
@@ -204,10 +236,13 @@ class WorkerPool:
         self._stop.set()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stops taking work and waits for running handlers to finish."""
+        """Stops taking work and waits for running handlers to finish, for ``timeout``
+        seconds in all at most (the threads are daemons: a handler still running after
+        that does not keep the process alive)."""
         self._stop.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout)
+            t.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
         self._threads = []
         self._loop.close()
 

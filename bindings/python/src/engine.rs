@@ -42,6 +42,16 @@ impl Engine {
     pub(crate) fn tasker(&self) -> &Tasker {
         &self.tasker
     }
+
+    /// An engine handle over a `Tasker` opened elsewhere (by the command line of `cli.rs`) on
+    /// `runtime`.
+    pub(crate) fn from_tasker(tasker: Tasker, runtime: tokio::runtime::Handle) -> Engine {
+        Engine {
+            tasker,
+            runtime,
+            pid: std::process::id(),
+        }
+    }
 }
 
 pub(crate) fn check_process(pid: u32) -> PyResult<()> {
@@ -57,7 +67,7 @@ pub(crate) fn check_process(pid: u32) -> PyResult<()> {
 }
 
 /// What a registration tells Python about a template: enough to route its steps.
-fn summary(t: &TaskTemplate) -> Value {
+pub(crate) fn summary(t: &TaskTemplate) -> Value {
     let mut callables: Vec<&str> = t
         .steps
         .iter()
@@ -135,6 +145,13 @@ impl Engine {
             move |t| async move { t.register_templates(&path).await },
         )?;
         to_json(&loaded.iter().map(summary).collect::<Vec<_>>())
+    }
+
+    /// The templates registered in the database (every version); returns JSON: a list of
+    /// `{namespace, name, version, callables}`.
+    fn templates(&self, py: Python<'_>) -> PyResult<String> {
+        let all = self.run(py, |t| async move { t.store().list_templates().await })?;
+        to_json(&all.iter().map(summary).collect::<Vec<_>>())
     }
 
     /// Registers one template given as YAML text; returns its summary as JSON.

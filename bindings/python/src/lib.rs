@@ -5,6 +5,7 @@
 //! Data crosses as JSON strings, parsed by Python's `json` on the other side (see
 //! `convert.rs`); core errors become the exceptions of `tasker_core.errors` (see `error.rs`).
 
+mod cli;
 mod convert;
 mod engine;
 mod error;
@@ -24,5 +25,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<worker::Job>()?;
     handler_api::register(m)?;
     testing::register(m)?;
+    m.add_function(wrap_pyfunction!(cli::run_cli, m)?)?;
+    m.add_function(wrap_pyfunction!(cli::load_template, m)?)?;
     Ok(())
 }

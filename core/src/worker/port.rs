@@ -108,6 +108,14 @@ impl Worker {
             if *shutdown.borrow() {
                 return Err(Error::new(ErrorKind::Shutdown, "the engine is closed"));
             }
+            if inner.draining.load(std::sync::atomic::Ordering::SeqCst) {
+                // A draining engine claims nothing new: what it holds finishes or is handed
+                // back, and the rest is left to other processes.
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => continue,
+                    _ = tokio::time::sleep_until(deadline) => return Ok(None),
+                }
+            }
             work.mark_unchanged();
             let req = super::claim_request(
                 inner,
