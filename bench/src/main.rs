@@ -293,7 +293,7 @@ fn run(flavor: Flavor, args: &Args, store_ops_too: bool) -> tasker_core::Result<
 }
 
 /// `tasker-bench prod [--server URL] [--latency-tasks N] [--warmup N] [--clients N]
-/// [--throughput-tasks N] [--sustained-tasks N]`.
+/// [--throughput-tasks N] [--sustained-tasks N] [--python PYTHON]`.
 fn prod_args(rest: &[String]) -> Result<tasker_bench::prod::ProdArgs, String> {
     let mut a = tasker_bench::prod::ProdArgs {
         server: std::env::var("TASKER_BENCH_DATABASE_URL")
@@ -304,6 +304,7 @@ fn prod_args(rest: &[String]) -> Result<tasker_bench::prod::ProdArgs, String> {
         clients: 8,
         throughput_tasks: 200,
         sustained_tasks: 5000,
+        python: None,
     };
     let mut it = rest.iter();
     while let Some(flag) = it.next() {
@@ -319,6 +320,7 @@ fn prod_args(rest: &[String]) -> Result<tasker_bench::prod::ProdArgs, String> {
         };
         match flag.as_str() {
             "--server" => a.server = value()?,
+            "--python" => a.python = Some(value()?),
             "--latency-tasks" => a.latency_tasks = number()?.max(1),
             "--warmup" => a.warmup = number()?,
             "--clients" => a.clients = number()?.max(1),

@@ -27,6 +27,10 @@ pub struct ProdArgs {
     /// Tasks of the short throughput run and of the sustained one.
     pub throughput_tasks: usize,
     pub sustained_tasks: usize,
+    /// Run the handlers in a Python worker (`PYTHON -m tasker_core worker --module
+    /// bench_handlers`, the module found through `PYTHONPATH`) instead of `tasker-bench-ctl
+    /// worker`.
+    pub python: Option<String>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -229,7 +233,22 @@ async fn measure(a: &ProdArgs, db: &str) -> Result<(), BoxError> {
         ))
     };
     let _server = spawn(&["serve", "--db", db, "--bind", &bind, "--auth", "off"])?;
-    let _worker = spawn(&["worker", "--db", db])?;
+    let _worker = match &a.python {
+        None => spawn(&["worker", "--db", db])?,
+        Some(python) => Proc(
+            Command::new(python)
+                .args(["-m", "tasker_core", "worker", "--database-url", db])
+                .args(["--namespaces", "bench", "--module", "bench_handlers"])
+                .env("TASKER_LOG", "error")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()?,
+        ),
+    };
+    let workers = match &a.python {
+        None => "tasker-bench-ctl worker (bench.add in Rust)".to_string(),
+        Some(python) => format!("{python} -m tasker_core worker (bench.add in Python)"),
+    };
     let base = format!("http://{bind}");
     let client = Client::new(&base, None)?;
     let mut up = false;
@@ -246,8 +265,8 @@ async fn measure(a: &ProdArgs, db: &str) -> Result<(), BoxError> {
         return Err("the server did not become ready".into());
     }
     println!(
-        "PostgreSQL (durable commits), tasker-bench-ctl serve (API + orchestration) and worker \
-         (bench.add) as separate processes, REST clients in this process, {} cores",
+        "PostgreSQL (durable commits), tasker-bench-ctl serve (API + orchestration) and \
+         {workers} as separate processes, REST clients in this process, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     latency(&client, "linear_add", a).await?;
