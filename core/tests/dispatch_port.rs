@@ -658,3 +658,37 @@ fn a_draining_engine_hands_out_no_new_jobs() {
         ErrorKind::Shutdown
     );
 }
+
+/// A host that learns a handler while its threads wait (`serve_more`) gets the steps of that
+/// callable at once: the waiting threads look again with the larger set instead of sleeping
+/// out their wait (here a poll of a minute and a wait of 30 s, so only the wake-up can pass).
+#[test]
+fn serving_more_callables_wakes_waiting_hosts() {
+    let env = Env::new(Config {
+        poll_interval: Duration::from_secs(60),
+        ..Config::default()
+    });
+    env.register(&one_step("late", "py.Late", ""));
+    let worker = Arc::new(
+        env.tasker
+            .worker(vec!["port".into()], vec!["py.Early".into()]),
+    );
+    let uuid = env.create("late", json!({}));
+    let waiting = {
+        let worker = worker.clone();
+        std::thread::spawn(move || worker.next_step(Duration::from_secs(30)))
+    };
+    // Let the host thread make its first, empty claim and settle into its wait. (Were it
+    // slower than this, it would find the step on its first claim and the test would prove
+    // less, never fail wrongly.)
+    std::thread::sleep(Duration::from_millis(300));
+    worker.serve_more(&["py.Late".to_string()]);
+    let job = waiting.join().unwrap().unwrap();
+    let job = job.expect("the waiting thread got the step of the newly served callable");
+    assert_eq!(job.callable(), "py.Late");
+    assert_eq!(worker.callables(), ["py.Early", "py.Late"]);
+    worker
+        .complete(&job, StepOutcome::success(json!({})))
+        .unwrap();
+    assert_eq!(env.wait(&uuid).status, TaskState::Complete);
+}

@@ -1,13 +1,18 @@
 """The embedded benchmark with Python handlers: what `tasker-bench` measures with Rust handlers
 (linear-4 and diamond-4 single-task latency, throughput of many linear-4 tasks submitted at
 once), on an embedded SQLite file, with the same templates and the same `bench.add` handler
-written in Python. Prints numbers; it is not a test. Run it with `./run bench python`, which
-also runs the Rust benchmark so the two can be compared.
+written in Python (`bench_handlers.py`). Prints numbers; it is not a test.
+
+`./run bench python` runs it with `--rust-bench PATH`: the Rust benchmark runs first with the
+same arguments and the multi-thread tokio runtime (the one the Python binding runs the engine
+on), and the two are compared line by line.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -15,7 +20,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tasker_core import StepContext, StepHandler, StepHandlerResult, Tasker, TaskHandle
+from bench_handlers import Add
+
+from tasker_core import Tasker, TaskHandle
 
 LINEAR = """
 name: linear_add
@@ -27,7 +34,7 @@ steps:
   - { name: add_2, handler: { callable: bench.add, initialization: { add: 2 } }, retry: { max_attempts: 3 }, dependencies: [add_1] }
   - { name: add_3, handler: { callable: bench.add, initialization: { add: 3 } }, retry: { max_attempts: 3 }, dependencies: [add_2] }
   - { name: add_4, handler: { callable: bench.add, initialization: { add: 4 } }, retry: { max_attempts: 3 }, dependencies: [add_3] }
-"""  # noqa: E501
+"""
 
 DIAMOND = """
 name: diamond_add
@@ -39,22 +46,7 @@ steps:
   - { name: d_left, handler: { callable: bench.add, initialization: { add: 2 } }, retry: { max_attempts: 3 }, dependencies: [d_start] }
   - { name: d_right, handler: { callable: bench.add, initialization: { add: 3 } }, retry: { max_attempts: 3 }, dependencies: [d_start] }
   - { name: d_join, handler: { callable: bench.add, initialization: { add: 0 } }, retry: { max_attempts: 3 }, dependencies: [d_left, d_right] }
-"""  # noqa: E501
-
-
-class Add(StepHandler):
-    """Adds the step's `add` to the sum of its parents' values (or to the context's `x`)."""
-
-    handler_name = "bench.add"
-
-    def call(self, context: StepContext) -> StepHandlerResult:
-        add = int(context.get_config("add", 0))
-        parents = context.raw.get("definition", {}).get("dependencies") or []
-        if parents:
-            base = sum(int(context.get_dependency_field(p, "value") or 0) for p in parents)
-        else:
-            base = int(context.get_input_or("x", 0))
-        return StepHandlerResult.success(result={"value": base + add})
+"""
 
 
 def ms(seconds: float) -> str:
@@ -67,8 +59,14 @@ def percentile(samples: list[float], p: float) -> float:
 
 
 def latency(
-    tasker: Tasker, name: str, last: str, n: int, warmup: int, expect: Callable[[int], int]
-) -> None:
+    tasker: Tasker,
+    name: str,
+    last: str,
+    n: int,
+    warmup: int,
+    expect: Callable[[int], int],
+) -> float:
+    """Prints and returns the p50 of `n` single tasks run one after the other."""
     samples: list[float] = []
     for i in range(n + warmup):
         start = time.perf_counter()
@@ -83,9 +81,11 @@ def latency(
         f"{name:<12} single-task latency over {n} tasks: p50 {ms(percentile(samples, 0.5))}  "
         f"p95 {ms(percentile(samples, 0.95))}  max {ms(max(samples))}"
     )
+    return percentile(samples, 0.5)
 
 
-def throughput(tasker: Tasker, n: int, clients: int) -> None:
+def throughput(tasker: Tasker, n: int, clients: int) -> float:
+    """Prints and returns the steps per second of `n` linear tasks submitted at once."""
     # All tasks are submitted at once by concurrent callers; the engine commits concurrent
     # creations in groups.
     start = time.perf_counter()
@@ -104,29 +104,71 @@ def throughput(tasker: Tasker, n: int, clients: int) -> None:
         f"{n * 4 / wall:.0f} steps/s (wall {ms(wall)}, creation {ms(created)}, "
         f"not complete: {failed})"
     )
+    return n * 4 / wall
+
+
+def rust_numbers(bench: str, args: argparse.Namespace) -> dict[str, float]:
+    """Runs the Rust benchmark with the same workload; returns its p50s (seconds) and
+    throughput (steps/s) by measure name."""
+    cmd = [
+        bench,
+        "--runtime",
+        "multi",
+        "--latency-tasks",
+        str(args.latency_tasks),
+        "--warmup",
+        str(args.warmup),
+        "--throughput-tasks",
+        str(args.throughput_tasks),
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    print("-- Rust handlers (tasker-bench --runtime multi):")
+    print(out.rstrip())
+    found: dict[str, float] = {}
+    for line in out.splitlines():
+        if m := re.match(r"(\w+)\s+single-task latency .*? p50 ([\d.]+) ms", line):
+            found[m.group(1)] = float(m.group(2)) / 1000
+        elif m := re.match(r"linear_add\s+throughput.*? ([\d.]+) steps/s", line):
+            found["throughput"] = float(m.group(1))
+    return found
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--latency-tasks", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--throughput-tasks", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=8, help="threads submitting tasks")
     parser.add_argument("--concurrency", type=int, default=4, help="handler threads")
+    parser.add_argument("--rust-bench", help="tasker-bench to compare with (release build)")
     args = parser.parse_args(argv)
+    rust = rust_numbers(args.rust_bench, args) if args.rust_bench else {}
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:{Path(tmp) / 'bench.db'}"
         with Tasker(url, handlers=[Add], concurrency=args.concurrency) as tasker:
             tasker.register_template(LINEAR)
             tasker.register_template(DIAMOND)
             print(
-                "embedded SQLite (WAL, synchronous=normal), in-process Python handlers "
+                "-- embedded SQLite (WAL, synchronous=normal), in-process Python handlers "
                 f"({args.concurrency} threads, Python {sys.version.split()[0]})"
             )
             n, warmup = args.latency_tasks, args.warmup
-            latency(tasker, "linear_add", "add_4", n, warmup, lambda x: x + 10)
-            latency(tasker, "diamond_add", "d_join", n, warmup, lambda x: 2 * x + 7)
-            throughput(tasker, args.throughput_tasks, args.clients)
+            py = {
+                "linear_add": latency(tasker, "linear_add", "add_4", n, warmup, lambda x: x + 10),
+                "diamond_add": latency(
+                    tasker, "diamond_add", "d_join", n, warmup, lambda x: 2 * x + 7
+                ),
+                "throughput": throughput(tasker, args.throughput_tasks, args.clients),
+            }
+    if rust:
+        print("-- Python handlers compared with Rust handlers:")
+        for name in ("linear_add", "diamond_add"):
+            if name in rust:
+                extra = (py[name] - rust[name]) * 1000
+                print(f"{name:<12} p50: {extra:+.2f} ms per task (target: at most +0.50 ms)")
+        if "throughput" in rust:
+            share = py["throughput"] / rust["throughput"] * 100
+            print(f"linear_add   throughput: {share:.0f} % of Rust's (target: at least 70 %)")
     return 0
 
 

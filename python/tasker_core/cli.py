@@ -41,6 +41,7 @@ from tasker_core.engine import Tasker
 from tasker_core.errors import TaskerError
 from tasker_core.registry import HandlerRegistry, HandlerSpec
 from tasker_core.step_handler import StepHandler
+from tasker_core.step_handler.functional import handler_for
 from tasker_core.worker import WorkerPool
 
 __all__ = ["CliError", "handlers_in", "import_handler_modules", "main"]
@@ -113,7 +114,8 @@ def handlers_in(module: ModuleType) -> list[HandlerSpec]:
                 and obj.call is not StepHandler.call
             ):
                 found.append(obj)
-        elif callable(obj) and getattr(obj, "_tasker_functional", False):
+        elif hasattr(obj, "handler_name") and handler_for(obj) is not None:
+            # An @step_handler function (registered through the handler it runs as).
             found.append(obj)
     return found
 

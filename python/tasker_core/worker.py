@@ -103,14 +103,9 @@ def _failure_from_exception(exc: BaseException) -> StepHandlerResult:
     return result
 
 
-def _as_result(value: Any, handler: Any) -> StepHandlerResult:
+def _as_result(value: Any) -> StepHandlerResult:
     if isinstance(value, StepHandlerResult):
         return value
-    if getattr(handler, "_tasker_functional", False):
-        if value is None:
-            return StepHandlerResult.success(result={})
-        if isinstance(value, dict):
-            return StepHandlerResult.success(result=value)
     return StepHandlerResult.failure(
         f"the handler returned {type(value).__name__}, not a StepHandlerResult "
         "(return StepHandlerResult.success(result=...) or .failure(...))",
@@ -155,7 +150,7 @@ def execute(
         )
     except Exception as exc:
         return _failure_from_exception(exc)
-    return _as_result(value, handler)
+    return _as_result(value)
 
 
 def _seconds_left(context: StepContext) -> float | None:
@@ -202,10 +197,7 @@ class WorkerPool:
         self._namespaces = list(namespaces)
         self._callables: frozenset[str] = frozenset()
         self._port: _native.Worker | None = None
-        self._retired: list[_native.Worker] = []
-        # Taken to swap the port, and around every checkpoint: a checkpointed job is handed
-        # out again by the port that stored it, so no checkpoint may land on a retired one.
-        self._port_lock = threading.RLock()
+        self._port_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._loop = _EventLoop()
@@ -218,12 +210,12 @@ class WorkerPool:
         """Serves (at least) ``callables`` from now on and starts the threads if needed."""
         wanted = frozenset(callables) | self._callables
         with self._port_lock:
-            if self._port is None or wanted != self._callables:
-                new = self._engine.worker(self._namespaces, sorted(wanted))
-                if self._port is not None:
-                    self._retired.append(self._port)
-                self._port = new
-                self._callables = wanted
+            if self._port is None:
+                self._port = self._engine.worker(self._namespaces, sorted(wanted))
+            elif wanted != self._callables:
+                # One port for the pool's life: threads waiting in it look again at once.
+                self._port.serve_more(sorted(wanted - self._callables))
+            self._callables = wanted
         if not self._threads:
             self._stop.clear()
             for i in range(self._concurrency):
@@ -253,15 +245,6 @@ class WorkerPool:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                retired = None
-                with self._port_lock:
-                    if self._retired:
-                        retired = self._retired.pop()
-                if retired is not None:
-                    # Jobs checkpointed on a replaced port come out of that port only.
-                    while (job := retired.next_step(0)) is not None:
-                        self._handle(retired, job)
-                    continue
                 port = self._current()
                 if port is None:
                     return
@@ -278,21 +261,21 @@ class WorkerPool:
         result = execute(self._registry, context, self._loop)
         if result.checkpoint is not None:
             cp = result.checkpoint
-            with self._port_lock:
-                target = self._port or port
-                try:
-                    payload = (json.dumps(cp.get("cursor")), json.dumps(cp.get("accumulated")))
-                except (TypeError, ValueError) as exc:
-                    bad = StepHandlerResult.failure(
-                        f"the checkpoint is not JSON-serialisable: {exc}",
-                        error_type=ErrorType.INVALID_RESULT,
-                        retryable=False,
-                    )
-                    port.complete(job, outcome_json(bad))
-                    return
-                accepted, reason = target.checkpoint(
-                    job, payload[0], int(cp.get("items_processed", 0)), payload[1]
+            try:
+                cursor = json.dumps(cp.get("cursor"))
+                accumulated = json.dumps(cp.get("accumulated"))
+            except (TypeError, ValueError) as exc:
+                bad = StepHandlerResult.failure(
+                    f"the checkpoint is not JSON-serialisable: {exc}",
+                    error_type=ErrorType.INVALID_RESULT,
+                    retryable=False,
                 )
+                port.complete(job, outcome_json(bad))
+                return
+            # The job comes out of this same port again, with its checkpoint.
+            accepted, reason = port.checkpoint(
+                job, cursor, int(cp.get("items_processed", 0)), accumulated
+            )
         else:
             accepted, reason = port.complete(job, outcome_json(result))
         if not accepted:

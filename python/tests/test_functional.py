@@ -429,12 +429,6 @@ def test_ecommerce_happy_path(shop):
         assert branch.completed_at <= task.steps["create_order"].started_at
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the Python worker pool runs the two ready branches one after the other: after "
-    "validate_cart completes only the completing thread claims work (the other threads wait "
-    "in next_step and do not claim the second ready step)",
-)
 def test_ecommerce_payment_and_inventory_overlap_in_time(shop):
     task = run_order(shop)
     assert task.status == "complete", task

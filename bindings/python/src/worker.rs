@@ -101,6 +101,18 @@ impl Worker {
         self.port.id()
     }
 
+    /// The callables it serves.
+    #[getter]
+    fn callables(&self) -> Vec<String> {
+        self.port.callables()
+    }
+
+    /// Serves `more` callables as well from now on; threads waiting in `next_step` look
+    /// again at once.
+    fn serve_more(&self, more: Vec<String>) {
+        self.port.serve_more(&more);
+    }
+
     /// Waits up to `timeout` seconds for a job (`None` when none came); the GIL is released
     /// while waiting. Raises `ShutdownError` once the engine is closed.
     fn next_step(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<Job>> {

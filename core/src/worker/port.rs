@@ -25,7 +25,8 @@ pub struct Worker {
     tasker: Tasker,
     id: String,
     namespaces: Vec<String>,
-    callables: Vec<String>,
+    /// What it serves; a host that learns new handlers adds to it ([`Worker::serve_more`]).
+    callables: std::sync::RwLock<Vec<String>>,
     /// Checkpointed jobs waiting to be handed out again.
     resumed: Mutex<VecDeque<StepJob>>,
     /// The `tasker.step` span of each job handed out, from its claim to its completion.
@@ -36,7 +37,7 @@ impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Worker")
             .field("id", &self.id)
-            .field("callables", &self.callables)
+            .field("callables", &self.callables())
             .finish()
     }
 }
@@ -61,7 +62,7 @@ impl Worker {
             tasker,
             id,
             namespaces,
-            callables,
+            callables: std::sync::RwLock::new(callables),
             resumed: Mutex::new(VecDeque::new()),
             spans: Mutex::new(HashMap::new()),
         }
@@ -82,6 +83,35 @@ impl Worker {
     /// This worker's id (recorded as the actor of its claims).
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The callables this worker serves.
+    pub fn callables(&self) -> Vec<String> {
+        self.callables
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Serves `more` callables from now on, as well as those it served. Host threads waiting in
+    /// [`Worker::next_step`] look again at once with the larger set, so a handler registered
+    /// while they wait gets its steps without delay.
+    pub fn serve_more(&self, more: &[String]) {
+        let inner = &self.tasker.inner;
+        {
+            let mut mine = self.callables.write().unwrap_or_else(|e| e.into_inner());
+            let mut known = inner
+                .port_callables
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            for c in more {
+                if !mine.contains(c) {
+                    mine.push(c.clone());
+                    *known.entry(c.clone()).or_default() += 1;
+                }
+            }
+        }
+        inner.work.send_modify(|g| *g += 1);
     }
 
     /// Waits up to `timeout` for a job. Blocking; call it from a host thread, never from a
@@ -121,7 +151,7 @@ impl Worker {
                 inner,
                 &self.id,
                 self.namespaces.clone(),
-                CallableFilter::Only(self.callables.clone()),
+                CallableFilter::Only(self.callables()),
                 1,
             );
             if let Some(job) = inner.store.claim(&req, inner.clock.now()).await?.pop() {
@@ -287,7 +317,8 @@ impl Drop for Worker {
             .port_callables
             .write()
             .unwrap_or_else(|e| e.into_inner());
-        for c in &self.callables {
+        let mine = self.callables.read().unwrap_or_else(|e| e.into_inner());
+        for c in mine.iter() {
             if let Some(n) = known.get_mut(c) {
                 *n -= 1;
                 if *n == 0 {
