@@ -8,30 +8,10 @@ use serde_json::json;
 use tasker_core::{StepOutcome, Tasker, handler_fn};
 
 /// Four steps in sequence, adding 1, 2, 3 and 4 to the context's `x`.
-pub const LINEAR: &str = r#"
-name: linear_add
-namespace_name: bench
-version: "1.0.0"
-identity_strategy: always_unique
-steps:
-  - { name: add_1, handler: { callable: bench.add, initialization: { add: 1 } }, retry: { max_attempts: 3 } }
-  - { name: add_2, handler: { callable: bench.add, initialization: { add: 2 } }, retry: { max_attempts: 3 }, dependencies: [add_1] }
-  - { name: add_3, handler: { callable: bench.add, initialization: { add: 3 } }, retry: { max_attempts: 3 }, dependencies: [add_2] }
-  - { name: add_4, handler: { callable: bench.add, initialization: { add: 4 } }, retry: { max_attempts: 3 }, dependencies: [add_3] }
-"#;
+pub const LINEAR: &str = include_str!("../templates/linear_add.yaml");
 
 /// `x + 1`, then `+ 2` and `+ 3` in parallel, then their sum.
-pub const DIAMOND: &str = r#"
-name: diamond_add
-namespace_name: bench
-version: "1.0.0"
-identity_strategy: always_unique
-steps:
-  - { name: d_start, handler: { callable: bench.add, initialization: { add: 1 } }, retry: { max_attempts: 3 } }
-  - { name: d_left, handler: { callable: bench.add, initialization: { add: 2 } }, retry: { max_attempts: 3 }, dependencies: [d_start] }
-  - { name: d_right, handler: { callable: bench.add, initialization: { add: 3 } }, retry: { max_attempts: 3 }, dependencies: [d_start] }
-  - { name: d_join, handler: { callable: bench.add, initialization: { add: 0 } }, retry: { max_attempts: 3 }, dependencies: [d_left, d_right] }
-"#;
+pub const DIAMOND: &str = include_str!("../templates/diamond_add.yaml");
 
 /// Registers `bench.add` on `tasker`.
 pub fn register_handlers(tasker: &Tasker) {

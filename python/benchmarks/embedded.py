@@ -24,29 +24,8 @@ from bench_handlers import Add
 
 from tasker_core import Tasker, TaskHandle
 
-LINEAR = """
-name: linear_add
-namespace_name: bench
-version: "1.0.0"
-identity_strategy: always_unique
-steps:
-  - { name: add_1, handler: { callable: bench.add, initialization: { add: 1 } }, retry: { max_attempts: 3 } }
-  - { name: add_2, handler: { callable: bench.add, initialization: { add: 2 } }, retry: { max_attempts: 3 }, dependencies: [add_1] }
-  - { name: add_3, handler: { callable: bench.add, initialization: { add: 3 } }, retry: { max_attempts: 3 }, dependencies: [add_2] }
-  - { name: add_4, handler: { callable: bench.add, initialization: { add: 4 } }, retry: { max_attempts: 3 }, dependencies: [add_3] }
-"""
-
-DIAMOND = """
-name: diamond_add
-namespace_name: bench
-version: "1.0.0"
-identity_strategy: always_unique
-steps:
-  - { name: d_start, handler: { callable: bench.add, initialization: { add: 1 } }, retry: { max_attempts: 3 } }
-  - { name: d_left, handler: { callable: bench.add, initialization: { add: 2 } }, retry: { max_attempts: 3 }, dependencies: [d_start] }
-  - { name: d_right, handler: { callable: bench.add, initialization: { add: 3 } }, retry: { max_attempts: 3 }, dependencies: [d_start] }
-  - { name: d_join, handler: { callable: bench.add, initialization: { add: 0 } }, retry: { max_attempts: 3 }, dependencies: [d_left, d_right] }
-"""
+# The Rust benchmark's templates.
+TEMPLATES = Path(__file__).resolve().parents[2] / "bench" / "templates"
 
 
 def ms(seconds: float) -> str:
@@ -146,8 +125,8 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:{Path(tmp) / 'bench.db'}"
         with Tasker(url, handlers=[Add], concurrency=args.concurrency) as tasker:
-            tasker.register_template(LINEAR)
-            tasker.register_template(DIAMOND)
+            for name in ("linear_add", "diamond_add"):
+                tasker.register_template((TEMPLATES / f"{name}.yaml").read_text())
             print(
                 "-- embedded SQLite (WAL, synchronous=normal), in-process Python handlers "
                 f"({args.concurrency} threads, Python {sys.version.split()[0]})"
