@@ -4,7 +4,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -32,11 +31,6 @@ pub struct Worker {
     resumed: Mutex<VecDeque<StepJob>>,
     /// The `tasker.step` span of each job handed out, from its claim to its completion.
     spans: Mutex<HashMap<(String, u32), Span>>,
-    /// One more than the work generation (the engine's count of "new work" announcements) at
-    /// which a claim of this worker last came back empty; 0 when none did. Until the next
-    /// announcement, another host thread's claim would find nothing either and is skipped:
-    /// one result wakes every waiting thread, and only one of them can get its step.
-    found_nothing_at: std::sync::atomic::AtomicU64,
     /// Held by the one host thread that waits for work and claims; the others queue for it
     /// (see [`Worker::next_step_async`]).
     claimer: tokio::sync::Mutex<()>,
@@ -74,7 +68,6 @@ impl Worker {
             callables: std::sync::RwLock::new(callables),
             resumed: Mutex::new(VecDeque::new()),
             spans: Mutex::new(HashMap::new()),
-            found_nothing_at: std::sync::atomic::AtomicU64::new(0),
             claimer: tokio::sync::Mutex::new(()),
         }
     }
@@ -168,9 +161,6 @@ impl Worker {
         let inner = &self.tasker.inner;
         let mut work = inner.work.subscribe();
         let mut shutdown = inner.shutdown.subscribe();
-        // Woken by the polling fallback rather than an announcement: claim regardless (a
-        // retry may have come due without one).
-        let mut polled = false;
         loop {
             if let Some(job) = self.take_resumed() {
                 return Ok(Some(job));
@@ -186,37 +176,28 @@ impl Worker {
                     _ = tokio::time::sleep_until(deadline) => return Ok(None),
                 }
             }
-            let generation = *work.borrow_and_update();
-            let known_empty = !polled && self.found_nothing_at.load(Ordering::Acquire) > generation;
-            if !known_empty {
-                let req = super::claim_request(
-                    inner,
-                    &self.id,
-                    self.namespaces.clone(),
-                    CallableFilter::Only(self.callables()),
-                    1,
-                );
-                match inner.store.claim(&req, inner.clock.now()).await?.pop() {
-                    // A no-op batch placeholder never reaches the host: the engine completes it.
-                    Some(job) => {
-                        if let Some(job) = super::finish_if_no_op(inner, job) {
-                            inner.hold(&job);
-                            self.open_span(&job);
-                            return Ok(Some(job));
-                        }
-                    }
-                    None => {
-                        self.found_nothing_at
-                            .fetch_max(generation + 1, Ordering::AcqRel);
-                    }
+            work.mark_unchanged();
+            let req = super::claim_request(
+                inner,
+                &self.id,
+                self.namespaces.clone(),
+                CallableFilter::Only(self.callables()),
+                1,
+            );
+            if let Some(job) = inner.store.claim(&req, inner.clock.now()).await?.pop() {
+                // A no-op batch placeholder never reaches the host: the engine completes it.
+                if let Some(job) = super::finish_if_no_op(inner, job) {
+                    inner.hold(&job);
+                    self.open_span(&job);
+                    return Ok(Some(job));
                 }
             }
-            polled = tokio::select! {
-                _ = work.changed() => false,
-                _ = shutdown.wait_for(|s| *s) => false,
-                _ = tokio::time::sleep(inner.config.poll_interval) => true,
+            tokio::select! {
+                _ = work.changed() => {}
+                _ = shutdown.wait_for(|s| *s) => {}
+                _ = tokio::time::sleep(inner.config.poll_interval) => {}
                 _ = tokio::time::sleep_until(deadline) => return Ok(None),
-            };
+            }
         }
     }
 
