@@ -8,7 +8,6 @@ same subset semantics and one readable line per mismatch (``tests/README.md``).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import os
 import shutil
@@ -41,11 +40,6 @@ ENGINE_ENV = {
     "TASKER_ENV": "development",
 }
 POLL_INTERVAL_MS = 50
-
-#: A scenario's engine is the only worker of its database, so a step whose callable nothing
-#: serves must fail with handler_not_found, as the Rust runner's engine does. The binding
-#: turns that check off on PostgreSQL (a shared database) unless the Tasker is told.
-FAIL_UNKNOWN_CALLABLES_OPTION = "fail_unknown_callables" in inspect.signature(Tasker).parameters
 
 TASK_STATES = frozenset(
     [
@@ -469,10 +463,15 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 def open_engine(database_url: str, setups: list[Callable[[Tasker], None]]) -> Tasker:
     """A fresh engine with the scenario settings and the handlers of ``setups``."""
     with _environment(ENGINE_ENV):
-        options: dict[str, Any] = {}
-        if FAIL_UNKNOWN_CALLABLES_OPTION:
-            options["fail_unknown_callables"] = True
-        tasker = Tasker(database_url, poll_interval_ms=POLL_INTERVAL_MS, concurrency=8, **options)
+        # The scenario's engine is the only worker of its database, so a step whose callable
+        # nothing serves must fail with handler_not_found, as in the Rust runner (the binding
+        # turns that check off on PostgreSQL unless told).
+        tasker = Tasker(
+            database_url,
+            poll_interval_ms=POLL_INTERVAL_MS,
+            concurrency=8,
+            fail_unknown_callables=True,
+        )
     try:
         for setup in setups:
             setup(tasker)

@@ -20,13 +20,6 @@ KNOWN_FAILURES: dict[tuple[str, str | None], str] = {}
 
 #: Scenarios not run at all, with the precise reason: (scenario name, backend) -> why.
 SKIPS: dict[tuple[str, str], str] = {}
-if not runner.FAIL_UNKNOWN_CALLABLES_OPTION:
-    SKIPS[("handler_not_found", "postgres")] = (
-        "tasker_core.Tasker has no fail_unknown_callables option and the binding's Engine "
-        "turns the unknown-callable check off for PostgreSQL URLs, so the step nothing serves "
-        "waits for another worker instead of failing with handler_not_found (it would only "
-        "end at the scenario's 30 s deadline)"
-    )
 
 FILES = runner.scenario_files()
 
