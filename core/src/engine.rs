@@ -72,6 +72,8 @@ pub(crate) struct Inner {
     pub(crate) creations: mpsc::UnboundedSender<crate::worker::Creation>,
     pub(crate) runtime: tokio::runtime::Handle,
     pub(crate) port_seq: std::sync::atomic::AtomicU64,
+    /// Dispatch-port workers alive.
+    pub(crate) live_ports: std::sync::atomic::AtomicUsize,
     /// Bounds how many Rust handlers run at once.
     pub(crate) permits: Arc<tokio::sync::Semaphore>,
     /// Whether this handle runs Rust handlers (`OpenOptions::background`).
@@ -237,6 +239,7 @@ impl Tasker {
                 )
             })?,
             port_seq: std::sync::atomic::AtomicU64::new(0),
+            live_ports: std::sync::atomic::AtomicUsize::new(0),
             permits: Arc::new(tokio::sync::Semaphore::new(options.config.concurrency)),
             runs_handlers: options.background,
             workflows: Notify::new(),

@@ -27,11 +27,20 @@ use crate::store::{
 };
 use crate::template::StepType;
 
+/// What became of a result handed back through the dispatch port, and the host thread's next
+/// job when one was claimed along with it.
+pub(crate) type Settled = (Completion, Option<StepJob>);
+
 /// A finished attempt on its way to the completer.
 pub(crate) struct Finished {
     pub(crate) job: StepJob,
     pub(crate) outcome: StepOutcome,
-    pub(crate) reply: Option<oneshot::Sender<Result<Completion>>>,
+    /// A dispatch-port host waiting for the outcome's fate and, when it asked (`next`), for a
+    /// job claimed in the same transaction.
+    pub(crate) reply: Option<oneshot::Sender<Result<Settled>>>,
+    /// The claim of the dispatch-port worker whose host thread wants its next job along with
+    /// this result (`limit` is set by the completer).
+    pub(crate) next: Option<ClaimRequest>,
 }
 
 /// Most results applied in one transaction.
@@ -137,17 +146,22 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
     );
     // Claim ahead: take the permits for Rust handlers now, so the steps these results make
     // ready are claimed in the same transaction and start without waking the worker loop.
-    let mut ahead = claim_ahead(inner);
+    // Without Rust handlers, the host threads of a dispatch-port worker that asked for their
+    // next job along with their result get it the same way.
+    let mut ahead = claim_ahead(inner).map(|(req, permits)| Ahead::Rust(req, permits));
+    if ahead.is_none() {
+        ahead = port_ahead(inner, &mut batch);
+    }
     // A transient database failure (a lock held too long by another process, say) must not
     // throw away finished work: the batch is retried a few times before the attempts are left
     // to expire and re-run.
     let mut tries = 0;
     let reports = loop {
         let r = match &ahead {
-            Some((req, _)) => {
+            Some(a) => {
                 inner
                     .store
-                    .finish_and_claim(&results, &inner.worker_id, req, now)
+                    .finish_and_claim(&results, &inner.worker_id, a.request(), now)
                     .await
             }
             None => inner
@@ -174,15 +188,38 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
     for f in &batch {
         inner.release(&f.job.step_uuid, f.job.attempt);
     }
-    // Whether the worker loop must look for steps: not when this transaction's claim already
-    // took every ready step a Rust handler serves (it got fewer than it asked for) and no
-    // dispatch-port worker waits for others. Waking it anyway costs a write transaction.
+    // Whether the worker loop and waiting host threads must look for steps: not when this
+    // transaction's claim already took every ready step this process serves (it got fewer
+    // than it asked for, and it was the only kind of claimer here). Waking them anyway costs
+    // a write transaction.
     let mut wake_workers = true;
+    let mut handed: Vec<Option<StepJob>> = Vec::new();
     let reports = reports.map(|(reports, jobs)| {
-        if let Some((req, permits)) = ahead {
-            wake_workers = jobs.len() >= req.limit || inner.has_port_workers();
-            inner.metrics.claimed_along(jobs.len());
-            spawn_jobs(inner, jobs, permits);
+        match ahead {
+            Some(Ahead::Rust(req, permits)) => {
+                wake_workers = jobs.len() >= req.limit || inner.has_port_workers();
+                inner.metrics.claimed_along(jobs.len());
+                spawn_jobs(inner, jobs, permits);
+            }
+            Some(Ahead::Port(req)) => {
+                wake_workers = jobs.len() >= req.limit
+                    || inner.live_ports.load(std::sync::atomic::Ordering::SeqCst) > 1
+                    || !inner
+                        .handlers
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .is_empty();
+                inner.metrics.claimed_along(jobs.len());
+                handed = jobs
+                    .into_iter()
+                    .filter_map(|job| finish_if_no_op(inner, job))
+                    .map(|job| {
+                        inner.hold(&job);
+                        Some(job)
+                    })
+                    .collect();
+            }
+            None => {}
         }
         reports
     });
@@ -205,13 +242,23 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
             for (span, r) in spans.iter().zip(&reports) {
                 crate::telemetry::record_settled(span, r);
             }
+            let mut handed = handed.into_iter();
             for (i, (f, r)) in batch.into_iter().zip(reports).enumerate() {
                 if let Completion::Rejected(reason) = &r.completion {
                     let _in_span = spans.get(i).map(|s| s.enter());
                     tracing::warn!(step = %f.job.step_uuid, attempt = f.job.attempt, "completion rejected: {reason}");
                 }
-                if let Some(reply) = f.reply {
-                    let _ = reply.send(Ok(r.completion));
+                // Jobs claimed along go, in order, to the hosts that asked for one.
+                let next = if f.next.is_some() {
+                    handed.next().flatten()
+                } else {
+                    None
+                };
+                if let Some(reply) = f.reply
+                    && let Err(Ok((_, Some(job)))) = reply.send(Ok((r.completion, next)))
+                {
+                    // The host is gone: its job is left to the lease, as if it had died.
+                    tracing::warn!(step = %job.step_uuid, "a job claimed for a host that left");
                 }
             }
         }
@@ -228,6 +275,57 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
             }
         }
     }
+}
+
+/// The claim a result batch makes along: for this process's Rust handlers, or for the host
+/// threads of one dispatch-port worker that asked for their next job.
+enum Ahead {
+    Rust(ClaimRequest, Vec<OwnedSemaphorePermit>),
+    Port(ClaimRequest),
+}
+
+impl Ahead {
+    fn request(&self) -> &ClaimRequest {
+        match self {
+            Ahead::Rust(req, _) | Ahead::Port(req) => req,
+        }
+    }
+}
+
+/// A claim for the host threads in `batch` that asked for their next job along with their
+/// result: those of the first such dispatch-port worker, as many as a power of two allows
+/// (the limit is part of the claim statement's text). The others' requests are dropped: they
+/// get no job and ask the port as usual.
+fn port_ahead(inner: &Inner, batch: &mut [Finished]) -> Option<Ahead> {
+    if *inner.shutdown.borrow() || inner.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        for f in batch.iter_mut() {
+            f.next = None;
+        }
+        return None;
+    }
+    let first = batch.iter().find_map(|f| f.next.clone())?;
+    let asking = batch
+        .iter()
+        .filter(|f| {
+            f.next
+                .as_ref()
+                .is_some_and(|n| n.worker_id == first.worker_id)
+        })
+        .count();
+    let limit = 1 << asking.ilog2();
+    let mut taken = 0;
+    for f in batch.iter_mut() {
+        let mine = f
+            .next
+            .as_ref()
+            .is_some_and(|n| n.worker_id == first.worker_id);
+        if !mine || taken == limit {
+            f.next = None;
+        } else {
+            taken += 1;
+        }
+    }
+    Some(Ahead::Port(ClaimRequest { limit, ..first }))
 }
 
 /// A successful decision's or analyzer's result gets the steps it creates, or becomes the
@@ -372,6 +470,7 @@ pub(crate) fn finish_if_no_op(inner: &Inner, job: StepJob) -> Option<StepJob> {
         job,
         outcome: StepOutcome::success(result),
         reply: None,
+        next: None,
     });
     None
 }
@@ -450,6 +549,7 @@ fn spawn_jobs(inner: &Arc<Inner>, jobs: Vec<StepJob>, mut permits: Vec<OwnedSema
                             job,
                             outcome,
                             reply: None,
+                            next: None,
                         });
                     }
                     None => {
@@ -663,6 +763,7 @@ async fn fail_unknown_callables(inner: &Arc<Inner>, now: Millis) -> Result<()> {
             job,
             outcome: StepOutcome::Failure(f),
             reply: None,
+            next: None,
         });
     }
     Ok(())

@@ -137,9 +137,16 @@ steps:
         let invocations = invocations.clone();
         let done = done.clone();
         threads.push(std::thread::spawn(move || {
+            // Half the threads take their next job along with each result.
+            let along = h % 2 == 0;
+            let mut following = None;
             while done.load(Ordering::SeqCst) < TASKS * STEPS {
-                let Some(job) = worker.next_step(Duration::from_millis(100)).unwrap() else {
-                    continue;
+                let job = match following.take() {
+                    Some(job) => job,
+                    None => match worker.next_step(Duration::from_millis(100)).unwrap() {
+                        Some(job) => job,
+                        None => continue,
+                    },
                 };
                 *invocations
                     .lock()
@@ -152,9 +159,14 @@ steps:
                     .filter_map(|v| v["n"].as_u64())
                     .max()
                     .unwrap_or_else(|| job.context["n"].as_u64().unwrap());
-                let c = worker
-                    .complete(&job, StepOutcome::success(json!({"n": n * n, "host": h})))
-                    .unwrap();
+                let outcome = StepOutcome::success(json!({"n": n * n, "host": h}));
+                let c = if along {
+                    let (c, next) = worker.complete_and_next(&job, outcome).unwrap();
+                    following = next;
+                    c
+                } else {
+                    worker.complete(&job, outcome).unwrap()
+                };
                 assert_eq!(c, Completion::Accepted);
                 done.fetch_add(1, Ordering::SeqCst);
             }
@@ -691,4 +703,134 @@ fn serving_more_callables_wakes_waiting_hosts() {
         .complete(&job, StepOutcome::success(json!({})))
         .unwrap();
     assert_eq!(env.wait(&uuid).status, TaskState::Complete);
+}
+
+/// `complete_and_next` records a result and claims, in the same transaction, the step it made
+/// ready for the same host thread: a chain runs on one thread without a claim of its own per
+/// step. The poll is a minute and no other thread waits, so only the claim along can deliver
+/// `b` and `c` within the test's time.
+#[test]
+fn complete_and_next_hands_a_chain_to_the_completing_thread() {
+    let env = Env::new(Config {
+        poll_interval: Duration::from_secs(60),
+        ..Config::default()
+    });
+    env.register(
+        r#"
+name: along
+namespace_name: port
+version: "1.0.0"
+identity_strategy: always_unique
+steps:
+  - name: a
+    handler: { callable: py.next }
+  - name: b
+    handler: { callable: py.next }
+    dependencies: [a]
+  - name: c
+    handler: { callable: py.next }
+    dependencies: [b]
+"#,
+    );
+    let worker = env
+        .tasker
+        .worker(vec!["port".into()], vec!["py.next".into()]);
+    let uuid = env.create("along", json!({}));
+    let mut job = worker
+        .next_step(Duration::from_secs(30))
+        .unwrap()
+        .expect("the first step");
+    let mut ran = Vec::new();
+    loop {
+        ran.push(job.step_name.clone());
+        let (c, next) = worker
+            .complete_and_next(&job, StepOutcome::success(json!({"by": job.step_name})))
+            .unwrap();
+        assert_eq!(c, Completion::Accepted);
+        match next {
+            Some(n) => job = n,
+            None => break,
+        }
+    }
+    assert_eq!(ran, ["a", "b", "c"]);
+    let task = env.wait(&uuid);
+    assert_eq!(task.status, TaskState::Complete);
+    assert!(task.steps.iter().all(|s| s.attempts == 1));
+    // The span of a job handed along is open while the host holds it, like a claimed one's.
+    assert_eq!(task.step("c").unwrap().result.as_ref().unwrap()["by"], "c");
+}
+
+/// When a result makes two steps ready, the completing thread takes one along and a thread
+/// waiting in `next_step` is woken for the other, at once (the poll is a minute): both run
+/// at the same time, each exactly once.
+#[test]
+fn complete_and_next_leaves_the_other_ready_steps_to_waiting_threads() {
+    let env = Env::new(Config {
+        poll_interval: Duration::from_secs(60),
+        ..Config::default()
+    });
+    env.register(
+        r#"
+name: fork
+namespace_name: port
+version: "1.0.0"
+identity_strategy: always_unique
+steps:
+  - name: start
+    handler: { callable: py.fork }
+  - name: left
+    handler: { callable: py.fork }
+    dependencies: [start]
+  - name: right
+    handler: { callable: py.fork }
+    dependencies: [start]
+  - name: join
+    handler: { callable: py.fork }
+    dependencies: [left, right]
+"#,
+    );
+    let worker = Arc::new(
+        env.tasker
+            .worker(vec!["port".into()], vec!["py.fork".into()]),
+    );
+    let uuid = env.create("fork", json!({}));
+    // Both branches must be running at once before either completes: proof that the second
+    // one reached the waiting thread without the first finishing.
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let ran: Arc<Mutex<Vec<String>>> = Arc::default();
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let worker = worker.clone();
+            let barrier = barrier.clone();
+            let ran = ran.clone();
+            std::thread::spawn(move || {
+                // Closing the engine ends the wait of the thread left over (an error).
+                let mut job = worker.next_step(Duration::from_secs(30)).ok().flatten();
+                while let Some(j) = job {
+                    ran.lock().unwrap().push(j.step_name.clone());
+                    if j.step_name == "left" || j.step_name == "right" {
+                        barrier.wait();
+                    }
+                    let (c, next) = worker
+                        .complete_and_next(&j, StepOutcome::success(json!({})))
+                        .unwrap();
+                    assert_eq!(c, Completion::Accepted);
+                    job = next;
+                    if job.is_none() && !ran.lock().unwrap().contains(&"join".to_string()) {
+                        job = worker.next_step(Duration::from_secs(30)).ok().flatten();
+                    }
+                }
+            })
+        })
+        .collect();
+    let task = env.wait(&uuid);
+    assert_eq!(task.status, TaskState::Complete, "{task:#?}");
+    assert!(task.steps.iter().all(|s| s.attempts == 1));
+    env.tasker.close();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut ran = ran.lock().unwrap().clone();
+    ran.sort();
+    assert_eq!(ran, ["join", "left", "right", "start"]);
 }

@@ -249,16 +249,20 @@ class WorkerPool:
                 if port is None:
                     return
                 job = port.next_step(_WAIT_SECONDS)
-                if job is not None:
-                    self._handle(port, job)
+                # A completion brings the thread's next job along when one is ready.
+                while job is not None:
+                    job = self._handle(port, job)
             except ShutdownError:
                 return
             except Exception:
                 log.exception("tasker worker loop error (continuing)")
 
-    def _handle(self, port: _native.Worker, job: _native.Job) -> None:
+    def _handle(self, port: _native.Worker, job: _native.Job) -> _native.Job | None:
+        """Runs one job and hands its outcome back; returns the next job claimed along with
+        it, if any (never once the pool is stopping)."""
         context = StepContext(json.loads(job.payload))
         result = execute(self._registry, context, self._loop)
+        following: _native.Job | None = None
         if result.checkpoint is not None:
             cp = result.checkpoint
             try:
@@ -271,12 +275,15 @@ class WorkerPool:
                     retryable=False,
                 )
                 port.complete(job, outcome_json(bad))
-                return
+                return None
             # The job comes out of this same port again, with its checkpoint.
             accepted, reason = port.checkpoint(
                 job, cursor, int(cp.get("items_processed", 0)), accumulated
             )
-        else:
+        elif self._stop.is_set():
             accepted, reason = port.complete(job, outcome_json(result))
+        else:
+            accepted, reason, following = port.complete_and_next(job, outcome_json(result))
         if not accepted:
             log.info("result of %r attempt %d not applied: %s", job.step_name, job.attempt, reason)
+        return following

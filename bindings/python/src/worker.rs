@@ -15,6 +15,13 @@ pub(crate) struct Job {
     payload: String,
 }
 
+impl Job {
+    fn new(job: StepJob) -> PyResult<Job> {
+        let payload = to_json(&job)?;
+        Ok(Job { job, payload })
+    }
+}
+
 #[pymethods]
 impl Job {
     /// The whole job as JSON (SPEC §5.3: task, step, context, inputs, dependency results...).
@@ -119,11 +126,7 @@ impl Worker {
         crate::engine::check_process(self.pid)?;
         let timeout = seconds(Some(timeout))?.unwrap_or(std::time::Duration::MAX);
         let job = py.detach(|| self.port.next_step(timeout)).py()?;
-        job.map(|job| {
-            let payload = to_json(&job)?;
-            Ok(Job { job, payload })
-        })
-        .transpose()
+        job.map(Job::new).transpose()
     }
 
     /// Hands back a job's outcome, given as the JSON of a core `StepOutcome`
@@ -144,6 +147,29 @@ impl Worker {
         }
         let c = py.detach(|| self.port.complete(&job.job, outcome)).py()?;
         Ok(Self::completion(c))
+    }
+
+    /// Hands back a job's outcome like `complete` and returns, with `(accepted, reason)`,
+    /// this thread's next job when one was ready: it is claimed in the same transaction that
+    /// records the outcome (`None` when nothing was ready; then ask `next_step`).
+    fn complete_and_next(
+        &self,
+        py: Python<'_>,
+        job: &Job,
+        outcome: &str,
+    ) -> PyResult<(bool, Option<String>, Option<Job>)> {
+        crate::engine::check_process(self.pid)?;
+        let outcome: StepOutcome = from_json(outcome, "step outcome")?;
+        if matches!(outcome, StepOutcome::Checkpoint(_)) {
+            return Err(invalid_argument(
+                "a checkpoint goes through Worker.checkpoint",
+            ));
+        }
+        let (c, next) = py
+            .detach(|| self.port.complete_and_next(&job.job, outcome))
+            .py()?;
+        let (accepted, reason) = Self::completion(c);
+        Ok((accepted, reason, next.map(Job::new).transpose()?))
     }
 
     /// Stores a checkpoint (`checkpoint_yield`); the job comes out of `next_step` again.
