@@ -293,9 +293,9 @@ impl Ahead {
 }
 
 /// A claim for the host threads in `batch` that asked for their next job along with their
-/// result: those of the first such dispatch-port worker, as many as a power of two allows
-/// (the limit is part of the claim statement's text). The others' requests are dropped: they
-/// get no job and ask the port as usual.
+/// result: those of the first such dispatch-port worker (up to `claim_batch` of them; there
+/// are rarely more threads than that, so few claim texts get prepared). The others' requests
+/// are dropped: they get no job and ask the port as usual.
 fn port_ahead(inner: &Inner, batch: &mut [Finished]) -> Option<Ahead> {
     if *inner.shutdown.borrow() || inner.draining.load(std::sync::atomic::Ordering::SeqCst) {
         for f in batch.iter_mut() {
@@ -312,7 +312,7 @@ fn port_ahead(inner: &Inner, batch: &mut [Finished]) -> Option<Ahead> {
                 .is_some_and(|n| n.worker_id == first.worker_id)
         })
         .count();
-    let limit = 1 << asking.ilog2();
+    let limit = asking.min(inner.config.claim_batch.max(1));
     let mut taken = 0;
     for f in batch.iter_mut() {
         let mine = f
