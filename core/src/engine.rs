@@ -67,6 +67,10 @@ pub(crate) struct Inner {
     pub(crate) shutdown: watch::Sender<bool>,
     /// Attempts handed out by this process: step uuid -> (worker id, attempt).
     pub(crate) held: Mutex<HashMap<String, (String, u32)>>,
+    /// Dispatch-port host threads waiting for work, whose claims ride along the next write
+    /// transaction (`worker::Parked`).
+    pub(crate) parked: Mutex<Vec<crate::worker::Parked>>,
+    pub(crate) park_seq: std::sync::atomic::AtomicU64,
     pub(crate) results: mpsc::UnboundedSender<Finished>,
     /// Task creations on their way to the creator, which commits them in groups.
     pub(crate) creations: mpsc::UnboundedSender<crate::worker::Creation>,
@@ -230,6 +234,8 @@ impl Tasker {
             watchers: Mutex::new(HashMap::new()),
             shutdown: watch::Sender::new(false),
             held: Mutex::new(HashMap::new()),
+            parked: Mutex::new(Vec::new()),
+            park_seq: std::sync::atomic::AtomicU64::new(0),
             results: results_tx,
             creations: creations_tx,
             runtime: tokio::runtime::Handle::try_current().map_err(|_| {

@@ -193,7 +193,7 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
     // than it asked for, and it was the only kind of claimer here). Waking them anyway costs
     // a write transaction.
     let mut wake_workers = true;
-    let mut handed: Vec<Option<StepJob>> = Vec::new();
+    let mut handed: Vec<StepJob> = Vec::new();
     let reports = reports.map(|(reports, jobs)| {
         match ahead {
             Some(Ahead::Rust(req, permits)) => {
@@ -201,23 +201,11 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
                 inner.metrics.claimed_along(jobs.len());
                 spawn_jobs(inner, jobs, permits);
             }
-            Some(Ahead::Port(req)) => {
-                wake_workers = jobs.len() >= req.limit
-                    || inner.live_ports.load(std::sync::atomic::Ordering::SeqCst) > 1
-                    || !inner
-                        .handlers
-                        .read()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .is_empty();
+            Some(Ahead::Port(req, parked)) => {
+                wake_workers = jobs.len() >= req.limit || others_may_claim(inner);
                 inner.metrics.claimed_along(jobs.len());
-                handed = jobs
-                    .into_iter()
-                    .filter_map(|job| finish_if_no_op(inner, job))
-                    .map(|job| {
-                        inner.hold(&job);
-                        Some(job)
-                    })
-                    .collect();
+                let asked = batch.iter().filter(|f| f.next.is_some()).count();
+                handed = hand_out(inner, jobs, asked, parked);
             }
             None => {}
         }
@@ -250,7 +238,7 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
                 }
                 // Jobs claimed along go, in order, to the hosts that asked for one.
                 let next = if f.next.is_some() {
-                    handed.next().flatten()
+                    handed.next()
                 } else {
                     None
                 };
@@ -277,25 +265,34 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
     }
 }
 
-/// The claim a result batch makes along: for this process's Rust handlers, or for the host
-/// threads of one dispatch-port worker that asked for their next job.
+/// The claim a result batch makes along: for this process's Rust handlers, or for host threads
+/// of one dispatch-port worker (those that asked for their next job with their result, then
+/// those parked waiting for work).
 enum Ahead {
     Rust(ClaimRequest, Vec<OwnedSemaphorePermit>),
-    Port(ClaimRequest),
+    Port(ClaimRequest, Vec<Parked>),
 }
 
 impl Ahead {
     fn request(&self) -> &ClaimRequest {
         match self {
-            Ahead::Rust(req, _) | Ahead::Port(req) => req,
+            Ahead::Rust(req, _) | Ahead::Port(req, _) => req,
         }
     }
 }
 
-/// A claim for the host threads in `batch` that asked for their next job along with their
-/// result: those of the first such dispatch-port worker (up to `claim_batch` of them; there
-/// are rarely more threads than that, so few claim texts get prepared). The others' requests
-/// are dropped: they get no job and ask the port as usual.
+/// A dispatch-port host thread waiting for work: the claim it would make, and where the job
+/// goes when a write transaction claims one for it (`None`: the claim found nothing).
+pub(crate) struct Parked {
+    pub(crate) ticket: u64,
+    pub(crate) req: ClaimRequest,
+    pub(crate) reply: oneshot::Sender<Option<StepJob>>,
+}
+
+/// A claim along a write transaction for host threads of one dispatch-port worker: those in
+/// `batch` that asked for their next job with their result, then those parked waiting for work
+/// (up to `claim_batch` in all; there are rarely more threads than that, so few claim texts get
+/// prepared). Other requests in `batch` are dropped: they get no job and ask the port as usual.
 fn port_ahead(inner: &Inner, batch: &mut [Finished]) -> Option<Ahead> {
     if *inner.shutdown.borrow() || inner.draining.load(std::sync::atomic::Ordering::SeqCst) {
         for f in batch.iter_mut() {
@@ -303,29 +300,64 @@ fn port_ahead(inner: &Inner, batch: &mut [Finished]) -> Option<Ahead> {
         }
         return None;
     }
-    let first = batch.iter().find_map(|f| f.next.clone())?;
-    let asking = batch
+    let mut parked = inner.parked.lock().unwrap_or_else(|e| e.into_inner());
+    let first = batch
         .iter()
-        .filter(|f| {
-            f.next
-                .as_ref()
-                .is_some_and(|n| n.worker_id == first.worker_id)
-        })
-        .count();
-    let limit = asking.min(inner.config.claim_batch.max(1));
-    let mut taken = 0;
+        .find_map(|f| f.next.clone())
+        .or_else(|| parked.first().map(|p| p.req.clone()))?;
+    let most = inner.config.claim_batch.max(1);
+    let mut limit = 0;
     for f in batch.iter_mut() {
         let mine = f
             .next
             .as_ref()
             .is_some_and(|n| n.worker_id == first.worker_id);
-        if !mine || taken == limit {
+        if !mine || limit == most {
             f.next = None;
         } else {
-            taken += 1;
+            limit += 1;
         }
     }
-    Some(Ahead::Port(ClaimRequest { limit, ..first }))
+    let mut riding = Vec::new();
+    let mut i = 0;
+    while i < parked.len() && limit < most {
+        if parked[i].req.worker_id == first.worker_id {
+            riding.push(parked.swap_remove(i));
+            limit += 1;
+        } else {
+            i += 1;
+        }
+    }
+    Some(Ahead::Port(ClaimRequest { limit, ..first }, riding))
+}
+
+/// Hands jobs claimed along a transaction to host threads: those that asked with their result
+/// (their share is returned, in order) and then parked ones, which hear `None` when nothing was
+/// left for them.
+fn hand_out(inner: &Inner, jobs: Vec<StepJob>, asked: usize, parked: Vec<Parked>) -> Vec<StepJob> {
+    let mut jobs = jobs
+        .into_iter()
+        .filter_map(|job| finish_if_no_op(inner, job))
+        .inspect(|job| inner.hold(job));
+    let handed: Vec<StepJob> = jobs.by_ref().take(asked).collect();
+    for p in parked {
+        if let Err(Some(job)) = p.reply.send(jobs.next()) {
+            // The thread stopped waiting: its job is left to the lease, as if it had died.
+            tracing::warn!(step = %job.step_uuid, "a job claimed for a host thread that left");
+        }
+    }
+    handed
+}
+
+/// Whether, after a claim for dispatch-port threads that came back short, anything else in
+/// this process may still want to look for work: other port workers, or Rust handlers.
+fn others_may_claim(inner: &Inner) -> bool {
+    inner.live_ports.load(std::sync::atomic::Ordering::SeqCst) > 1
+        || !inner
+            .handlers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
 }
 
 /// A successful decision's or analyzer's result gets the steps it creates, or becomes the
@@ -582,8 +614,11 @@ pub(crate) fn spawn_creator(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<C
             let batch = std::mem::take(&mut batch);
             let (tasks, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
             let now = inner.clock.now();
-            let ahead = claim_ahead(&inner);
-            let req = ahead.as_ref().map(|(req, _)| req);
+            let mut ahead = claim_ahead(&inner).map(|(req, permits)| Ahead::Rust(req, permits));
+            if ahead.is_none() {
+                ahead = port_ahead(&inner, &mut []);
+            }
+            let req = ahead.as_ref().map(Ahead::request);
             // As in the completer: a claim that came back short took everything ready.
             let mut wake_workers = true;
             match inner
@@ -599,10 +634,18 @@ pub(crate) fn spawn_creator(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<C
                                 .task_created(&t.template.namespace, &t.template.name);
                         }
                     }
-                    if let Some((req, permits)) = ahead {
-                        wake_workers = jobs.len() >= req.limit || inner.has_port_workers();
-                        inner.metrics.claimed_along(jobs.len());
-                        spawn_jobs(&inner, jobs, permits);
+                    match ahead {
+                        Some(Ahead::Rust(req, permits)) => {
+                            wake_workers = jobs.len() >= req.limit || inner.has_port_workers();
+                            inner.metrics.claimed_along(jobs.len());
+                            spawn_jobs(&inner, jobs, permits);
+                        }
+                        Some(Ahead::Port(req, parked)) => {
+                            wake_workers = jobs.len() >= req.limit || others_may_claim(&inner);
+                            inner.metrics.claimed_along(jobs.len());
+                            hand_out(&inner, jobs, 0, parked);
+                        }
+                        None => {}
                     }
                     for (reply, c) in replies.into_iter().zip(created) {
                         let _ = reply.send(Ok(c));

@@ -834,3 +834,54 @@ steps:
     ran.sort();
     assert_eq!(ran, ["join", "left", "right", "start"]);
 }
+
+/// Claims of the dispatch port this engine has made on their own (not along a transaction),
+/// from its metrics.
+fn own_claims(env: &Env) -> u64 {
+    let text = env.rt.block_on(env.tasker.metrics_text()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("tasker_claim_duration_seconds_count "))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// A host thread waiting for work has its claim parked on the engine: the transaction that
+/// creates a task claims the task's first step for it, so the step reaches the thread without
+/// a claim of its own (the poll is a minute; the claim count proves which way it came).
+#[test]
+fn a_waiting_thread_gets_a_new_tasks_step_from_the_creating_transaction() {
+    let env = Env::new(Config {
+        poll_interval: Duration::from_secs(60),
+        ..Config::default()
+    });
+    env.register(&one_step("parked", "py.parked", ""));
+    let worker = Arc::new(
+        env.tasker
+            .worker(vec!["port".into()], vec!["py.parked".into()]),
+    );
+    let waiting = {
+        let worker = worker.clone();
+        std::thread::spawn(move || worker.next_step(Duration::from_secs(30)))
+    };
+    // The thread's first claim finds nothing; then it parks.
+    let t0 = Instant::now();
+    while worker.parked_threads() == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the host never parked"
+        );
+        std::thread::yield_now();
+    }
+    assert_eq!(own_claims(&env), 1);
+    let uuid = env.create("parked", json!({}));
+    let job = waiting
+        .join()
+        .unwrap()
+        .unwrap()
+        .expect("the parked thread got the new task's step");
+    assert_eq!(job.task_uuid, uuid);
+    assert_eq!(own_claims(&env), 1, "the step came along the creation");
+    worker
+        .complete(&job, StepOutcome::success(json!({})))
+        .unwrap();
+    assert_eq!(env.wait(&uuid).status, TaskState::Complete);
+}

@@ -10,10 +10,10 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 use tracing::Span;
 
-use super::Finished;
+use super::{Finished, Parked};
 use crate::engine::Tasker;
 use crate::job::{Checkpoint, StepJob, StepOutcome};
-use crate::store::{CallableFilter, Completion};
+use crate::store::{CallableFilter, ClaimRequest, Completion};
 use crate::{Error, ErrorKind, Result};
 
 /// A worker serving some namespaces with handlers that live outside Rust.
@@ -98,6 +98,19 @@ impl Worker {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// How many of this worker's host threads wait for work with their claim parked on the
+    /// engine (at most one: the others queue behind it). Introspection for hosts and tests.
+    pub fn parked_threads(&self) -> usize {
+        self.tasker
+            .inner
+            .parked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|p| p.req.worker_id == self.id)
+            .count()
     }
 
     /// Serves `more` callables from now on, as well as those it served. Host threads waiting in
@@ -187,7 +200,10 @@ impl Worker {
                 CallableFilter::Only(self.callables()),
                 1,
             );
-            if let Some(job) = inner.store.claim(&req, inner.clock.now()).await?.pop() {
+            let started = std::time::Instant::now();
+            let mut jobs = inner.store.claim(&req, inner.clock.now()).await?;
+            inner.metrics.claimed(jobs.len(), started.elapsed());
+            if let Some(job) = jobs.pop() {
                 // A no-op batch placeholder never reaches the host: the engine completes it.
                 if let Some(job) = super::finish_if_no_op(inner, job) {
                     inner.hold(&job);
@@ -195,12 +211,73 @@ impl Worker {
                     return Ok(Some(job));
                 }
             }
-            tokio::select! {
-                _ = work.changed() => {}
-                _ = shutdown.wait_for(|s| *s) => {}
-                _ = tokio::time::sleep(inner.config.poll_interval) => {}
-                _ = tokio::time::sleep_until(deadline) => return Ok(None),
+            match self.park(req, &mut work, &mut shutdown, deadline).await {
+                Woken::Job(job) => {
+                    self.open_span(&job);
+                    return Ok(Some(*job));
+                }
+                Woken::Look => {}
+                Woken::Deadline => return Ok(None),
             }
+        }
+    }
+
+    /// Waits for work with this thread's claim parked on the engine: the next write
+    /// transaction (a result batch or a task creation) claims along for it, so a step made
+    /// ready there reaches this thread without a wake-up and a claim of its own. Returns the
+    /// job so claimed, or when the thread should claim for itself (new work announced, the
+    /// polling fallback, a transaction that failed), or the deadline.
+    async fn park(
+        &self,
+        req: ClaimRequest,
+        work: &mut tokio::sync::watch::Receiver<u64>,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+        deadline: tokio::time::Instant,
+    ) -> Woken {
+        let inner = &self.tasker.inner;
+        let poll = tokio::time::sleep(inner.config.poll_interval);
+        tokio::pin!(poll);
+        loop {
+            let ticket = inner
+                .park_seq
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (tx, mut rx) = oneshot::channel();
+            inner
+                .parked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Parked {
+                    ticket,
+                    req: req.clone(),
+                    reply: tx,
+                });
+            // Removes the claim if no transaction has taken it yet, also when this future is
+            // dropped; a taken one is answered on `rx`.
+            let guard = Unpark { inner, ticket };
+            let stop = tokio::select! {
+                r = &mut rx => {
+                    drop(guard);
+                    match r {
+                        Ok(Some(job)) => return Woken::Job(Box::new(job)),
+                        // The claim along found nothing: wait again, without a claim.
+                        Ok(None) => continue,
+                        // The transaction failed: look for ourselves.
+                        Err(_) => return Woken::Look,
+                    }
+                }
+                _ = work.changed() => Woken::Look,
+                _ = shutdown.wait_for(|s| *s) => Woken::Look,
+                _ = &mut poll => Woken::Look,
+                _ = tokio::time::sleep_until(deadline) => Woken::Deadline,
+            };
+            if guard.remove() {
+                return stop;
+            }
+            // A transaction took the claim just now: its answer comes at once.
+            return match rx.await {
+                Ok(Some(job)) => Woken::Job(Box::new(job)),
+                _ => stop,
+            };
         }
     }
 
@@ -393,6 +470,45 @@ impl Worker {
                 .await?;
             Ok(n == 1)
         })
+    }
+}
+
+/// What ended a parked wait.
+enum Woken {
+    Job(Box<StepJob>),
+    Look,
+    Deadline,
+}
+
+/// Takes a parked claim off the engine unless a transaction has taken it.
+struct Unpark<'a> {
+    inner: &'a crate::engine::Inner,
+    ticket: u64,
+}
+
+impl Unpark<'_> {
+    /// Whether the claim was still parked (and is no more).
+    fn remove(self) -> bool {
+        let removed = self.take();
+        std::mem::forget(self);
+        removed
+    }
+
+    fn take(&self) -> bool {
+        let mut parked = self.inner.parked.lock().unwrap_or_else(|e| e.into_inner());
+        match parked.iter().position(|p| p.ticket == self.ticket) {
+            Some(i) => {
+                parked.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for Unpark<'_> {
+    fn drop(&mut self) {
+        self.take();
     }
 }
 
