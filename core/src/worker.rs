@@ -29,7 +29,15 @@ use crate::template::StepType;
 
 /// What became of a result handed back through the dispatch port, and the host thread's next
 /// job when one was claimed along with it.
-pub(crate) type Settled = (Completion, Option<StepJob>);
+pub(crate) struct Settled {
+    pub(crate) completion: Completion,
+    pub(crate) next: Option<StepJob>,
+    /// Jobs claimed along beyond what the asking threads took, for the port's other threads.
+    pub(crate) extra: Vec<StepJob>,
+    /// The "new work" generation at which the claim along took every ready step the port
+    /// serves (it came back short), if it did.
+    pub(crate) exhausted_at: Option<u64>,
+}
 
 /// A finished attempt on its way to the completer.
 pub(crate) struct Finished {
@@ -194,6 +202,8 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
     // a write transaction.
     let mut wake_workers = true;
     let mut handed: Vec<StepJob> = Vec::new();
+    let mut extra: Vec<StepJob> = Vec::new();
+    let mut exhausted_at = None;
     let reports = reports.map(|(reports, jobs)| {
         match ahead {
             Some(Ahead::Rust(req, permits)) => {
@@ -201,11 +211,13 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
                 inner.metrics.claimed_along(jobs.len());
                 spawn_jobs(inner, jobs, permits);
             }
-            Some(Ahead::Port(req, parked)) => {
-                wake_workers = jobs.len() >= req.limit || others_may_claim(inner);
+            Some(Ahead::Port(req, parked, generation)) => {
+                let short = jobs.len() < req.limit;
+                wake_workers = !short || others_may_claim(inner);
+                exhausted_at = short.then_some(generation);
                 inner.metrics.claimed_along(jobs.len());
                 let asked = batch.iter().filter(|f| f.next.is_some()).count();
-                handed = hand_out(inner, jobs, asked, parked);
+                (handed, extra) = hand_out(inner, jobs, asked, parked, exhausted_at);
             }
             None => {}
         }
@@ -237,13 +249,20 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
                     tracing::warn!(step = %f.job.step_uuid, attempt = f.job.attempt, "completion rejected: {reason}");
                 }
                 // Jobs claimed along go, in order, to the hosts that asked for one.
-                let next = if f.next.is_some() {
-                    handed.next()
+                let (next, extra) = if f.next.is_some() {
+                    (handed.next(), std::mem::take(&mut extra))
                 } else {
-                    None
+                    (None, Vec::new())
                 };
                 if let Some(reply) = f.reply
-                    && let Err(Ok((_, Some(job)))) = reply.send(Ok((r.completion, next)))
+                    && let Err(Ok(Settled {
+                        next: Some(job), ..
+                    })) = reply.send(Ok(Settled {
+                        completion: r.completion,
+                        next,
+                        extra,
+                        exhausted_at,
+                    }))
                 {
                     // The host is gone: its job is left to the lease, as if it had died.
                     tracing::warn!(step = %job.step_uuid, "a job claimed for a host that left");
@@ -270,23 +289,31 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
 /// those parked waiting for work).
 enum Ahead {
     Rust(ClaimRequest, Vec<OwnedSemaphorePermit>),
-    Port(ClaimRequest, Vec<Parked>),
+    /// With the "new work" generation read before the transaction.
+    Port(ClaimRequest, Vec<Parked>, u64),
 }
 
 impl Ahead {
     fn request(&self) -> &ClaimRequest {
         match self {
-            Ahead::Rust(req, _) | Ahead::Port(req, _) => req,
+            Ahead::Rust(req, _) | Ahead::Port(req, _, _) => req,
         }
     }
 }
 
-/// A dispatch-port host thread waiting for work: the claim it would make, and where the job
-/// goes when a write transaction claims one for it (`None`: the claim found nothing).
+/// A dispatch-port host thread waiting for work: the claim it would make (for itself and the
+/// threads queued behind it), and where the jobs go when a write transaction claims for it.
 pub(crate) struct Parked {
     pub(crate) ticket: u64,
     pub(crate) req: ClaimRequest,
-    pub(crate) reply: oneshot::Sender<Option<StepJob>>,
+    pub(crate) reply: oneshot::Sender<Claimed>,
+}
+
+/// What a transaction claimed for a parked thread (possibly nothing), and the "new work"
+/// generation at which that claim took every ready step the port serves, if it did.
+pub(crate) struct Claimed {
+    pub(crate) jobs: Vec<StepJob>,
+    pub(crate) exhausted_at: Option<u64>,
 }
 
 /// A claim along a write transaction for host threads of one dispatch-port worker: those in
@@ -300,6 +327,8 @@ fn port_ahead(inner: &Inner, batch: &mut [Finished]) -> Option<Ahead> {
         }
         return None;
     }
+    // Read before the claim: an announcement after it may be of work the claim did not see.
+    let generation = *inner.work.borrow();
     let mut parked = inner.parked.lock().unwrap_or_else(|e| e.into_inner());
     let first = batch
         .iter()
@@ -318,35 +347,57 @@ fn port_ahead(inner: &Inner, batch: &mut [Finished]) -> Option<Ahead> {
             limit += 1;
         }
     }
+    // One step more than the asking threads take, when no parked thread would take it: a
+    // claim that comes back short tells that nothing else is ready (no announcement needed);
+    // a step it does get waits in the port's queue for its next thread.
+    let spare =
+        usize::from(limit > 0 && !parked.iter().any(|p| p.req.worker_id == first.worker_id));
+    limit += spare;
     let mut riding = Vec::new();
     let mut i = 0;
     while i < parked.len() && limit < most {
         if parked[i].req.worker_id == first.worker_id {
+            limit += parked[i].req.limit;
             riding.push(parked.swap_remove(i));
-            limit += 1;
         } else {
             i += 1;
         }
     }
-    Some(Ahead::Port(ClaimRequest { limit, ..first }, riding))
+    let limit = limit.min(most);
+    Some(Ahead::Port(
+        ClaimRequest { limit, ..first },
+        riding,
+        generation,
+    ))
 }
 
 /// Hands jobs claimed along a transaction to host threads: those that asked with their result
-/// (their share is returned, in order) and then parked ones, which hear `None` when nothing was
-/// left for them.
-fn hand_out(inner: &Inner, jobs: Vec<StepJob>, asked: usize, parked: Vec<Parked>) -> Vec<StepJob> {
+/// (their share is returned first, in order, then what is left over) and then parked ones (up
+/// to what each asked for; an empty answer when nothing was left for them).
+fn hand_out(
+    inner: &Inner,
+    jobs: Vec<StepJob>,
+    asked: usize,
+    parked: Vec<Parked>,
+    exhausted_at: Option<u64>,
+) -> (Vec<StepJob>, Vec<StepJob>) {
     let mut jobs = jobs
         .into_iter()
         .filter_map(|job| finish_if_no_op(inner, job))
         .inspect(|job| inner.hold(job));
     let handed: Vec<StepJob> = jobs.by_ref().take(asked).collect();
     for p in parked {
-        if let Err(Some(job)) = p.reply.send(jobs.next()) {
-            // The thread stopped waiting: its job is left to the lease, as if it had died.
-            tracing::warn!(step = %job.step_uuid, "a job claimed for a host thread that left");
+        let mine: Vec<StepJob> = jobs.by_ref().take(p.req.limit).collect();
+        if let Err(c) = p.reply.send(Claimed {
+            jobs: mine,
+            exhausted_at,
+        }) && !c.jobs.is_empty()
+        {
+            // The thread stopped waiting: its jobs are left to their leases, as if it had died.
+            tracing::warn!("{} jobs claimed for a host thread that left", c.jobs.len());
         }
     }
-    handed
+    (handed, jobs.collect())
 }
 
 /// Whether, after a claim for dispatch-port threads that came back short, anything else in
@@ -640,10 +691,14 @@ pub(crate) fn spawn_creator(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<C
                             inner.metrics.claimed_along(jobs.len());
                             spawn_jobs(&inner, jobs, permits);
                         }
-                        Some(Ahead::Port(req, parked)) => {
-                            wake_workers = jobs.len() >= req.limit || others_may_claim(&inner);
+                        Some(Ahead::Port(req, parked, generation)) => {
+                            let short = jobs.len() < req.limit;
+                            wake_workers = !short || others_may_claim(&inner);
                             inner.metrics.claimed_along(jobs.len());
-                            hand_out(&inner, jobs, 0, parked);
+                            let (_, extra) =
+                                hand_out(&inner, jobs, 0, parked, short.then_some(generation));
+                            // A creation claims no spare step (nobody asked), so none is left.
+                            debug_assert!(extra.is_empty());
                         }
                         None => {}
                     }

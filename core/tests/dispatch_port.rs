@@ -885,3 +885,75 @@ fn a_waiting_thread_gets_a_new_tasks_step_from_the_creating_transaction() {
         .unwrap();
     assert_eq!(env.wait(&uuid).status, TaskState::Complete);
 }
+
+/// Host threads that run tasks one after another, as a binding's pool does (`next_step`, then
+/// `complete_and_next` while it hands out jobs), make almost no claims of their own: a new
+/// task's first step comes along its creation (a thread is parked), every later one along the
+/// result before it, and a thread taking its turn after a claim that took everything does not
+/// look again until new work is announced. (Without these, every task costs at least one claim
+/// of its own, and usually three.)
+#[test]
+fn pooled_host_threads_claim_along_transactions_not_on_their_own() {
+    const TASKS: usize = 30;
+    let env = Env::new(Config {
+        poll_interval: Duration::from_secs(60),
+        ..Config::default()
+    });
+    env.register(
+        r#"
+name: pooled
+namespace_name: port
+version: "1.0.0"
+identity_strategy: always_unique
+steps:
+  - name: a
+    handler: { callable: py.pooled }
+  - name: b
+    handler: { callable: py.pooled }
+    dependencies: [a]
+  - name: c
+    handler: { callable: py.pooled }
+    dependencies: [b]
+"#,
+    );
+    let worker = Arc::new(
+        env.tasker
+            .worker(vec!["port".into()], vec!["py.pooled".into()]),
+    );
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let worker = worker.clone();
+            std::thread::spawn(move || {
+                // Closing the engine ends the thread (an error from the port).
+                while let Ok(job) = worker.next_step(Duration::from_secs(30)) {
+                    let mut job = job;
+                    while let Some(j) = job {
+                        job = worker
+                            .complete_and_next(&j, StepOutcome::success(json!({})))
+                            .ok()
+                            .and_then(|(_, next)| next);
+                    }
+                }
+            })
+        })
+        .collect();
+    let t0 = Instant::now();
+    while worker.parked_threads() == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no thread parked");
+        std::thread::yield_now();
+    }
+    let before = own_claims(&env);
+    for _ in 0..TASKS {
+        let uuid = env.create("pooled", json!({}));
+        assert_eq!(env.wait(&uuid).status, TaskState::Complete);
+    }
+    let claims = own_claims(&env) - before;
+    env.tasker.close();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(
+        claims <= (TASKS / 3) as u64,
+        "{claims} claims of their own for {TASKS} tasks"
+    );
+}

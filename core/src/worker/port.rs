@@ -4,13 +4,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tracing::Span;
 
-use super::{Finished, Parked};
+use super::{Claimed, Finished, Parked, Settled};
 use crate::engine::Tasker;
 use crate::job::{Checkpoint, StepJob, StepOutcome};
 use crate::store::{CallableFilter, ClaimRequest, Completion};
@@ -34,6 +35,11 @@ pub struct Worker {
     /// Held by the one host thread that waits for work and claims; the others queue for it
     /// (see [`Worker::next_step_async`]).
     claimer: tokio::sync::Mutex<()>,
+    /// Host threads queued for `claimer`: the parked claim asks for them too.
+    queued: AtomicUsize,
+    /// The "new work" generation at which a claim last took every ready step this worker
+    /// serves (`u64::MAX`: none): until the generation moves, a new claim would find nothing.
+    exhausted_at: AtomicU64,
 }
 
 impl std::fmt::Debug for Worker {
@@ -72,6 +78,8 @@ impl Worker {
             resumed: Mutex::new(VecDeque::new()),
             spans: Mutex::new(HashMap::new()),
             claimer: tokio::sync::Mutex::new(()),
+            queued: AtomicUsize::new(0),
+            exhausted_at: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -153,12 +161,18 @@ impl Worker {
             return Ok(Some(job));
         }
         let mut shutdown = self.tasker.inner.shutdown.subscribe();
-        let _turn = tokio::select! {
-            turn = self.claimer.lock() => turn,
-            _ = shutdown.wait_for(|s| *s) => {
-                return Err(Error::new(ErrorKind::Shutdown, "the engine is closed"));
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        let turn = tokio::select! {
+            turn = self.claimer.lock() => Some(turn),
+            _ = shutdown.wait_for(|s| *s) => None,
+            _ = tokio::time::sleep_until(deadline) => {
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+                return Ok(None);
             }
-            _ = tokio::time::sleep_until(deadline) => return Ok(None),
+        };
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        let Some(_turn) = turn else {
+            return Err(Error::new(ErrorKind::Shutdown, "the engine is closed"));
         };
         self.claim_until(deadline).await
     }
@@ -177,6 +191,10 @@ impl Worker {
         let inner = &self.tasker.inner;
         let mut work = inner.work.subscribe();
         let mut shutdown = inner.shutdown.subscribe();
+        // Whether to claim even if the last claim took everything and nothing was announced
+        // since: after the polling fallback (work another process made is not announced
+        // here) or a failed transaction.
+        let mut force = false;
         loop {
             if let Some(job) = self.take_resumed() {
                 return Ok(Some(job));
@@ -184,7 +202,7 @@ impl Worker {
             if *shutdown.borrow() {
                 return Err(Error::new(ErrorKind::Shutdown, "the engine is closed"));
             }
-            if inner.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            if inner.draining.load(Ordering::SeqCst) {
                 // A draining engine claims nothing new: what it holds finishes or is handed
                 // back, and the rest is left to other processes.
                 tokio::select! {
@@ -193,6 +211,7 @@ impl Worker {
                 }
             }
             work.mark_unchanged();
+            let generation = *work.borrow();
             let req = super::claim_request(
                 inner,
                 &self.id,
@@ -200,36 +219,39 @@ impl Worker {
                 CallableFilter::Only(self.callables()),
                 1,
             );
-            let started = std::time::Instant::now();
-            let mut jobs = inner.store.claim(&req, inner.clock.now()).await?;
-            inner.metrics.claimed(jobs.len(), started.elapsed());
-            if let Some(job) = jobs.pop() {
-                // A no-op batch placeholder never reaches the host: the engine completes it.
-                if let Some(job) = super::finish_if_no_op(inner, job) {
-                    inner.hold(&job);
-                    self.open_span(&job);
-                    return Ok(Some(job));
+            if force || self.exhausted_at.load(Ordering::SeqCst) != generation {
+                let started = std::time::Instant::now();
+                let mut jobs = inner.store.claim(&req, inner.clock.now()).await?;
+                inner.metrics.claimed(jobs.len(), started.elapsed());
+                match jobs.pop() {
+                    // A no-op batch placeholder never reaches the host: the engine completes it.
+                    Some(job) => {
+                        if let Some(job) = super::finish_if_no_op(inner, job) {
+                            inner.hold(&job);
+                            self.open_span(&job);
+                            return Ok(Some(job));
+                        }
+                    }
+                    None => self.exhausted_at.store(generation, Ordering::SeqCst),
                 }
             }
             match self.park(req, &mut work, &mut shutdown, deadline).await {
-                Woken::Job(job) => {
-                    self.open_span(&job);
-                    return Ok(Some(*job));
-                }
-                Woken::Look => {}
+                Woken::Job(job) => return Ok(Some(*job)),
+                Woken::Look { force: f } => force = f,
                 Woken::Deadline => return Ok(None),
             }
         }
     }
 
     /// Waits for work with this thread's claim parked on the engine: the next write
-    /// transaction (a result batch or a task creation) claims along for it, so a step made
-    /// ready there reaches this thread without a wake-up and a claim of its own. Returns the
-    /// job so claimed, or when the thread should claim for itself (new work announced, the
+    /// transaction (a result batch or a task creation) claims along for it and for the threads
+    /// queued behind it, so steps made ready there reach them without a wake-up and a claim of
+    /// their own. Returns a job so claimed (the others' wait in the resumed queue, which they
+    /// look at first), or when the thread should claim for itself (new work announced, the
     /// polling fallback, a transaction that failed), or the deadline.
     async fn park(
         &self,
-        req: ClaimRequest,
+        mut req: ClaimRequest,
         work: &mut tokio::sync::watch::Receiver<u64>,
         shutdown: &mut tokio::sync::watch::Receiver<bool>,
         deadline: tokio::time::Instant,
@@ -238,9 +260,9 @@ impl Worker {
         let poll = tokio::time::sleep(inner.config.poll_interval);
         tokio::pin!(poll);
         loop {
-            let ticket = inner
-                .park_seq
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let ticket = inner.park_seq.fetch_add(1, Ordering::Relaxed);
+            req.limit =
+                (1 + self.queued.load(Ordering::SeqCst)).min(inner.config.claim_batch.max(1));
             let (tx, mut rx) = oneshot::channel();
             inner
                 .parked
@@ -258,16 +280,18 @@ impl Worker {
                 r = &mut rx => {
                     drop(guard);
                     match r {
-                        Ok(Some(job)) => return Woken::Job(Box::new(job)),
-                        // The claim along found nothing: wait again, without a claim.
-                        Ok(None) => continue,
+                        Ok(claimed) => match self.receive(claimed) {
+                            Some(job) => return Woken::Job(Box::new(job)),
+                            // The claim along found nothing: wait again, without a claim.
+                            None => continue,
+                        },
                         // The transaction failed: look for ourselves.
-                        Err(_) => return Woken::Look,
+                        Err(_) => return Woken::Look { force: true },
                     }
                 }
-                _ = work.changed() => Woken::Look,
-                _ = shutdown.wait_for(|s| *s) => Woken::Look,
-                _ = &mut poll => Woken::Look,
+                _ = work.changed() => Woken::Look { force: false },
+                _ = shutdown.wait_for(|s| *s) => Woken::Look { force: false },
+                _ = &mut poll => Woken::Look { force: true },
                 _ = tokio::time::sleep_until(deadline) => Woken::Deadline,
             };
             if guard.remove() {
@@ -275,10 +299,35 @@ impl Worker {
             }
             // A transaction took the claim just now: its answer comes at once.
             return match rx.await {
-                Ok(Some(job)) => Woken::Job(Box::new(job)),
-                _ => stop,
+                Ok(claimed) => match self.receive(claimed) {
+                    Some(job) => Woken::Job(Box::new(job)),
+                    None => stop,
+                },
+                Err(_) => Woken::Look { force: true },
             };
         }
+    }
+
+    /// Takes what a transaction claimed for this worker's parked thread: the first job for
+    /// the thread, the others queued for the threads behind it.
+    fn receive(&self, claimed: Claimed) -> Option<StepJob> {
+        if let Some(g) = claimed.exhausted_at {
+            self.exhausted_at.store(g, Ordering::SeqCst);
+        }
+        let mut jobs = claimed.jobs.into_iter();
+        let first = jobs.next()?;
+        self.open_span(&first);
+        let rest: Vec<StepJob> = jobs.collect();
+        if !rest.is_empty() {
+            for job in &rest {
+                self.open_span(job);
+            }
+            self.resumed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(rest);
+        }
+        Some(first)
     }
 
     /// Hands back the outcome of a job: accepted, or rejected when the attempt is no longer
@@ -362,9 +411,29 @@ impl Worker {
                 next,
             })
             .map_err(|_| Error::new(ErrorKind::Shutdown, "the engine is closed"))?;
-        let (completion, next) = rx
+        let Settled {
+            completion,
+            next,
+            extra,
+            exhausted_at,
+        } = rx
             .await
             .map_err(|_| Error::new(ErrorKind::Shutdown, "the engine is closed"))??;
+        if let Some(g) = exhausted_at {
+            self.exhausted_at.store(g, Ordering::SeqCst);
+        }
+        if !extra.is_empty() {
+            // The spare step claimed along: the next thread takes it from the queue; a parked
+            // one is woken to look there.
+            for job in &extra {
+                self.open_span(job);
+            }
+            self.resumed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(extra);
+            inner.work.send_modify(|g| *g += 1);
+        }
         crate::telemetry::record_completion(&span, &completion);
         if let Some(job) = &next {
             self.open_span(job);
@@ -476,7 +545,11 @@ impl Worker {
 /// What ended a parked wait.
 enum Woken {
     Job(Box<StepJob>),
-    Look,
+    /// Claim again; `force`: even if nothing was announced since the last claim came back
+    /// short.
+    Look {
+        force: bool,
+    },
     Deadline,
 }
 
