@@ -436,6 +436,29 @@ impl Tasker {
         })
     }
 
+    /// Creates many tasks at once: they are submitted together, so they commit in a few
+    /// group transactions instead of one each. Each is created (or replayed) or refused on
+    /// its own; the results are in the order of `requests`.
+    pub async fn create_tasks(&self, requests: Vec<TaskRequest>) -> Vec<Result<TaskHandle>> {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, request) in requests.into_iter().enumerate() {
+            let tasker = self.clone();
+            set.spawn(async move { (i, tasker.create_task(request).await) });
+        }
+        let mut results: Vec<Option<Result<TaskHandle>>> = (0..set.len()).map(|_| None).collect();
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok((i, r)) => results[i] = Some(r),
+                // A creation task cannot panic short of a bug; its slot reports it below.
+                Err(e) => tracing::error!("a task creation did not finish: {e}"),
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::internal("the task creation did not finish"))))
+            .collect()
+    }
+
     /// Creates a task and waits for it (terminal or blocked).
     pub async fn run_task(&self, request: TaskRequest, timeout: Option<Duration>) -> Result<Task> {
         self.create_task(request).await?.wait(timeout).await

@@ -20,6 +20,7 @@ __all__ = [
     "ShutdownError",
     "StepError",
     "StoreError",
+    "TaskCreationError",
     "TaskerError",
     "TaskerTimeoutError",
     "TemplateError",
@@ -38,6 +39,28 @@ class TaskerError(Exception):
         if code is not None:
             self.code = code
         self.details = details
+
+
+class TaskCreationError(TaskerError):
+    """Some tasks of a :meth:`Tasker.create_tasks` call were refused; the others were
+    created and run. ``handles`` has, in the order of the call, a ``TaskHandle`` for each
+    created task and ``None`` for each refused one; ``errors`` maps the index of each refused
+    task to the exception that refused it."""
+
+    code = "task_creation_error"
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        handles: list[Any] | None = None,
+        errors: dict[int, TaskerError] | None = None,
+        code: str | None = None,
+        details: Any = None,
+    ):
+        super().__init__(message, code=code, details=details)
+        self.handles: list[Any] = handles or []
+        self.errors: dict[int, TaskerError] = errors or {}
 
 
 class ValidationError(TaskerError):

@@ -10,7 +10,14 @@ import threading
 import pytest
 
 from tasker_core import ErrorType, StepContext, StepHandler, StepHandlerResult, Tasker
-from tasker_core.errors import NotFoundError, PermanentError, ShutdownError, TemplateError
+from tasker_core.errors import (
+    NotFoundError,
+    PermanentError,
+    ShutdownError,
+    TaskCreationError,
+    TemplateError,
+    ValidationError,
+)
 
 LINEAR = """
 name: linear
@@ -93,6 +100,43 @@ def test_linear_workflow_squares_four_times(tasker):
     assert task.results["d"] == {"value": 2**16}
     assert [task.steps[s].state for s in "abcd"] == ["complete"] * 4
     assert all(task.steps[s].attempts == 1 for s in "abcd")
+
+
+def test_create_tasks_creates_many_at_once_in_order(tasker):
+    tasker.register_template(LINEAR)
+    tasker.register_handler(Square)
+    contexts = [{"n": 1 + i % 8, "i": i} for i in range(40)]
+    handles = tasker.create_tasks("linear", contexts, namespace="py")
+    assert len(handles) == 40
+    assert len({h.uuid for h in handles}) == 40
+    for context, handle in zip(contexts, handles, strict=True):
+        task = handle.wait(timeout=60)
+        assert task.status == "complete"
+        assert task.context == context
+        assert task.results["d"] == {"value": context["n"] ** 16}
+
+
+def test_create_tasks_reports_each_refusal_and_keeps_the_others(tasker):
+    tasker.register_template(
+        LINEAR.replace("name: linear", "name: checked").replace(
+            "steps:",
+            "input_schema:\n  type: object\n  required: [n]\n"
+            "  properties: {n: {type: integer}}\nsteps:",
+        )
+    )
+    tasker.register_handler(Square)
+    with pytest.raises(TaskCreationError) as caught:
+        tasker.create_tasks("checked", [{"n": 2}, {"n": "two"}, {"n": 3}, {}], namespace="py")
+    error = caught.value
+    assert sorted(error.errors) == [1, 3]
+    assert all(isinstance(e, ValidationError) for e in error.errors.values())
+    assert "/n" in str(error.errors[1].details) or "n" in error.errors[1].message
+    assert "2 of 4 tasks were refused" in error.message
+    assert error.handles[1] is None and error.handles[3] is None
+    for i, n in ((0, 2), (2, 3)):
+        task = error.handles[i].wait(timeout=30)
+        assert task.status == "complete"
+        assert task.results["d"] == {"value": n**16}
 
 
 def test_diamond_workflow_with_an_async_handler(tasker):

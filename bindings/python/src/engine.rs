@@ -174,6 +174,23 @@ impl Engine {
         Ok((handle.uuid, handle.replayed))
     }
 
+    /// Creates the tasks of a JSON array of requests at once (they commit in groups); for
+    /// each, in order, `(uuid, replayed)` or the exception that refused it (not raised).
+    fn create_tasks(&self, py: Python<'_>, requests: &str) -> PyResult<Vec<Py<PyAny>>> {
+        let requests: Vec<TaskRequest> = from_json(requests, "task requests")?;
+        let results = self.run(
+            py,
+            move |t| async move { Ok(t.create_tasks(requests).await) },
+        )?;
+        results
+            .into_iter()
+            .map(|r| match r {
+                Ok(h) => Ok((h.uuid, h.replayed).into_pyobject(py)?.into_any().unbind()),
+                Err(e) => Ok(crate::error::to_py(e).into_value(py).into_any()),
+            })
+            .collect()
+    }
+
     /// Waits until the task is terminal or `blocked_by_failures` (raises `TaskerTimeoutError`
     /// when `timeout` seconds pass first); returns the task as JSON.
     #[pyo3(signature = (uuid, timeout=None))]
