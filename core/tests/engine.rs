@@ -496,6 +496,50 @@ steps:
     );
 }
 
+/// `create_tasks` submits many at once: each is created or refused on its own, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_tasks_creates_each_on_its_own_in_order() {
+    let t = open().await;
+    let yaml = r#"
+name: counted
+namespace_name: eng
+version: "1.0.0"
+identity_strategy: always_unique
+input_schema:
+  type: object
+  required: [i]
+  properties: { i: { type: integer } }
+steps:
+  - name: only
+    handler: { callable: ok }
+"#;
+    register(&t, yaml).await;
+    t.register_handler("ok", ok());
+    let contexts: Vec<Value> = (0..50)
+        .map(|i| {
+            if i % 10 == 7 {
+                json!({"i": "seven"})
+            } else {
+                json!({ "i": i })
+            }
+        })
+        .collect();
+    let results = t
+        .create_tasks(contexts.iter().map(|c| req("counted", c.clone())).collect())
+        .await;
+    assert_eq!(results.len(), 50);
+    for (i, r) in results.into_iter().enumerate() {
+        if i % 10 == 7 {
+            assert_eq!(r.unwrap_err().kind, ErrorKind::Validation);
+            continue;
+        }
+        let task = r.unwrap().wait(WAIT).await.unwrap();
+        assert_eq!(task.status, TaskState::Complete);
+        assert_eq!(task.context, json!({ "i": i }));
+    }
+    assert_eq!(t.list_tasks(&Default::default()).await.unwrap().len(), 45);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_strategies() {
     let t = open().await;
