@@ -248,24 +248,23 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
                     let _in_span = spans.get(i).map(|s| s.enter());
                     tracing::warn!(step = %f.job.step_uuid, attempt = f.job.attempt, "completion rejected: {reason}");
                 }
-                // Jobs claimed along go, in order, to the hosts that asked for one.
-                let (next, extra) = if f.next.is_some() {
-                    (handed.next(), std::mem::take(&mut extra))
+                // Jobs claimed along go, in order, to the hosts that asked for one; what the
+                // claim learnt concerns only their port.
+                let (next, extra, exhausted_at) = if f.next.is_some() {
+                    (handed.next(), std::mem::take(&mut extra), exhausted_at)
                 } else {
-                    (None, Vec::new())
+                    (None, Vec::new(), None)
                 };
                 if let Some(reply) = f.reply
-                    && let Err(Ok(Settled {
-                        next: Some(job), ..
-                    })) = reply.send(Ok(Settled {
+                    && let Err(Ok(settled)) = reply.send(Ok(Settled {
                         completion: r.completion,
                         next,
                         extra,
                         exhausted_at,
                     }))
                 {
-                    // The host is gone: its job is left to the lease, as if it had died.
-                    tracing::warn!(step = %job.step_uuid, "a job claimed for a host that left");
+                    // The host is gone: its jobs are left to their leases, as if it had died.
+                    abandon(inner, settled.next.into_iter().chain(settled.extra));
                 }
             }
         }
@@ -391,13 +390,21 @@ fn hand_out(
         if let Err(c) = p.reply.send(Claimed {
             jobs: mine,
             exhausted_at,
-        }) && !c.jobs.is_empty()
-        {
+        }) {
             // The thread stopped waiting: its jobs are left to their leases, as if it had died.
-            tracing::warn!("{} jobs claimed for a host thread that left", c.jobs.len());
+            abandon(inner, c.jobs);
         }
     }
     (handed, jobs.collect())
+}
+
+/// Jobs claimed for a host thread that is no longer there: no longer held (so their leases
+/// are not renewed), they expire and run again.
+fn abandon(inner: &Inner, jobs: impl IntoIterator<Item = StepJob>) {
+    for job in jobs {
+        tracing::warn!(step = %job.step_uuid, "a job claimed for a host thread that left");
+        inner.release(&job.step_uuid, job.attempt);
+    }
 }
 
 /// Whether, after a claim for dispatch-port threads that came back short, anything else in
