@@ -957,3 +957,70 @@ steps:
         "{claims} claims of their own for {TASKS} tasks"
     );
 }
+
+/// On an SQLite file shared with another process, nothing announces that process's work here:
+/// host threads that wait for less than the polling period (as a binding's pool does, to
+/// notice a stop) still claim at least once per period, even after a claim that took
+/// everything. (Skipping claims until an announcement would starve them for good.)
+#[test]
+fn work_of_another_engine_on_a_shared_file_reaches_short_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("shared.db").display());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let open = |background| {
+        rt.block_on(Tasker::open_with(
+            &url,
+            OpenOptions {
+                config: Config {
+                    poll_interval: Duration::from_millis(300),
+                    fail_unknown_callables: false,
+                    ..Config::default()
+                },
+                clock: Arc::new(SystemClock),
+                background,
+            },
+        ))
+        .unwrap()
+    };
+    let served = open(true);
+    let client = open(false);
+    let t = parse_str(&one_step("shared", "py.shared", ""), None, "test")
+        .unwrap()
+        .template;
+    rt.block_on(client.register_template(&t)).unwrap();
+    let worker = served.worker(vec!["port".into()], vec!["py.shared".into()]);
+    // A first wait finds nothing and learns that everything was taken.
+    assert!(
+        worker
+            .next_step(Duration::from_millis(100))
+            .unwrap()
+            .is_none()
+    );
+    let uuid = rt
+        .block_on(client.create_task(TaskRequest::new("port", "shared", json!({}))))
+        .unwrap()
+        .uuid;
+    let t0 = Instant::now();
+    let job = loop {
+        if let Some(job) = worker.next_step(Duration::from_millis(100)).unwrap() {
+            break job;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the other engine's step never reached the short waits"
+        );
+    };
+    assert_eq!(job.task_uuid, uuid);
+    worker
+        .complete(&job, StepOutcome::success(json!({})))
+        .unwrap();
+    let task = rt.block_on(client.wait(&uuid, WAIT)).unwrap();
+    assert_eq!(task.status, TaskState::Complete);
+    drop(worker);
+    served.close();
+    client.close();
+}

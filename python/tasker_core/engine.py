@@ -157,6 +157,20 @@ def _default_url() -> str:
     return os.environ.get("TASKER_DATABASE_URL") or f"sqlite:{Path.cwd() / 'tasker.db'}"
 
 
+def _request(
+    name: str, namespace: str, tags: Sequence[str], priority: int, **optional: Any
+) -> dict[str, Any]:
+    """A core ``TaskRequest`` as JSON-ready data; options that are ``None`` are left out."""
+    request: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "tags": list(tags),
+        "priority": priority,
+    }
+    request.update({k: v for k, v in optional.items() if v is not None})
+    return request
+
+
 class Tasker:
     """An embedded engine with Python handlers running in-process on a thread pool.
 
@@ -272,22 +286,19 @@ class Tasker:
     ) -> TaskHandle:
         """Creates a task (or, for a duplicate under the template's identity strategy,
         returns the existing one with ``replayed = True``)."""
-        request: dict[str, Any] = {
-            "name": name,
-            "namespace": namespace,
-            "context": {} if context is None else context,
-            "tags": list(tags),
-            "priority": priority,
-        }
-        optional = {
-            "version": version,
-            "initiator": initiator,
-            "source_system": source_system,
-            "reason": reason,
-            "idempotency_key": idempotency_key,
-            "correlation_id": correlation_id,
-        }
-        request.update({k: v for k, v in optional.items() if v is not None})
+        request = _request(
+            name,
+            namespace,
+            tags,
+            priority,
+            context={} if context is None else context,
+            version=version,
+            initiator=initiator,
+            source_system=source_system,
+            reason=reason,
+            idempotency_key=idempotency_key,
+            correlation_id=correlation_id,
+        )
         uuid, replayed = self._engine.create_task(json.dumps(request))
         return TaskHandle(self, uuid, replayed)
 
@@ -309,19 +320,16 @@ class Tasker:
         Returns the handles in the order of ``contexts``. Each task is created or refused on
         its own; when any is refused, raises :class:`~tasker_core.errors.TaskCreationError`,
         whose ``handles`` and ``errors`` tell which (the others were created and run)."""
-        common: dict[str, Any] = {
-            "name": name,
-            "namespace": namespace,
-            "tags": list(tags),
-            "priority": priority,
-        }
-        optional = {
-            "version": version,
-            "initiator": initiator,
-            "source_system": source_system,
-            "reason": reason,
-        }
-        common.update({k: v for k, v in optional.items() if v is not None})
+        common = _request(
+            name,
+            namespace,
+            tags,
+            priority,
+            version=version,
+            initiator=initiator,
+            source_system=source_system,
+            reason=reason,
+        )
         requests = [{**common, "context": context} for context in contexts]
         handles: list[TaskHandle | None] = []
         errors: dict[int, TaskerError] = {}

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -38,8 +38,10 @@ pub struct Worker {
     /// Host threads queued for `claimer`: the parked claim asks for them too.
     queued: AtomicUsize,
     /// The "new work" generation at which a claim last took every ready step this worker
-    /// serves (`u64::MAX`: none): until the generation moves, a new claim would find nothing.
-    exhausted_at: AtomicU64,
+    /// serves, and when: until the generation moves, a new claim would find nothing that this
+    /// process made ready (work of other processes sharing an SQLite file is never announced,
+    /// so this knowledge lasts one polling period).
+    exhausted: Mutex<Option<(u64, std::time::Instant)>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -79,7 +81,7 @@ impl Worker {
             spans: Mutex::new(HashMap::new()),
             claimer: tokio::sync::Mutex::new(()),
             queued: AtomicUsize::new(0),
-            exhausted_at: AtomicU64::new(u64::MAX),
+            exhausted: Mutex::new(None),
         }
     }
 
@@ -219,7 +221,7 @@ impl Worker {
                 CallableFilter::Only(self.callables()),
                 1,
             );
-            if force || self.exhausted_at.load(Ordering::SeqCst) != generation {
+            if force || !self.nothing_new_since(generation) {
                 let started = std::time::Instant::now();
                 let mut jobs = inner.store.claim(&req, inner.clock.now()).await?;
                 inner.metrics.claimed(jobs.len(), started.elapsed());
@@ -232,7 +234,7 @@ impl Worker {
                             return Ok(Some(job));
                         }
                     }
-                    None => self.exhausted_at.store(generation, Ordering::SeqCst),
+                    None => self.exhausted_at(Some(generation)),
                 }
             }
             match self.park(req, &mut work, &mut shutdown, deadline).await {
@@ -311,23 +313,45 @@ impl Worker {
     /// Takes what a transaction claimed for this worker's parked thread: the first job for
     /// the thread, the others queued for the threads behind it.
     fn receive(&self, claimed: Claimed) -> Option<StepJob> {
-        if let Some(g) = claimed.exhausted_at {
-            self.exhausted_at.store(g, Ordering::SeqCst);
-        }
+        self.exhausted_at(claimed.exhausted_at);
         let mut jobs = claimed.jobs.into_iter();
         let first = jobs.next()?;
         self.open_span(&first);
-        let rest: Vec<StepJob> = jobs.collect();
-        if !rest.is_empty() {
-            for job in &rest {
-                self.open_span(job);
-            }
-            self.resumed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(rest);
-        }
+        self.queue(jobs);
         Some(first)
+    }
+
+    /// Queues jobs claimed for this worker's next threads (they look at the queue first);
+    /// whether there were any.
+    fn queue(&self, jobs: impl IntoIterator<Item = StepJob>) -> bool {
+        let jobs: Vec<StepJob> = jobs.into_iter().collect();
+        for job in &jobs {
+            self.open_span(job);
+        }
+        let any = !jobs.is_empty();
+        self.resumed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(jobs);
+        any
+    }
+
+    /// Records that a claim at "new work" generation `g` took every ready step.
+    fn exhausted_at(&self, g: Option<u64>) {
+        if let Some(g) = g {
+            *self.exhausted.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((g, std::time::Instant::now()));
+        }
+    }
+
+    /// Whether a claim now would find nothing: one took everything at generation `g`, within
+    /// the last polling period.
+    fn nothing_new_since(&self, g: u64) -> bool {
+        let poll = self.tasker.inner.config.poll_interval;
+        self.exhausted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|(at, when)| at == g && when.elapsed() < poll)
     }
 
     /// Hands back the outcome of a job: accepted, or rejected when the attempt is no longer
@@ -422,19 +446,10 @@ impl Worker {
         } = rx
             .await
             .map_err(|_| Error::new(ErrorKind::Shutdown, "the engine is closed"))??;
-        if let Some(g) = exhausted_at {
-            self.exhausted_at.store(g, Ordering::SeqCst);
-        }
-        if !extra.is_empty() {
-            // The spare step claimed along: the next thread takes it from the queue; a parked
-            // one is woken to look there.
-            for job in &extra {
-                self.open_span(job);
-            }
-            self.resumed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(extra);
+        self.exhausted_at(exhausted_at);
+        // The spare step claimed along: the next thread takes it from the queue; a parked one
+        // is woken to look there.
+        if self.queue(extra) {
             inner.work.send_modify(|g| *g += 1);
         }
         crate::telemetry::record_completion(&span, &completion);
