@@ -1024,3 +1024,47 @@ fn work_of_another_engine_on_a_shared_file_reaches_short_waits() {
     served.close();
     client.close();
 }
+
+/// A result's claim along asks one spare step: when it gets it, the step waits in the port's
+/// queue, where `take_queued` (what a stopping host calls) or the next `next_step` finds it
+/// without a claim.
+#[test]
+fn a_spare_step_claimed_along_waits_in_the_queue() {
+    let env = Env::new(Config {
+        poll_interval: Duration::from_secs(60),
+        ..Config::default()
+    });
+    env.register(&one_step("spare", "py.spare", ""));
+    let worker = env
+        .tasker
+        .worker(vec!["port".into()], vec!["py.spare".into()]);
+    let tasks: Vec<String> = (0..3).map(|_| env.create("spare", json!({}))).collect();
+    let first = worker
+        .next_step(Duration::from_secs(30))
+        .unwrap()
+        .expect("a step");
+    let (c, next) = worker
+        .complete_and_next(&first, StepOutcome::success(json!({})))
+        .unwrap();
+    assert_eq!(c, Completion::Accepted);
+    let next = next.expect("the next step, along the result");
+    let queued = worker.take_queued().expect("the spare step, queued");
+    assert!(worker.take_queued().is_none());
+    let mut ran = vec![
+        first.task_uuid,
+        next.task_uuid.clone(),
+        queued.task_uuid.clone(),
+    ];
+    for job in [next, queued] {
+        worker
+            .complete(&job, StepOutcome::success(json!({})))
+            .unwrap();
+    }
+    ran.sort();
+    let mut expected = tasks.clone();
+    expected.sort();
+    assert_eq!(ran, expected);
+    for uuid in &tasks {
+        assert_eq!(env.wait(uuid).status, TaskState::Complete);
+    }
+}

@@ -256,6 +256,22 @@ class WorkerPool:
                 return
             except Exception:
                 log.exception("tasker worker loop error (continuing)")
+        self._finish_queued()
+
+    def _finish_queued(self) -> None:
+        """Runs the jobs already claimed for the pool (along other threads' transactions)
+        before the thread leaves: left queued, they would be held until the drain's deadline
+        hands them back."""
+        port = self._current()
+        if port is None:
+            return
+        try:
+            while (job := port.take_queued()) is not None:
+                self._handle(port, job)
+        except ShutdownError:
+            return
+        except Exception:
+            log.exception("tasker worker error while finishing queued jobs")
 
     def _handle(self, port: _native.Worker, job: _native.Job) -> _native.Job | None:
         """Runs one job and hands its outcome back; returns the next job claimed along with

@@ -129,6 +129,13 @@ impl Worker {
         job.map(Job::new).transpose()
     }
 
+    /// A job already claimed for this worker's threads, without claiming or waiting (`None`
+    /// when there is none): a stopping pool runs these before its threads leave.
+    fn take_queued(&self) -> PyResult<Option<Job>> {
+        crate::engine::check_process(self.pid)?;
+        self.port.take_queued().map(Job::new).transpose()
+    }
+
     /// Hands back a job's outcome, given as the JSON of a core `StepOutcome`
     /// (`{"outcome": "success", "result": {...}}` or `{"outcome": "failure", ...}`); returns
     /// `(accepted, reason_if_rejected)`.

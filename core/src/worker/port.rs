@@ -179,6 +179,13 @@ impl Worker {
         self.claim_until(deadline).await
     }
 
+    /// A job already claimed for this worker's threads (queued along a transaction, or
+    /// checkpointed), without claiming or waiting. A stopping host runs these before its
+    /// threads leave; otherwise they stay held until a drain's deadline hands them back.
+    pub fn take_queued(&self) -> Option<StepJob> {
+        self.take_resumed()
+    }
+
     /// A checkpointed job waiting to be handed out again, if any.
     fn take_resumed(&self) -> Option<StepJob> {
         self.resumed
