@@ -154,10 +154,18 @@ async fn apply_batch(inner: &Arc<Inner>, mut batch: Vec<Finished>) {
     );
     // Claim ahead: take the permits for Rust handlers now, so the steps these results make
     // ready are claimed in the same transaction and start without waking the worker loop.
+    // On PostgreSQL only for a lone result (a task running on its own: the claim along saves
+    // its next step a wake-up and a round trip); under load the worker loop's claims, on
+    // their own connection, run in parallel with these transactions instead of after them
+    // (5,000 tasks: 2,275–2,360 steps/s against 1,383–1,741 with claims along every batch).
     // Without Rust handlers, the host threads of a dispatch-port worker that asked for their
-    // next job along with their result get it the same way.
-    let mut ahead = claim_ahead(inner).map(|(req, permits)| Ahead::Rust(req, permits));
-    if ahead.is_none() {
+    // next job along with their result, or wait with a parked claim, get it the same way.
+    let mut ahead = if inner.single_writer || batch.len() == 1 {
+        claim_ahead(inner).map(|(req, permits)| Ahead::Rust(req, permits))
+    } else {
+        None
+    };
+    if ahead.is_none() && (inner.single_writer || batch.len() == 1) {
         ahead = port_ahead(inner, &mut batch);
     }
     // A transient database failure (a lock held too long by another process, say) must not
