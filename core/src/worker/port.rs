@@ -28,15 +28,16 @@ pub struct Worker {
     namespaces: Vec<String>,
     /// What it serves; a host that learns new handlers adds to it ([`Worker::serve_more`]).
     callables: std::sync::RwLock<Vec<String>>,
-    /// Checkpointed jobs waiting to be handed out again.
-    resumed: Mutex<VecDeque<StepJob>>,
+    /// Jobs held for this worker's threads, handed out before any claim: checkpointed ones
+    /// to run again, and steps claimed along a transaction beyond what its threads took.
+    ready: Mutex<VecDeque<StepJob>>,
     /// The `tasker.step` span of each job handed out, from its claim to its completion.
     spans: Mutex<HashMap<(String, u32), Span>>,
     /// Held by the one host thread that waits for work and claims; the others queue for it
     /// (see [`Worker::next_step_async`]).
     claimer: tokio::sync::Mutex<()>,
     /// Host threads queued for `claimer`: the parked claim asks for them too.
-    queued: AtomicUsize,
+    waiting_threads: AtomicUsize,
     /// The "new work" generation at which a claim last took every ready step this worker
     /// serves, and when: until the generation moves, a new claim would find nothing that this
     /// process made ready (work of other processes sharing an SQLite file is never announced,
@@ -77,10 +78,10 @@ impl Worker {
             id,
             namespaces,
             callables: std::sync::RwLock::new(callables),
-            resumed: Mutex::new(VecDeque::new()),
+            ready: Mutex::new(VecDeque::new()),
             spans: Mutex::new(HashMap::new()),
             claimer: tokio::sync::Mutex::new(()),
-            queued: AtomicUsize::new(0),
+            waiting_threads: AtomicUsize::new(0),
             exhausted: Mutex::new(None),
         }
     }
@@ -159,23 +160,21 @@ impl Worker {
     /// together.
     pub async fn next_step_async(&self, timeout: Duration) -> Result<Option<StepJob>> {
         let deadline = tokio::time::Instant::now() + timeout;
-        if let Some(job) = self.take_resumed() {
+        if let Some(job) = self.take_queued() {
             return Ok(Some(job));
         }
         let mut shutdown = self.tasker.inner.shutdown.subscribe();
-        self.queued.fetch_add(1, Ordering::SeqCst);
-        let turn = tokio::select! {
-            turn = self.claimer.lock() => Some(turn),
-            _ = shutdown.wait_for(|s| *s) => None,
-            _ = tokio::time::sleep_until(deadline) => {
-                self.queued.fetch_sub(1, Ordering::SeqCst);
-                return Ok(None);
+        // Counted while queued (also if this future is dropped there): the parked claim asks
+        // for these threads too.
+        let waiting = Waiting::new(&self.waiting_threads);
+        let _turn = tokio::select! {
+            turn = self.claimer.lock() => turn,
+            _ = shutdown.wait_for(|s| *s) => {
+                return Err(Error::new(ErrorKind::Shutdown, "the engine is closed"));
             }
+            _ = tokio::time::sleep_until(deadline) => return Ok(None),
         };
-        self.queued.fetch_sub(1, Ordering::SeqCst);
-        let Some(_turn) = turn else {
-            return Err(Error::new(ErrorKind::Shutdown, "the engine is closed"));
-        };
+        drop(waiting);
         self.claim_until(deadline).await
     }
 
@@ -183,12 +182,7 @@ impl Worker {
     /// checkpointed), without claiming or waiting. A stopping host runs these before its
     /// threads leave; otherwise they stay held until a drain's deadline hands them back.
     pub fn take_queued(&self) -> Option<StepJob> {
-        self.take_resumed()
-    }
-
-    /// A checkpointed job waiting to be handed out again, if any.
-    fn take_resumed(&self) -> Option<StepJob> {
-        self.resumed
+        self.ready
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop_front()
@@ -205,7 +199,7 @@ impl Worker {
         // here) or a failed transaction.
         let mut force = false;
         loop {
-            if let Some(job) = self.take_resumed() {
+            if let Some(job) = self.take_queued() {
                 return Ok(Some(job));
             }
             if *shutdown.borrow() {
@@ -255,7 +249,7 @@ impl Worker {
     /// Waits for work with this thread's claim parked on the engine: the next write
     /// transaction (a result batch or a task creation) claims along for it and for the threads
     /// queued behind it, so steps made ready there reach them without a wake-up and a claim of
-    /// their own. Returns a job so claimed (the others' wait in the resumed queue, which they
+    /// their own. Returns a job so claimed (the others' wait in the port's queue, which they
     /// look at first), or when the thread should claim for itself (new work announced, the
     /// polling fallback, a transaction that failed), or the deadline.
     async fn park(
@@ -270,8 +264,8 @@ impl Worker {
         tokio::pin!(poll);
         loop {
             let ticket = inner.park_seq.fetch_add(1, Ordering::Relaxed);
-            req.limit =
-                (1 + self.queued.load(Ordering::SeqCst)).min(inner.config.claim_batch.max(1));
+            req.limit = (1 + self.waiting_threads.load(Ordering::SeqCst))
+                .min(inner.config.claim_batch.max(1));
             let (tx, mut rx) = oneshot::channel();
             inner
                 .parked
@@ -336,7 +330,7 @@ impl Worker {
             self.open_span(job);
         }
         let any = !jobs.is_empty();
-        self.resumed
+        self.ready
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend(jobs);
@@ -400,13 +394,13 @@ impl Worker {
     ) -> Result<(Completion, Option<StepJob>)> {
         if let StepOutcome::Checkpoint(cp) = outcome {
             let c = self.store_checkpoint(job, cp).await?;
-            return Ok((c, self.take_resumed()));
+            return Ok((c, self.take_queued()));
         }
-        // A checkpointed job waiting to be handed out again goes first.
-        let resumed = self.take_resumed();
-        let want = resumed.is_none() && self.tasker.inner.single_writer;
+        // A job already held for this worker goes first.
+        let queued = self.take_queued();
+        let want = queued.is_none() && self.tasker.inner.single_writer;
         let (c, next) = self.settle(job, outcome, want).await?;
-        Ok((c, resumed.or(next)))
+        Ok((c, queued.or(next)))
     }
 
     /// Sends an outcome to the completer and waits for its fate, with the next job claimed
@@ -526,7 +520,7 @@ impl Worker {
         let mut again = job.clone();
         let c = super::store_checkpoint(inner, &mut again, cp).await?;
         if c == Completion::Accepted {
-            self.resumed
+            self.ready
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push_back(again);
@@ -564,6 +558,22 @@ impl Worker {
                 .await?;
             Ok(n == 1)
         })
+    }
+}
+
+/// One host thread queued for the claimer, counted for as long as this lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
